@@ -1,0 +1,287 @@
+"""The model's numbers: a small typed dataclass, named presets, and readers for the config files of real
+checkpoints (Hugging Face `config.json`, Mistral `params.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a working Mixtral model; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int  # hidden size
+    n_layers: int
+    hidden_dim: int  # per-expert SwiGLU hidden size
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    n_experts: int = 8
+    top_k: int = 2  # experts per token
+    head_dim: int | None = None  # None means dim // n_heads
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+    max_seq_len: int = 32768  # context length
+    sliding_window: int | None = None  # None: full causal attention
+    tie_embeddings: bool = False  # LM head shares the embedding matrix (SPEC: untied for Mixtral releases)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.n_heads > 0 and self.dim % self.n_heads:
+                raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
+        self.validate()
+
+    def validate(self) -> None:
+        positive = (
+            "dim",
+            "n_layers",
+            "hidden_dim",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "n_experts",
+            "top_k",
+            "head_dim",
+            "max_seq_len",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
+                "(each key/value head serves a whole group of query heads)"
+            )
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"top_k={self.top_k} (experts per token) exceeds n_experts={self.n_experts}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+
+    # ---- derived numbers -------------------------------------------------------------------------------
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameter counts."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        expert = 3 * self.dim * self.hidden_dim
+        per_layer_fixed = attn + self.dim * self.n_experts + 2 * self.dim  # + router + two norms
+        embed = self.vocab_size * self.dim
+        head = 0 if self.tie_embeddings else embed
+        fixed = self.n_layers * per_layer_fixed + embed + head + self.dim
+        total = fixed + self.n_layers * self.n_experts * expert
+        active = fixed + self.n_layers * self.top_k * expert
+        return total, active
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- Hugging Face config.json ----------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Read a Hugging Face `MixtralConfig` dict (`config.json`)."""
+        model_type = hf.get("model_type")
+        if model_type not in (None, "mixtral"):
+            raise ConfigError(f"model_type={model_type!r} is not a Mixtral config (expected 'mixtral')")
+        rope = hf.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 1e6))
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act={act!r} is not supported (Mixtral experts use 'silu')")
+        try:
+            return cls(
+                dim=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                hidden_dim=hf["intermediate_size"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                vocab_size=hf["vocab_size"],
+                n_experts=hf.get("num_local_experts", 8),
+                top_k=hf.get("num_experts_per_tok", 2),
+                head_dim=hf.get("head_dim"),
+                rope_theta=float(theta),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                max_seq_len=hf.get("max_position_embeddings", 32768),
+                sliding_window=hf.get("sliding_window"),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict that `transformers.MixtralConfig` reads."""
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "intermediate_size": self.hidden_dim,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "num_local_experts": self.n_experts,
+            "num_experts_per_tok": self.top_k,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rms_norm_eps": self.norm_eps,
+            "max_position_embeddings": self.max_seq_len,
+            "sliding_window": self.sliding_window,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "router_aux_loss_coef": 0.02,
+        }
+
+    # ---- Mistral params.json ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_mistral(cls, params: dict[str, Any]) -> ModelConfig:
+        """Read Mistral's `params.json` (consolidated checkpoints)."""
+        moe = params.get("moe")
+        if not moe:
+            raise ConfigError("params.json has no 'moe' section: this is a dense Mistral model, not Mixtral")
+        try:
+            return cls(
+                dim=params["dim"],
+                n_layers=params["n_layers"],
+                hidden_dim=params["hidden_dim"],
+                n_heads=params["n_heads"],
+                n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+                vocab_size=params["vocab_size"],
+                n_experts=moe["num_experts"],
+                top_k=moe["num_experts_per_tok"],
+                head_dim=params.get("head_dim"),
+                # Older MoE params.json files omit rope_theta; Mixtral was trained with 1e6.
+                rope_theta=float(params.get("rope_theta", 1e6)),
+                norm_eps=float(params.get("norm_eps", 1e-5)),
+                max_seq_len=params.get("max_seq_len", 32768),
+                sliding_window=params.get("sliding_window"),
+                tie_embeddings=bool(params.get("tied_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"params.json lacks the required field {e.args[0]!r}") from None
+
+    def to_mistral(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "hidden_dim": self.hidden_dim,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_seq_len": self.max_seq_len,
+            "sliding_window": self.sliding_window,
+            "moe": {"num_experts": self.n_experts, "num_experts_per_tok": self.top_k},
+        }
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read `config.json` (Hugging Face) or `params.json` (Mistral), chosen by the file's content."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        try:
+            if "hidden_size" in data or "model_type" in data:
+                return cls.from_hf(data)
+            return cls.from_mistral(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except TypeError as e:  # e.g. a field of the wrong JSON type reaching a comparison
+            raise ConfigError(f"{path}: a field has the wrong type: {e}") from None
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "mixtral-8x7b": ModelConfig(
+        dim=4096,
+        n_layers=32,
+        hidden_dim=14336,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=32000,
+        n_experts=8,
+        top_k=2,
+        rope_theta=1e6,
+        max_seq_len=32768,
+    ),
+    "mixtral-8x22b": ModelConfig(
+        dim=6144,
+        n_layers=56,
+        hidden_dim=16384,
+        n_heads=48,
+        n_kv_heads=8,
+        vocab_size=32768,
+        n_experts=8,
+        top_k=2,
+        rope_theta=1e6,
+        max_seq_len=65536,
+    ),
+    # The shape that the CPU benchmarks use (791M parameters, 460 MB of active bf16 weights per token).
+    "bench-791m": ModelConfig(
+        dim=1024,
+        n_layers=8,
+        hidden_dim=3584,
+        n_heads=16,
+        n_kv_heads=4,
+        vocab_size=32000,
+        n_experts=8,
+        top_k=2,
+        max_seq_len=4096,
+    ),
+    # Tiny shapes for tests: fast on one CPU core, still every feature (GQA, top-2 of 8).
+    "tiny": ModelConfig(
+        dim=64,
+        n_layers=2,
+        hidden_dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=32000,
+        n_experts=8,
+        top_k=2,
+        max_seq_len=512,
+    ),
+    "tiny-swa": ModelConfig(
+        dim=64,
+        n_layers=2,
+        hidden_dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=32000,
+        n_experts=4,
+        top_k=2,
+        max_seq_len=512,
+        sliding_window=16,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

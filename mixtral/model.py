@@ -1,0 +1,195 @@
+"""The Mixtral network for one device: RMSNorm, rotary embeddings, grouped-query attention with an optional
+sliding window, sparse MoE feed-forward blocks, final norm and LM head.
+
+The model knows nothing about devices, parallelism or cache allocation: a KV cache (see `cache.py`) is
+created by the caller and passed to `forward`.
+
+Shape legend: B batch, T query tokens, S key tokens, H query heads, G key/value heads, d head dim,
+D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .moe import MOE_IMPLS, MoE
+
+
+class KVCache(Protocol):
+    """What attention needs from a cache (implemented in `cache.py`)."""
+
+    def update(
+        self, layer: int, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor, pos_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new keys/values; return (keys, values, key positions) to attend over."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (bf16 sums of squares lose too much), cast back, then scale: the same
+        # order of roundings as the reference implementations.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(
+    pos_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, d] for the rotate-half layout, angles computed in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos_BT.device, dtype=torch.float32) / head_dim)
+    angles = pos_BT.float()[..., None] * inv_freq  # [B, T, d/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of each head by the position's angles ("rotate-half" layout, the one
+    Hugging Face checkpoints use; consolidated checkpoints are permuted into it when loaded)."""
+    half = x_BHTd.shape[-1] // 2
+    rotated = torch.cat((-x_BHTd[..., half:], x_BHTd[..., :half]), dim=-1)
+    return x_BHTd * cos_BTd[:, None] + rotated * sin_BTd[:, None]
+
+
+def attention_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: query at position i sees key at position j iff j <= i (and i - W < j).
+
+    Key positions below zero mark empty cache slots or padding: never attended to.
+    """
+    q = qpos_BT[:, :, None]
+    k = kpos_BS[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = config.sliding_window
+        self.rope_theta = config.rope_theta
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        pos_BT: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            kpos_BS = pos_BT
+        else:
+            k, v, kpos_BS = cache.update(self.layer, k, v, pos_BT)
+        mask = attention_mask(pos_BT, kpos_BS, self.window)
+        # A padding query (position < 0) sees nothing; let it see every key instead of producing NaNs.
+        # Its output is garbage that nobody reads.
+        mask = mask | (pos_BT < 0)[:, None, :, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.moe = MoE(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos_BT: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attn(self.attn_norm(x), pos_BT, rope, cache)
+        moe_out, router_logits = self.moe(self.ffn_norm(h))
+        return h + moe_out, router_logits
+
+
+class Transformer(nn.Module):
+    """Mixtral: tokens -> embedding -> N x [attention + sparse MoE] -> RMSNorm -> LM head -> logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Router logits of the last forward, per layer ([B*T, E] each), kept only when asked for
+        # (load-balancing loss, routing analysis).
+        self.keep_router_logits = False
+        self.router_logits: list[torch.Tensor] = []
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initialisation for training from scratch: N(0, std) matrices, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Choose the expert dispatch path: 'grouped' (fast) or 'reference' (plain loop)."""
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
+        for layer in self.layers:
+            layer.moe.impl = impl
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for token ids [B, T].
+
+        `positions` ([B, T] or [T], default 0..T-1) are the tokens' positions in their sequences;
+        a negative position marks a padding token. With a `cache`, keys and values of earlier calls
+        are attended to and the new ones stored.
+        """
+        if tokens_BT.dim() != 2:
+            raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens_BT.shape)}")
+        B, T = tokens_BT.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens_BT.device)
+        pos_BT = positions.expand(B, T) if positions.dim() == 1 else positions
+        x = self.embed(tokens_BT)
+        rope = rope_cos_sin(pos_BT.clamp(min=0), self.config.head_dim, self.config.rope_theta, x.dtype)
+        self.router_logits = []
+        for layer in self.layers:
+            x, router_logits = layer(x, pos_BT, rope, cache)
+            if self.keep_router_logits:
+                self.router_logits.append(router_logits)
+        x = self.norm(x)
+        head = self.embed.weight if self.output is None else self.output.weight
+        return F.linear(x, head)

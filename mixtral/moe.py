@@ -1,0 +1,110 @@
+"""Sparse mixture-of-experts: routing and expert dispatch.
+
+Two dispatch paths compute the same function side by side:
+- `experts_reference`: a plain loop over experts, each applied to the tokens that chose it;
+- `experts_grouped`: tokens sorted by expert so that each expert runs one matmul over a contiguous
+  slice of its tokens; experts that nobody chose cost nothing.
+
+Shape legend: T tokens, D model dim, E experts, F expert hidden dim, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+MOE_IMPLS = ("grouped", "reference")
+
+
+def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token and their weights: the softmax over the k chosen logits.
+
+    The softmax runs in float32 (as in the reference implementations) so that bf16 router logits give
+    stable weights; it equals softmax over all experts followed by renormalising the chosen k.
+    Returns (weights_TK float32, indices_TK int64).
+    """
+    top_logits_TK, idx_TK = torch.topk(router_logits_TE.float(), top_k, dim=-1)
+    return torch.softmax(top_logits_TK, dim=-1), idx_TK
+
+
+def swiglu(x: torch.Tensor, w1_FD: torch.Tensor, w2_DF: torch.Tensor, w3_FD: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: w2( silu(w1 x) * (w3 x) )."""
+    return F.linear(F.silu(F.linear(x, w1_FD)) * F.linear(x, w3_FD), w2_DF)
+
+
+def experts_reference(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Obviously-correct dispatch: for each expert, run it on the tokens that picked it, scale, add."""
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in range(w1_EFD.shape[0]):
+        tok, slot = torch.where(idx_TK == e)
+        if tok.numel() == 0:
+            continue
+        y = swiglu(x_TD[tok], w1_EFD[e], w2_EDF[e], w3_EFD[e])
+        out_TD.index_add_(0, tok, y.float() * weights_TK[tok, slot, None])
+    return out_TD.to(x_TD.dtype)
+
+
+def experts_grouped(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Grouped dispatch: sort the T*K (token, expert) pairs by expert, one matmul per used expert."""
+    T, K = idx_TK.shape
+    n_experts = w1_EFD.shape[0]
+    flat_idx = idx_TK.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)  # pairs grouped by expert, token order kept inside
+    token_of = order // K  # the token each sorted pair came from
+    counts = torch.bincount(flat_idx, minlength=n_experts).tolist()  # slice bounds are needed on the host
+    xs = x_TD[token_of]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ys[start : start + n] = swiglu(xs[start : start + n], w1_EFD[e], w2_EDF[e], w3_EFD[e])
+            start += n
+    # Scale and accumulate in float32: the k contributions of a token are summed once, then rounded.
+    ys = ys.float() * weights_TK.reshape(-1)[order, None]
+    out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
+    out_TD.index_add_(0, token_of, ys)
+    return out_TD.to(x_TD.dtype)
+
+
+_DISPATCH = {"grouped": experts_grouped, "reference": experts_reference}
+
+
+class MoE(nn.Module):
+    """The sparse MoE block that replaces the dense FFN: a router and stacked SwiGLU experts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, D, F_ = config.n_experts, config.dim, config.hidden_dim
+        self.top_k = config.top_k
+        self.gate = nn.Linear(D, E, bias=False)  # the router
+        # Experts stored stacked [E, out, in]: grouped matmuls, per-expert quantization and
+        # expert-parallel sharding (split dim 0) all work on these tensors directly.
+        self.w1 = nn.Parameter(torch.empty(E, F_, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, F_))
+        self.w3 = nn.Parameter(torch.empty(E, F_, D))
+        self.impl = "grouped"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output with x's shape, router logits [tokens, E])."""
+        x_TD = x.reshape(-1, x.shape[-1])
+        router_logits_TE = self.gate(x_TD)
+        weights_TK, idx_TK = route(router_logits_TE, self.top_k)
+        out_TD = _DISPATCH[self.impl](x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)
+        return out_TD.view(x.shape), router_logits_TE

@@ -1,0 +1,83 @@
+"""Shared test helpers: tiny random checkpoints written by `transformers` itself, in the real formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+# Small shapes that still exercise every feature; each test picks what it needs.
+HF_CONFIGS = {
+    "gqa-top2of8": dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
+    "mha-top1of4": dict(num_attention_heads=4, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=1),
+    "swa8-top2of4": dict(
+        num_attention_heads=4, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, sliding_window=8
+    ),
+    "headdim32-top2of8": dict(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, head_dim=32
+    ),
+    "tied-top1of8": dict(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=1, tie_word_embeddings=True
+    ),
+}
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A random `transformers` MixtralForCausalLM (fp32) with a decisive router."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    kwargs = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        rope_theta=1e6,
+        attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    config = MixtralConfig(**kwargs)
+    model = MixtralForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Random weights of unit scale for norms (so they matter) and a router whose logits are
+            # large, so each token really picks its own experts.
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.uniform_(0.5, 1.5)
+            elif "gate.weight" in name:
+                p.normal_(0.0, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def save_hf(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_ckpt(tmp_path_factory):
+    """Factory: (name) -> (path, hf_model) for a checkpoint in HF_CONFIGS, written once per session."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make_hf_model(**HF_CONFIGS[name])
+            cache[name] = (save_hf(model, tmp_path_factory.mktemp(name)), model)
+        return cache[name]
+
+    return get
+
+
+def random_tokens(vocab: int, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
