@@ -198,7 +198,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ModelConfig:
-        """Read `config.json` (Hugging Face) or `params.json` (Mistral), chosen by the file's content."""
+        """Read `config.json` (Hugging Face) or `params.json` (Mistral)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -207,9 +207,9 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         try:
-            if "hidden_size" in data or "model_type" in data:
-                return cls.from_hf(data)
-            return cls.from_mistral(data)
+            # The two formats are told apart by their file names, as the checkpoints name them.
+            mistral = path.name == "params.json" or (path.name != "config.json" and "dim" in data)
+            return cls.from_mistral(data) if mistral else cls.from_hf(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         except TypeError as e:  # e.g. a field of the wrong JSON type reaching a comparison

@@ -20,7 +20,11 @@ HF_CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, head_dim=32
     ),
     "tied-top1of8": dict(
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=1, tie_word_embeddings=True
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        tie_word_embeddings=True,
     ),
 }
 

@@ -1,0 +1,356 @@
+"""Every checkpoint layout people have, save/load round trips, and a clear error for each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_hf_model, random_tokens
+from safetensors.torch import save_file
+
+import mixtral
+from mixtral.checkpoint import CheckpointError, half_to_interleaved, interleaved_to_half
+from mixtral.model import apply_rope
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return make_hf_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return random_tokens(VOCAB, batch=2, seq=20, seed=5)
+
+
+@pytest.fixture(scope="module")
+def expected(hf_model, tokens):
+    with torch.no_grad():
+        return hf_model(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    hf_model.save_pretrained(path)
+    return path
+
+
+def logits_of(path, tokens, **kwargs):
+    model = mixtral.load_model(path, dtype=torch.float32, **kwargs)
+    with torch.no_grad():
+        return model(tokens)
+
+
+def assert_close(a, b, atol=1e-4):
+    assert (a - b).abs().max().item() <= atol
+
+
+# ---- layouts ----------------------------------------------------------------------------------------
+
+
+def test_hf_sharded_with_index(hf_model, tokens, expected, tmp_path):
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    assert_close(logits_of(tmp_path, tokens), expected)
+
+
+def test_hf_stacked_expert_keys(hf_model, tokens, expected, hf_dir, tmp_path):
+    """transformers 5 holds experts stacked (mlp.experts.gate_up_proj / down_proj) in memory."""
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, tmp_path / "model.safetensors")
+    shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
+    assert_close(logits_of(tmp_path, tokens), expected)
+
+
+def to_consolidated(hf_dir: Path, out: Path, fmt: str) -> None:
+    """Write Mistral's consolidated layout from a HF checkpoint, independently of the loader's code:
+    keys renamed, q/k rows gathered back to interleaved pairs by their definition."""
+    from safetensors.torch import load_file
+
+    hf = json.loads((hf_dir / "config.json").read_text())
+    sd = load_file(hf_dir / "model.safetensors")
+    hd = hf["head_dim"] or hf["hidden_size"] // hf["num_attention_heads"]
+
+    def to_interleaved(w, n_heads):
+        # consolidated row (h, 2i + j) holds HF row (h, j * hd/2 + i)
+        rows = [h * hd + j * (hd // 2) + i for h in range(n_heads) for i in range(hd // 2) for j in range(2)]
+        return w[rows].contiguous()
+
+    out_sd = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out_sd[f"layers.{i}.attention.wq.weight"] = to_interleaved(
+            sd[p + "self_attn.q_proj.weight"], hf["num_attention_heads"]
+        )
+        out_sd[f"layers.{i}.attention.wk.weight"] = to_interleaved(
+            sd[p + "self_attn.k_proj.weight"], hf["num_key_value_heads"]
+        )
+        out_sd[f"layers.{i}.attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out_sd[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out_sd[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out_sd[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out_sd[f"layers.{i}.feed_forward.gate.weight"] = sd[p + "block_sparse_moe.gate.weight"]
+        for e in range(hf["num_local_experts"]):
+            for w in ("w1", "w2", "w3"):
+                out_sd[f"layers.{i}.feed_forward.experts.{e}.{w}.weight"] = sd[
+                    p + f"block_sparse_moe.experts.{e}.{w}.weight"
+                ]
+    params = {
+        "dim": hf["hidden_size"],
+        "n_layers": hf["num_hidden_layers"],
+        "head_dim": hd,
+        "hidden_dim": hf["intermediate_size"],
+        "n_heads": hf["num_attention_heads"],
+        "n_kv_heads": hf["num_key_value_heads"],
+        "norm_eps": hf["rms_norm_eps"],
+        "vocab_size": hf["vocab_size"],
+        "moe": {"num_experts": hf["num_local_experts"], "num_experts_per_tok": hf["num_experts_per_tok"]},
+        # no rope_theta: older MoE params.json files lack it, and 1e6 is the default
+    }
+    out.mkdir(exist_ok=True)
+    (out / "params.json").write_text(json.dumps(params))
+    if fmt == "safetensors":
+        save_file(out_sd, out / "consolidated.safetensors")
+    else:
+        torch.save(out_sd, out / "consolidated.00.pth")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_consolidated_layout(hf_dir, tokens, expected, tmp_path, fmt):
+    to_consolidated(hf_dir, tmp_path, fmt)
+    assert_close(logits_of(tmp_path, tokens), expected)
+
+
+def test_rope_layouts_are_equivalent():
+    """Interleaved-pair RoPE (complex multiplication, as in Mistral's code) on the consolidated rows equals
+    rotate-half RoPE on the permuted rows: the fact the consolidated loader relies on."""
+    torch.manual_seed(0)
+    n_heads, hd, dim, T = 3, 8, 16, 5
+    w_inter = torch.randn(n_heads * hd, dim)
+    x = torch.randn(T, dim)
+    pos = torch.arange(T).float()
+    freqs = 1.0 / 1e6 ** (torch.arange(0, hd, 2).float() / hd)
+    rot = torch.polar(torch.ones(T, hd // 2), pos[:, None] * freqs)  # [T, hd/2]
+    q = (x @ w_inter.T).view(T, n_heads, hd // 2, 2)
+    q_inter = torch.view_as_real(torch.view_as_complex(q) * rot[:, None]).reshape(T, n_heads, hd)
+
+    w_half = interleaved_to_half(w_inter, n_heads)
+    q2 = (x @ w_half.T).view(1, T, n_heads, hd).transpose(1, 2)
+    angles = torch.cat([pos[:, None] * freqs] * 2, dim=-1)[None]
+    q_half = apply_rope(q2, angles.cos(), angles.sin())[0].transpose(0, 1)  # [T, H, hd]
+    # Same dot products between any two positions, head by head: attention scores agree.
+    assert torch.allclose(q_inter @ q_inter.transpose(-1, -2), q_half @ q_half.transpose(-1, -2), atol=1e-5)
+    # And the rows are literally the same vectors up to the within-head order.
+    order = [j * (hd // 2) + i for i in range(hd // 2) for j in range(2)]
+    assert torch.allclose(q_inter, q_half[..., order], atol=1e-5)
+    assert torch.equal(half_to_interleaved(w_half, n_heads), w_inter)
+
+
+# ---- saving -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_is_exact(hf_dir, tmp_path, dtype):
+    model = mixtral.load_model(hf_dir, dtype=dtype)
+    mixtral.save_model(model, tmp_path / "out")
+    again = mixtral.load_model(tmp_path / "out")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype == dtype
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sharded_save_round_trip(hf_dir, tokens, expected, tmp_path):
+    model = mixtral.load_model(hf_dir, dtype=torch.float32)
+    mixtral.save_model(model, tmp_path / "out", max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert_close(logits_of(tmp_path / "out", tokens), expected)
+
+
+def test_transformers_loads_what_we_save(hf_dir, tokens, expected, tmp_path):
+    from transformers import MixtralForCausalLM
+
+    mixtral.save_model(mixtral.load_model(hf_dir, dtype=torch.float32), tmp_path / "out")
+    theirs = MixtralForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert_close(theirs(tokens).logits, expected)
+
+
+def test_save_replaces_existing_checkpoint(hf_dir, tmp_path):
+    model = mixtral.load_model(hf_dir, dtype=torch.float32)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    mixtral.save_model(model, out)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind
+
+
+def test_crash_during_save_leaves_nothing_half_written(hf_dir, tmp_path, monkeypatch):
+    import mixtral.checkpoint as ckpt_mod
+
+    model = mixtral.load_model(hf_dir, dtype=torch.float32)
+    out = tmp_path / "out"
+    mixtral.save_model(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing_save_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        mixtral.save_model(model, out, max_shard_bytes=60_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_load_casts_dtype_and_defaults_to_stored(hf_dir, tmp_path, tokens, expected):
+    assert next(mixtral.load_model(hf_dir).parameters()).dtype == torch.float32
+    bf16 = mixtral.load_model(hf_dir, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    with torch.no_grad():
+        got = bf16(tokens).float()
+    # bf16 keeps about 3 significant digits (and a near-tie in the router may flip an expert for a token):
+    # the logits stay close on average and the top choices agree
+    assert (got - expected).abs().mean().item() < 0.03
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_weights(path: Path, change) -> None:
+    from safetensors.torch import load_file
+
+    sd = load_file(path / "model.safetensors")
+    change(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+def test_missing_tensor(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    rewrite_weights(path, lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.5.w3.weight"))
+    with pytest.raises(CheckpointError, match=r"missing weights for layers\.1\.moe\.w3 \(experts \[5\]\)"):
+        mixtral.load_model(path)
+
+
+def test_unexpected_tensor(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    rewrite_weights(path, lambda sd: sd.__setitem__("model.layers.0.extra.bias", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.extra\.bias'"):
+        mixtral.load_model(path)
+
+
+def test_misshaped_tensor(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    rewrite_weights(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(16, 64)))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\)"):
+        mixtral.load_model(path)
+
+
+def test_truncated_file(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        mixtral.load_model(path)
+
+
+def test_corrupt_header(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[8:40] = b"#" * 32  # garbage in the JSON header
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        mixtral.load_model(path)
+
+
+def test_truncated_pth(hf_dir, tmp_path):
+    to_consolidated(hf_dir, tmp_path / "c", "pth")
+    f = tmp_path / "c" / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[:-5000])
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth is not a readable PyTorch checkpoint"):
+        mixtral.load_model(tmp_path / "c")
+
+
+def test_config_does_not_match_weights(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json implies .* the config does not match the weights"):
+        mixtral.load_model(path)
+
+
+def test_config_with_more_layers_than_weights(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing weights for layers\.2\."):
+        mixtral.load_model(path)
+
+
+def test_invalid_config_names_the_field(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: n_heads=4 must be a multiple of n_kv_heads=3"):
+        mixtral.load_model(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        mixtral.load_model(path)
+
+
+def test_missing_shard(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"lists shard {victim.name}, which is missing"):
+        mixtral.load_model(tmp_path)
+
+
+def test_shard_holding_keys_the_index_puts_elsewhere(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = "model.norm.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][key])
+    index["weight_map"][key] = other
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is not listed for this shard"):
+        mixtral.load_model(tmp_path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mixtral.load_model(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: expected config\.json"):
+        mixtral.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="lacks the required field 'hidden_size'"):
+        mixtral.load_model(tmp_path)
