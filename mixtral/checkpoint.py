@@ -36,7 +36,7 @@ from .model import Transformer
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
-_REMAP_BYTES = 256 << 20
+_REMAP_BYTES = 64 << 20
 _PROGRESS_MIN_BYTES = 512 << 20
 
 
