@@ -1,16 +1,25 @@
 """Mixtral: the sparse mixture-of-experts language model, end to end."""
 
+from .cache import KVCache
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
+from .generate import SamplingParams, generate, generate_stream
 from .model import Transformer
+from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "KVCache",
     "ModelConfig",
+    "SamplingParams",
+    "Tokenizer",
     "Transformer",
+    "generate",
+    "generate_stream",
     "get_preset",
     "load_model",
+    "load_tokenizer",
     "save_model",
 ]

@@ -257,7 +257,7 @@ def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     return _iter_pth(path) if path.suffix == ".pth" else _iter_safetensors(path)
 
 
-def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
+def stored_dtype(ckpt: Checkpoint) -> torch.dtype:
     """The floating dtype of the stored weights (the first floating tensor's)."""
     for _, tensor in _iter_file(ckpt.files[0]):
         if tensor.is_floating_point():
@@ -279,7 +279,7 @@ def load_model(
     to the CPU. `progress=None` shows a progress bar for checkpoints over 512 MiB."""
     ckpt = find_checkpoint(path)
     config = ckpt.config
-    dtype = dtype or _stored_dtype(ckpt)
+    dtype = dtype or stored_dtype(ckpt)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(config)

@@ -1,0 +1,440 @@
+"""The Mixtral tokenizer (sentencepiece BPE, 32000 pieces, byte fallback) and the v1 instruct chat format.
+
+Mistral ships the tokenizer as a sentencepiece ``tokenizer.model``; Hugging Face checkpoints carry the same
+vocabulary as a ``tokenizer.json``. Both load into one :class:`Tokenizer` whose ids are exactly
+sentencepiece's, which are also mistral-common's, the reference for the chat format.
+
+Chat format v1 (Mixtral 8x7B Instruct), as mistral-common's ``InstructTokenizerV1`` writes it::
+
+    <s>[INST] user [/INST] answer</s>[INST] next user [/INST]
+
+``[INST]`` and ``[/INST]`` are plain text, not control tokens.
+"""
+
+import importlib.resources
+import json
+import operator
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any, Protocol
+
+import sentencepiece
+import tokenizers
+
+__all__ = ["Tokenizer", "load_tokenizer"]
+
+# sentencepiece writes a space as U+2581 "▁" inside pieces.
+_SPACE = "\u2581"
+# What sentencepiece prints for <unk> (its default unk_surface).
+_UNK_SURFACE = " \u2047 "
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _mistral_common_v1() -> Traversable:
+    """The v1 tokenizer.model that mistral-common ships (Mixtral 8x7B's tokenizer)."""
+    return importlib.resources.files("mistral_common").joinpath("data", "tokenizer.model.v1")
+
+
+class _Backend(Protocol):
+    """What the two file formats provide; ids given to ``decode`` are already range-checked."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def id_to_piece(self, i: int) -> str: ...
+
+
+class _SentencePieceBackend:
+    """A sentencepiece ``tokenizer.model``: the reference behaviour."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        # sentencepiece accepts empty bytes as a model with no pieces, so reject it here.
+        if not model_proto:
+            raise ValueError("the file is empty")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece cannot parse it ({e})") from e
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError("the sentencepiece model defines no BOS or EOS piece")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+
+class _TokenizerJsonBackend:
+    """A Hugging Face ``tokenizer.json`` of a sentencepiece BPE vocabulary (Llama/Mistral layout).
+
+    Only the json's vocabulary and merges are used. Its normalizer, pre-tokenizer, post-processor and
+    decoder differ between transformers versions (``Prepend`` + ``Replace`` or ``Metaspace``, with or
+    without a BOS template) and none of them reproduces sentencepiece exactly: ``Metaspace`` adds no
+    dummy prefix to text that starts with a space, the added-token matcher turns a literal "<s>" in
+    the text into the BOS id, and the decoder drops <unk> and strips a leading space byte. So this
+    backend applies sentencepiece's own normalization (this vocabulary's is the identity, plus the dummy
+    prefix and spaces written as "▁") and decodes piece by piece the way sentencepiece does.
+    """
+
+    def __init__(self, spec: Any) -> None:
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not model.get("byte_fallback"):
+            raise ValueError("its model is not a byte-fallback BPE (the sentencepiece layout Mixtral uses)")
+        model_vocab: dict[str, int] = model.get("vocab") or {}
+        id_of = dict(model_vocab)
+        special: set[int] = set()
+        for token in spec.get("added_tokens") or []:
+            id_of.setdefault(token["content"], token["id"])
+            if token.get("special"):
+                special.add(token["id"])
+        ids = sorted(id_of.values())
+        if ids != list(range(len(ids))):
+            raise ValueError("its token ids are not 0..N-1")
+        for piece in ("<s>", "</s>"):
+            if piece not in id_of:
+                raise ValueError(f"it has no {piece} token")
+
+        self.vocab_size = len(ids)
+        self.bos_id = id_of["<s>"]
+        self.eos_id = id_of["</s>"]
+        self._pieces = [""] * self.vocab_size
+        for piece, i in id_of.items():
+            self._pieces[i] = piece
+        self._unk_id = id_of.get(model.get("unk_token") or "<unk>", -1)
+        # sentencepiece prints nothing for control pieces (<s>, </s>) but " ⁇ " for <unk>.
+        self._control = frozenset(special - {self._unk_id})
+        self._byte = [-1] * self.vocab_size
+        for i, piece in enumerate(self._pieces):
+            if m := _BYTE_PIECE.fullmatch(piece):
+                self._byte[i] = int(m.group(1), 16)
+
+        # sentencepiece scores the pieces made only of "▁" (runs of spaces) below every other piece, so it
+        # merges them last, leftmost pair first. transformers ranks merges by piece id instead, which puts
+        # "▁ ▁" first: " hello" would give "▁▁" "hello" where sentencepiece gives "▁" "▁hell" "o". So
+        # those merges are left out of the BPE and done afterwards by _merge_space_runs. The other pieces'
+        # scores fall as their ids rise, so the json's ranking of their merges is sentencepiece's.
+        merges = [_parse_merge(m) for m in model.get("merges") or []]
+        merges = [(a, b) for a, b in merges if not _is_spaces(a + b)]
+        self._space_run_ids = {len(p): i for p, i in model_vocab.items() if _is_spaces(p)}
+        self._space_id = model_vocab.get(_SPACE, -1)
+        try:
+            self._bpe = tokenizers.models.BPE(
+                vocab=model_vocab,
+                merges=merges,
+                unk_token=model.get("unk_token"),
+                fuse_unk=bool(model.get("fuse_unk")),
+                byte_fallback=True,
+                ignore_merges=False,
+            )
+        except Exception as e:  # tokenizers raises a bare Exception for inconsistent vocab/merges
+            raise ValueError(f"its BPE model is inconsistent ({e})") from e
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []  # sentencepiece adds no dummy prefix to empty text
+        ids = [t.id for t in self._bpe.tokenize(_SPACE + text.replace(" ", _SPACE))]
+        return self._merge_space_runs(ids)
+
+    def _merge_space_runs(self, ids: list[int]) -> list[int]:
+        """Merge runs of bare "▁" pieces the way sentencepiece does: always the leftmost mergeable pair.
+
+        Merging the leftmost pair first is the same as pushing the pieces one by one onto a stack and
+        merging its top two while their join is a piece, which is linear in the run length.
+        """
+        out: list[int] = []
+        run: list[int] = []  # lengths of the "▁"-only pieces of the current run
+        for i in [*ids, -1]:
+            if i == self._space_id and i >= 0:
+                run.append(1)
+                while len(run) >= 2 and run[-2] + run[-1] in self._space_run_ids:
+                    last = run.pop()
+                    run[-1] += last
+                continue
+            out.extend(self._space_run_ids[n] for n in run)
+            run.clear()
+            if i >= 0:
+                out.append(i)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        parts: list[str] = []
+        pending = bytearray()  # a run of byte-fallback pieces, decoded as one UTF-8 string
+        at_start = True  # sentencepiece drops the dummy-prefix space of the first piece only
+        for i in ids:
+            if self._byte[i] >= 0:
+                pending.append(self._byte[i])
+                at_start = False
+                continue
+            if pending:
+                parts.append(_utf8_like_sentencepiece(bytes(pending)))
+                pending.clear()
+            if i in self._control:
+                continue
+            if i == self._unk_id:
+                parts.append(_UNK_SURFACE)
+            else:
+                piece = self._pieces[i]
+                if at_start and piece.startswith(_SPACE):
+                    piece = piece[1:]
+                parts.append(piece.replace(_SPACE, " "))
+            at_start = False
+        if pending:
+            parts.append(_utf8_like_sentencepiece(bytes(pending)))
+        return "".join(parts)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._pieces[i]
+
+
+def _parse_merge(merge: Any) -> tuple[str, str]:
+    # Older tokenizer.json files write a merge as "a b", newer ones as ["a", "b"].
+    a, b = merge.split(" ") if isinstance(merge, str) else merge
+    return a, b
+
+
+def _is_spaces(piece: str) -> bool:
+    return bool(piece) and piece.strip(_SPACE) == ""
+
+
+def _utf8_like_sentencepiece(data: bytes) -> str:
+    """Decode UTF-8 replacing every byte of an invalid sequence by U+FFFD, as sentencepiece does.
+
+    Python's "replace" handler would turn a truncated sequence such as F0 9F 98 into a single U+FFFD.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    out: list[str] = []
+    pos = 0
+    while pos < len(data):
+        lead = data[pos]
+        size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        try:
+            out.append(data[pos : pos + size].decode("utf-8"))
+            pos += size
+        except UnicodeDecodeError:
+            out.append("\ufffd")
+            pos += 1
+    return "".join(out)
+
+
+class Tokenizer:
+    """Text <-> token ids for Mixtral, plus the v1 instruct chat format.
+
+    Build one with :func:`load_tokenizer`. Ids equal sentencepiece's (and mistral-common's) whichever file
+    it was loaded from.
+    """
+
+    def __init__(self, backend: _Backend, source: str) -> None:
+        self._backend = backend
+        self._source = source
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self._source!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def bos_id(self) -> int:
+        """Id of <s>, which starts every sequence."""
+        return self._backend.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        """Id of </s>, which ends every assistant answer."""
+        return self._backend.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (32000 for Mixtral)."""
+        return self._backend.vocab_size
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, with <s> in front if ``bos`` and </s> at the end if ``eos``.
+
+        The text is encoded as one sentencepiece sentence: a space is prepended (the "dummy prefix"), so
+        "hi" and " hi" differ, and special-token strings such as "<s>" or "[INST]" are ordinary text.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._backend.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``, as sentencepiece decodes it.
+
+        <s> and </s> print nothing, <unk> prints " ⁇ ", the leading space of the first piece is dropped
+        and a byte-fallback sequence that is not valid UTF-8 gives one U+FFFD per byte. To stream, decode
+        all ids generated so far and emit what was added; hold back text ending in U+FFFD, which may be a
+        character whose remaining bytes are still to come.
+        """
+        ids = [self._check_id(i) for i in ids]
+        return self._backend.decode(ids)
+
+    def id_to_piece(self, i: int) -> str:
+        """The raw piece of id ``i``, e.g. "▁the", "<0xE2>" or "<s>"."""
+        return self._backend.id_to_piece(self._check_id(i))
+
+    def _check_id(self, i: int) -> int:
+        i = operator.index(i)  # accepts numpy and 0-d torch integers, rejects floats
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return i
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of a conversation in the v1 instruct format, identical to mistral-common's.
+
+        ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}``; the last one may
+        be an assistant message with ``"prefix": True``, an answer for the model to continue (no </s>).
+        The sequence must end with a user message (or such a prefix); see :func:`_chat_turns` for how
+        system messages and runs of one role are folded. Raises ``ValueError`` naming the offending
+        message when the conversation is not one mistral-common accepts.
+        """
+        ids = [self.bos_id]
+        for turn in _chat_turns(messages):
+            if turn.role == "user":
+                # One sentencepiece sentence, so "[INST]" gets the dummy-prefix space: "▁[INST]".
+                ids += self.encode(f"[INST] {turn.content} [/INST]", bos=False)
+            else:
+                ids += self.encode(turn.content, bos=False, eos=not turn.prefix)
+        return ids
+
+
+@dataclass(frozen=True)
+class _Turn:
+    role: str  # "user" or "assistant"
+    content: str
+    prefix: bool = False
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _chat_turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
+    """Validate a conversation and fold it into alternating turns, as mistral-common v1 does.
+
+    - All non-empty system contents, wherever they are, are joined with a blank line and put, followed by
+      a blank line, in front of the first user turn.
+    - Consecutive user (or assistant) messages become one turn, their non-empty contents joined with a
+      blank line; a system message between two of them keeps them apart.
+    - If the first turn is not a user turn (only system messages, or an assistant message first), an
+      empty user turn is put in front.
+    """
+    _validate_chat(messages)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    turns: list[_Turn] = []
+    run: list[Mapping[str, Any]] = []  # consecutive messages of one role
+    for message in [*messages, None]:
+        if run and (message is None or message["role"] != run[0]["role"]):
+            if run[0]["role"] != "system":
+                content = "\n\n".join(m["content"] for m in run if m["content"])
+                prefix = any(m.get("prefix", False) for m in run)
+                turns.append(_Turn(run[0]["role"], content, prefix))
+            run = []
+        if message is not None:
+            run.append(message)
+    if not turns or turns[0].role != "user":
+        turns.insert(0, _Turn("user", ""))
+    if system:
+        turns[0] = _Turn("user", f"{system}\n\n{turns[0].content}")
+    return turns
+
+
+def _validate_chat(messages: Sequence[Mapping[str, Any]]) -> None:
+    """The checks mistral-common's v1 validator makes (for text-only messages), as ``ValueError``."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("the conversation has no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"message {i} is a {type(m).__name__}, not a dict with role and content")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise ValueError(f"message {i} has role {role!r}; expected one of {', '.join(_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            got = type(m.get("content")).__name__
+            raise ValueError(f"message {i} ({role}) needs a str content, got {got}")
+        allowed = {"role", "content", "prefix"} if role == "assistant" else {"role", "content"}
+        if extra := sorted(set(m) - allowed):
+            raise ValueError(f"message {i} ({role}) has unexpected keys {extra}")
+        if not isinstance(m.get("prefix", False), bool):
+            raise ValueError(f"message {i} ({role}) has a non-bool prefix")
+
+    last = len(messages) - 1
+    if last == 0 and messages[0]["role"] == "assistant":
+        raise ValueError("message 0 (assistant): a conversation must start with a user or system message")
+    if last > 0 and messages[last]["role"] == "assistant" and not messages[last].get("prefix", False):
+        raise ValueError(
+            f"message {last} (assistant): the last message must be a user message, or an assistant "
+            'message with "prefix": True to be continued'
+        )
+    for i in range(1, len(messages)):
+        if messages[i - 1]["role"] == "assistant" and messages[i]["role"] == "system":
+            raise ValueError(f"message {i} (system): a system message cannot follow an assistant message")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"]:
+            raise ValueError(f"message {i} (assistant): an assistant message needs non-empty content")
+        if m.get("prefix", False) and i != last:
+            raise ValueError(f'message {i} (assistant): only the last message can have "prefix": True')
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """Load the Mixtral tokenizer.
+
+    ``path`` may be a sentencepiece model or a ``tokenizer.json`` (told apart by content, not by name),
+    or a directory: its ``tokenizer.model`` if present, else its ``tokenizer.json``, else (as with
+    ``None``) the v1 tokenizer.model that mistral-common ships, which is Mixtral 8x7B's.
+    """
+    if path is None:
+        resource = _mistral_common_v1()
+        return _load_bytes(resource.read_bytes(), str(resource))
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        return load_tokenizer(None)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer path {path} does not exist; expected a tokenizer.model, a tokenizer.json "
+            "or a directory holding one"
+        )
+    return _load_bytes(path.read_bytes(), str(path))
+
+
+def _load_bytes(data: bytes, source: str) -> Tokenizer:
+    backend: _Backend
+    if data.lstrip()[:1] == b"{":
+        try:
+            spec = json.loads(data)
+            backend = _TokenizerJsonBackend(spec)
+        except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(
+                f"{source} is not a usable tokenizer.json: {e}; expected a Hugging Face tokenizer.json "
+                "with a byte-fallback BPE model (Llama/Mistral layout)"
+            ) from e
+    else:
+        try:
+            backend = _SentencePieceBackend(data)
+        except ValueError as e:
+            raise ValueError(
+                f"{source} is neither a sentencepiece model nor a tokenizer.json: {e}; expected a "
+                "sentencepiece tokenizer.model or a Hugging Face tokenizer.json"
+            ) from e
+    return Tokenizer(backend, source)

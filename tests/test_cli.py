@@ -1,0 +1,111 @@
+"""The real `mixtral` console script on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixtral
+import mixtral.cli
+from mixtral.generate import SamplingParams, generate_stream
+from mixtral.tokenizer import load_tokenizer
+
+MIXTRAL = str(Path(sys.executable).parent / "mixtral")
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([MIXTRAL, *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    out = run("init", "--preset", "tiny", "--out", str(path), "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    return path
+
+
+def library_text(path, ids, max_new_tokens):
+    model = mixtral.load_model(path)
+    tok = load_tokenizer()
+    events = generate_stream(model, [ids], SamplingParams(max_new_tokens=max_new_tokens), tokenizer=tok)
+    return "".join(ev.text for ev in events)
+
+
+def test_generate_streams_the_library_output(ckpt):
+    out = run("generate", "--checkpoint", str(ckpt), "--prompt", "The capital of France is", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    tok = load_tokenizer()
+    expected = library_text(ckpt, tok.encode("The capital of France is"), 12)
+    assert out.stdout == expected + "\n"
+    n_prompt = len(tok.encode("The capital of France is"))
+    assert f"prompt: {n_prompt} tokens" in out.stderr and "tokens/s" in out.stderr
+
+
+def test_generate_with_sampling_flags_is_reproducible(ckpt):
+    args = ["generate", "--checkpoint", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "10"]
+    args += ["--temperature", "0.9", "--top-p", "0.9", "--seed", "5", "--dtype", "bfloat16"]
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+
+
+def test_chat_with_piped_input(ckpt):
+    out = run("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "6", stdin="Hello there\n\nHow are you?\n")
+    assert out.returncode == 0, out.stderr
+    answers = out.stdout.split("\n")[:2]
+    tok = load_tokenizer()
+    first = library_text(ckpt, tok.encode_chat([{"role": "user", "content": "Hello there"}]), 6)
+    assert answers[0] == first
+    convo = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "How are you?"},
+    ]
+    assert answers[1] == library_text(ckpt, tok.encode_chat(convo), 6)
+
+
+def test_info(ckpt):
+    out = run("info", "--checkpoint", str(ckpt), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    model = mixtral.load_model(ckpt)
+    assert info["parameters_total"] == sum(p.numel() for p in model.parameters())
+    assert info["dtype"] == "float32" and info["layout"] == "Hugging Face"
+    assert info["size_on_disk_bytes"] == (ckpt / "model.safetensors").stat().st_size
+    text = run("info", "--checkpoint", str(ckpt)).stdout
+    assert "active per token" in text and "n_experts" in text
+
+
+def test_too_long_prompt_is_a_clear_error(ckpt):
+    out = run("generate", "--checkpoint", str(ckpt), "--prompt", "word " * 600, "--max-new-tokens", "10")
+    assert out.returncode == 2
+    assert "more than the model's context of 512 tokens" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_checkpoint_and_flags_are_clear_errors(tmp_path, ckpt):
+    out = run("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = run("generate", "--checkpoint", str(ckpt), "--prompt", "x", "--top-p", "0")
+    assert out.returncode == 2 and "top_p=0.0 is invalid" in out.stderr
+    out = run("generate", "--checkpoint", str(ckpt), "--prompt", "x", "--device", "cuda:7")
+    if not torch.cuda.is_available():
+        assert out.returncode == 2 and "CUDA is not available" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "init"])
+def test_help_explains_every_flag(command):
+    out = run(command, "--help")
+    assert out.returncode == 0
+    parser = mixtral.cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            assert action.option_strings[0] in out.stdout
