@@ -66,7 +66,7 @@ class Checkpoint:
 
 def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Recognise the layout of a checkpoint directory and read its config."""
-    root = Path(path)
+    root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"checkpoint {root} does not exist")
     if not root.is_dir():
@@ -390,7 +390,7 @@ def save_model(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: 
     The folder is written under a temporary name beside `path` and renamed into place, so a crash
     never leaves a half-written checkpoint; an existing checkpoint at `path` is replaced.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -305,14 +305,32 @@ class Tokenizer:
         system messages and runs of one role are folded. Raises ``ValueError`` naming the offending
         message when the conversation is not one mistral-common accepts.
         """
-        ids = [self.bos_id]
-        for turn in _chat_turns(messages):
+        return self._encode_turns(_chat_turns(messages))[0]
+
+    def encode_chat_with_mask(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[bool]]:
+        """For training: the ids of a conversation that may end with a complete assistant answer, and a
+        mask that is True on assistant tokens (answers and their </s>), the tokens a model learns to say."""
+        if messages and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant":
+            if messages[-1].get("prefix"):
+                raise ValueError(f"message {len(messages) - 1} (assistant): a training answer cannot be a prefix")
+            # Validate as a conversation to be continued, then close the last answer with </s>.
+            turns = _chat_turns([*messages[:-1], {**messages[-1], "prefix": True}])
+            turns[-1] = _Turn("assistant", turns[-1].content, prefix=False)
+        else:
+            turns = _chat_turns(messages)
+        return self._encode_turns(turns)
+
+    def _encode_turns(self, turns: Sequence["_Turn"]) -> tuple[list[int], list[bool]]:
+        ids, mask = [self.bos_id], [False]
+        for turn in turns:
             if turn.role == "user":
                 # One sentencepiece sentence, so "[INST]" gets the dummy-prefix space: "▁[INST]".
-                ids += self.encode(f"[INST] {turn.content} [/INST]", bos=False)
+                seg = self.encode(f"[INST] {turn.content} [/INST]", bos=False)
             else:
-                ids += self.encode(turn.content, bos=False, eos=not turn.prefix)
-        return ids
+                seg = self.encode(turn.content, bos=False, eos=not turn.prefix)
+            ids += seg
+            mask += [turn.role == "assistant"] * len(seg)
+        return ids, mask
 
 
 @dataclass(frozen=True)
@@ -404,7 +422,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
     if path is None:
         resource = _mistral_common_v1()
         return _load_bytes(resource.read_bytes(), str(resource))
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         for name in ("tokenizer.model", "tokenizer.json"):
             if (path / name).is_file():
