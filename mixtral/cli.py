@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_init)
+
+    from .train.cli import add_command as add_train_commands
+
+    add_train_commands(sub)
     return parser
 
 

@@ -100,11 +100,16 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, F_))
         self.w3 = nn.Parameter(torch.empty(E, F_, D))
         self.impl = "grouped"
+        # Training only: multiply the router's input by U(1 - j, 1 + j) noise (0 turns it off).
+        self.router_jitter = 0.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output with x's shape, router logits [tokens, E])."""
         x_TD = x.reshape(-1, x.shape[-1])
-        router_logits_TE = self.gate(x_TD)
+        router_in = x_TD
+        if self.training and self.router_jitter > 0:
+            router_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        router_logits_TE = self.gate(router_in)
         weights_TK, idx_TK = route(router_logits_TE, self.top_k)
         out_TD = _DISPATCH[self.impl](x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)
         return out_TD.view(x.shape), router_logits_TE

@@ -250,6 +250,11 @@ class Tokenizer:
         return f"Tokenizer(source={self._source!r}, vocab_size={self.vocab_size})"
 
     @property
+    def source(self) -> str:
+        """The file this tokenizer was loaded from."""
+        return self._source
+
+    @property
     def bos_id(self) -> int:
         """Id of <s>, which starts every sequence."""
         return self._backend.bos_id

@@ -1,0 +1,1 @@
+"""Training and fine-tuning: data, losses, LoRA, and the training loop."""

@@ -1,0 +1,366 @@
+"""The training loop: AdamW with warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
+activation checkpointing, the MoE auxiliary losses, periodic evaluation, and exact resume from atomic
+checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from ..checkpoint import load_model, save_model
+from ..config import ModelConfig, get_preset
+from ..model import Transformer
+from ..tokenizer import load_tokenizer
+from .data import Loader, PackedSequences, load_tokenized, split_heldout
+from .lora import ATTENTION_TARGETS, apply_lora, save_adapter
+from .loss import cross_entropy, expert_load, load_balancing_loss, router_z_loss
+
+STATE_FILE = "train_state.pt"
+
+
+class ResumeError(ValueError):
+    """No usable checkpoint to resume from; nothing was changed."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; a TOML file's keys are these field names (plus a [model] table)."""
+
+    data: list[str] = field(default_factory=list)
+    out_dir: str = "runs/train"
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    init_from: str | None = None  # a checkpoint to start from instead of random weights
+    tokenizer: str | None = None
+    eval_data: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.05
+    split: str = "file"  # "file" or "paragraph": what a document is in a text file
+    data_cache: str | None = "~/.cache/mixtral/data"
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.02
+    z_loss_coef: float = 0.0
+    router_jitter: float = 0.0
+    dtype: str = "float32"  # "bfloat16": autocast; master weights stay float32
+    activation_checkpointing: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 200
+    eval_batches: int = 0  # 0: the whole held-out set
+    log_every: int = 10
+    resume: bool = False
+    lora_rank: int = 0  # 0: full training
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "eval_every", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be an integer >= 1")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction={self.eval_fraction!r} is invalid: must be in (0, 1)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} is invalid: choose float32 or bfloat16")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is invalid: must be > 0")
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup!r} is invalid: must be >= 0")
+        if not self.data:
+            raise ValueError("no training data: give --data FILE... (text or JSONL)")
+
+    def model_config(self) -> ModelConfig:
+        return get_preset(self.preset).replace(**self.model)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at the last step."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+    for layer in model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out_dir).expanduser()
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+        if cfg.init_from:
+            self.model = load_model(cfg.init_from, dtype=torch.float32, device=self.device)
+        else:
+            with torch.device(self.device):
+                self.model = Transformer(cfg.model_config())
+        mc = self.model.config
+        if self.tokenizer.vocab_size > mc.vocab_size:
+            raise ValueError(
+                f"the tokenizer's {self.tokenizer.vocab_size} tokens exceed the model's vocabulary of {mc.vocab_size}"
+            )
+        if cfg.seq_len > mc.max_seq_len:
+            raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context of {mc.max_seq_len}")
+        for layer in self.model.layers:
+            layer.moe.router_jitter = cfg.router_jitter
+        self.model.keep_router_logits = True
+        self.model.train()
+        if cfg.lora_rank:
+            trainable = apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
+        else:
+            trainable = list(self.model.parameters())
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+
+        cache = cfg.data_cache and Path(cfg.data_cache).expanduser()
+        data = load_tokenized(cfg.data, self.tokenizer, cfg.split, cache)
+        if cfg.eval_data:
+            train_data, eval_data = data, load_tokenized(cfg.eval_data, self.tokenizer, cfg.split, cache)
+        else:
+            train_data, eval_data = split_heldout(data, cfg.eval_fraction, cfg.seed)
+        self.train_seqs = PackedSequences(train_data, cfg.seq_len)
+        self.eval_seqs = PackedSequences(eval_data, cfg.seq_len)
+        self.loader = Loader(self.train_seqs, cfg.batch_size, cfg.seed)
+
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]  # norms
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step = 0
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "model": {k: v for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write the whole training state to out/checkpoint, atomically (temp folder, then rename)."""
+        dest = self.out / "checkpoint"
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=self.out))
+        try:
+            torch.save(self._state(), tmp / STATE_FILE)
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(prefix=".checkpoint.old-", dir=self.out))
+                os.replace(dest, old / "c")
+                os.replace(tmp, dest)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_checkpoint(self) -> None:
+        """Restore everything from out/checkpoint; raises ResumeError (changing nothing) if it can't."""
+        path = self.out / "checkpoint" / STATE_FILE
+        if not path.is_file():
+            raise ResumeError(f"cannot resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            step = int(state["step"])
+            model_state, optim_state = state["model"], state["optimizer"]
+        except Exception as e:
+            raise ResumeError(f"cannot resume: {path} is unreadable (truncated or corrupt?): {e}") from None
+        saved = {k: v for k, v in state.get("config", {}).items() if k in ("preset", "model", "lora_rank")}
+        now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in saved}
+        if saved != now:
+            raise ResumeError(f"cannot resume: {path} was written for a different model ({saved} vs {now})")
+        try:
+            self.model.load_state_dict(model_state, strict=True)
+        except RuntimeError as e:
+            raise ResumeError(f"cannot resume: {path} does not fit this model: {e}") from None
+        self.optimizer.load_state_dict(optim_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = step
+
+    # ---- steps -----------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+
+    def train_step(self) -> dict[str, float]:
+        cfg, mc = self.cfg, self.model.config
+        ce_sum = aux_sum = z_sum = 0.0
+        loads = []
+        for _ in range(cfg.grad_accum):
+            inputs, targets, mask = (t.to(self.device) for t in self.loader.next())
+            with self._autocast():
+                logits = self.model(inputs)
+            router = self.model.router_logits
+            ce = cross_entropy(logits, targets, mask)
+            aux = load_balancing_loss(router, mc.n_experts, mc.top_k)
+            z = router_z_loss(router) if cfg.z_loss_coef else torch.zeros(())
+            loss = ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+            (loss / cfg.grad_accum).backward()
+            ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
+            loads.append(expert_load(router, mc.n_experts, mc.top_k))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        load = torch.stack(loads).mean(0)
+        n = cfg.grad_accum
+        return {
+            "step": self.step,
+            "loss": ce_sum / n,
+            "aux_loss": aux_sum / n,
+            "z_loss": z_sum / n,
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            # the busiest expert's share of the routed tokens relative to a fair share (1.0 = balanced)
+            "max_load": float(load.max() * mc.n_experts),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        nats, count = 0.0, 0
+        n_batches = math.ceil(len(self.eval_seqs) / self.cfg.batch_size)
+        if self.cfg.eval_batches:
+            n_batches = min(n_batches, self.cfg.eval_batches)
+        for b in range(n_batches):
+            idx = range(b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, len(self.eval_seqs)))
+            inputs, targets, mask = (t.to(self.device) for t in self.eval_seqs.batch(idx))
+            with self._autocast():
+                logits = self.model(inputs)
+            m = mask.sum().item()
+            nats += cross_entropy(logits, targets, mask).item() * m
+            count += m
+        self.model.train()
+        loss = nats / max(count, 1)
+        out = {"step": self.step, "eval_loss": loss}
+        if self.eval_seqs.chars_per_target:
+            out["eval_bpc"] = loss / math.log(2) / self.eval_seqs.chars_per_target
+        return out
+
+    # ---- the run ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.resume:
+            self.load_checkpoint()  # raises before anything in out_dir is touched
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        records = _read_log(log_path) if cfg.resume else []
+        # A killed run may have logged steps past its last checkpoint: those are redone, so drop them.
+        _write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= self.step))
+        log = open(log_path, "a")  # noqa: SIM115 - closed in the finally below
+        tb = _tensorboard(self.out)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.progress, unit="step")
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        last = {}
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    aux=f"{metrics['aux_loss']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    load=f"{metrics['max_load']:.2f}",
+                )
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    _log(log, tb, metrics)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    ev = self.evaluate()
+                    _log(log, tb, ev)
+                    last.update(ev)
+                    bpc = f", bits/char {ev['eval_bpc']:.3f}" if "eval_bpc" in ev else ""
+                    bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f}{bpc}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+            if tb is not None:
+                tb.close()
+        self.save_final()
+        return last
+
+    def save_final(self) -> None:
+        if self.cfg.lora_rank:
+            save_adapter(self.model, self.out / "adapter")
+            return
+        save_model(self.model, self.out / "model")
+        src = Path(self.tokenizer.source)
+        if src.is_file():  # a model folder that carries its own tokenizer
+            name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
+            shutil.copyfile(src, self.out / "model" / name)
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _log(log, tb, metrics: dict) -> None:
+    log.write(json.dumps(metrics) + "\n")
+    log.flush()
+    if tb is not None:
+        for k, v in metrics.items():
+            if k != "step":
+                tb.add_scalar(k, v, metrics["step"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional: metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
