@@ -12,6 +12,7 @@ shifted targets), so there is no padding; attention may cross document boundarie
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -36,6 +37,20 @@ class Document:
     text: str | None = None
     messages: list[dict] | None = None
     source: str = ""
+
+
+def expand_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+    """Paths with shell wildcards (*, ?, [..]) expanded, sorted; a pattern that matches nothing is an error."""
+    out: list[Path] = []
+    for pattern in map(str, patterns):
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+            if not matches:
+                raise DataError(f"training data pattern {pattern!r} matches no files")
+            out += map(Path, matches)
+        else:
+            out.append(Path(pattern).expanduser())
+    return out
 
 
 def read_documents(paths: Sequence[str | os.PathLike], split: str = "file") -> list[Document]:

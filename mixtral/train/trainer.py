@@ -24,7 +24,7 @@ from ..checkpoint import load_model, save_model
 from ..config import ModelConfig, get_preset
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
-from .data import Loader, PackedSequences, load_tokenized, split_heldout
+from .data import Loader, PackedSequences, expand_paths, load_tokenized, split_heldout
 from .lora import ATTENTION_TARGETS, apply_lora, save_adapter
 from .loss import cross_entropy, expert_load, load_balancing_loss, router_z_loss
 
@@ -139,9 +139,10 @@ class Trainer:
             enable_activation_checkpointing(self.model)
 
         cache = cfg.data_cache and Path(cfg.data_cache).expanduser()
-        data = load_tokenized(cfg.data, self.tokenizer, cfg.split, cache)
+        data = load_tokenized(expand_paths(cfg.data), self.tokenizer, cfg.split, cache)
         if cfg.eval_data:
-            train_data, eval_data = data, load_tokenized(cfg.eval_data, self.tokenizer, cfg.split, cache)
+            eval_data = load_tokenized(expand_paths(cfg.eval_data), self.tokenizer, cfg.split, cache)
+            train_data = data
         else:
             train_data, eval_data = split_heldout(data, cfg.eval_fraction, cfg.seed)
         self.train_seqs = PackedSequences(train_data, cfg.seq_len)
