@@ -207,6 +207,15 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {key:<15}{value}")
 
 
+def cmd_routing(args: argparse.Namespace) -> None:
+    from .routing import markdown_table, write_report
+
+    model, tokenizer = _load(args)
+    report = write_report(model, tokenizer, args.text, args.out, args.layer)
+    print(markdown_table(report), end="")
+    print(f"wrote routing.json, routing.md, routing_share.png and routing_tokens.html to {args.out}", file=sys.stderr)
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     config = get_preset(args.preset)
     torch.manual_seed(args.seed)
@@ -266,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "routing",
+        help="routing analysis: expert shares per layer and source, repeat rates, plots",
+        description="Run texts through the model and report which experts the router picks "
+        "(per layer and text), how often consecutive tokens keep the same expert against chance, "
+        "a heat map PNG and a token-level HTML view.",
+    )
+    _add_model_flags(p)
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to route (one source each)")
+    p.add_argument("--out", default="routing", metavar="DIR", help="output folder (default: routing)")
+    p.add_argument("--layer", type=int, help="layer for the token-level view (default: the middle one)")
+    p.set_defaults(func=cmd_routing)
 
     from .train.cli import add_command as add_train_commands
 
