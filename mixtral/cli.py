@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -19,8 +20,18 @@ from .tokenizer import Tokenizer, load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+BUILTIN = Path(__file__).parent / "data" / "builtin"
+
+
 class CLIError(Exception):
     """A problem with the command's input, reported as one line without a traceback."""
+
+
+def default_checkpoint() -> Path:
+    """The built-in model shipped inside the package (a small Mixtral trained on Shakespeare)."""
+    if not (BUILTIN / "config.json").is_file():
+        raise CLIError(f"no --checkpoint given and the built-in model is missing ({BUILTIN}); pass --checkpoint DIR")
+    return BUILTIN
 
 
 # ---- shared flags ---------------------------------------------------------------------------------------
@@ -30,9 +41,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         metavar="DIR",
-        required=True,
         help="checkpoint folder: Hugging Face layout (config.json + model*.safetensors) or Mistral's "
-        "(params.json + consolidated.safetensors / consolidated.00.pth)",
+        "(params.json + consolidated.safetensors / consolidated.00.pth); default: the built-in model",
     )
     p.add_argument(
         "--dtype",
@@ -87,8 +97,9 @@ def _device(name: str) -> torch.device:
 
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    model = load_model(args.checkpoint, dtype=dtype, device=_device(args.device))
-    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    path = args.checkpoint or default_checkpoint()
+    model = load_model(path, dtype=dtype, device=_device(args.device))
+    tokenizer = load_tokenizer(args.tokenizer or path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CLIError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is only "
@@ -184,7 +195,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    ckpt = find_checkpoint(args.checkpoint)
+    ckpt = find_checkpoint(args.checkpoint or default_checkpoint())
     cfg = ckpt.config
     total, active = cfg.param_counts()
     info = {
@@ -260,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint's config, parameter counts, dtype and size",
         description="Show a checkpoint's layout, config, total and active parameters, dtype, size.",
     )
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint folder (any supported layout)")
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (any layout); default: the built-in model")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
 

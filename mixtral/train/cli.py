@@ -85,6 +85,20 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged checkpoint")
     p.set_defaults(func=cmd_merge_lora)
 
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss and bits per character of a checkpoint on text files",
+        description="Mean next-token loss and bits per character on text files (each file a document, "
+        "packed into sequences of --seq-len tokens), as `mixtral train` reports them.",
+    )
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (default: the built-in model)")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files (wildcards allowed)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype to compute in; 'auto' keeps the stored one (default: auto)")  # fmt: skip
+    p.set_defaults(func=cmd_eval)
+
 
 def config_from_args(args: argparse.Namespace):
     from .trainer import TrainConfig
@@ -131,3 +145,21 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
     load_adapter(model, args.adapter)
     save_model(merge_lora(model), args.out)
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..checkpoint import load_model
+    from ..cli import default_checkpoint
+    from ..tokenizer import load_tokenizer
+    from .data import PackedSequences, expand_paths, read_documents, tokenize
+    from .trainer import evaluate
+
+    path = args.checkpoint or default_checkpoint()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    data = tokenize(read_documents(expand_paths(args.text)), tokenizer)
+    seq_len = args.seq_len or model.config.max_seq_len
+    out = evaluate(model, PackedSequences(data, seq_len), args.batch_size)
+    bpc = f", bits per character {out['eval_bpc']:.4f}" if "eval_bpc" in out else ""
+    print(f"{path}: loss {out['eval_loss']:.4f} nats/token{bpc} ({len(data.tokens)} tokens, sequences of {seq_len})")

@@ -4,6 +4,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -257,27 +258,9 @@ class Trainer:
             "max_load": float(load.max() * mc.n_experts),
         }
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        nats, count = 0.0, 0
-        n_batches = math.ceil(len(self.eval_seqs) / self.cfg.batch_size)
-        if self.cfg.eval_batches:
-            n_batches = min(n_batches, self.cfg.eval_batches)
-        for b in range(n_batches):
-            idx = range(b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, len(self.eval_seqs)))
-            inputs, targets, mask = (t.to(self.device) for t in self.eval_seqs.batch(idx))
-            with self._autocast():
-                logits = self.model(inputs)
-            m = mask.sum().item()
-            nats += cross_entropy(logits, targets, mask).item() * m
-            count += m
-        self.model.train()
-        loss = nats / max(count, 1)
-        out = {"step": self.step, "eval_loss": loss}
-        if self.eval_seqs.chars_per_target:
-            out["eval_bpc"] = loss / math.log(2) / self.eval_seqs.chars_per_target
-        return out
+        out = evaluate(self.model, self.eval_seqs, self.cfg.batch_size, self.cfg.eval_batches, self._autocast)
+        return {"step": self.step, **out}
 
     # ---- the run ---------------------------------------------------------------------------------------
 
@@ -335,6 +318,35 @@ class Trainer:
         if src.is_file():  # a model folder that carries its own tokenizer
             name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
             shutil.copyfile(src, self.out / "model" / name)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer, seqs: PackedSequences, batch_size: int, max_batches: int = 0, autocast=contextlib.nullcontext
+) -> dict[str, float]:
+    """Mean loss per target token over the sequences (the first `max_batches` batches; 0: all) and, for text,
+    bits per character: the summed loss in bits divided by the characters those tokens spell."""
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    nats, count = 0.0, 0
+    n_batches = math.ceil(len(seqs) / batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        idx = range(b * batch_size, min((b + 1) * batch_size, len(seqs)))
+        inputs, targets, mask = (t.to(device) for t in seqs.batch(idx))
+        with autocast():
+            logits = model(inputs)
+        m = mask.sum().item()
+        nats += cross_entropy(logits, targets, mask).item() * m
+        count += m
+    model.train(was_training)
+    loss = nats / max(count, 1)
+    out = {"eval_loss": loss}
+    if seqs.chars_per_target:
+        out["eval_bpc"] = loss / math.log(2) / seqs.chars_per_target
+    return out
 
 
 def _read_log(path: Path) -> list[dict]:
