@@ -256,12 +256,28 @@ PRESETS: dict[str, ModelConfig] = {
     # The built-in model (trained on Shakespeare, shipped in bf16) and its dense twin with the same active
     # parameters per token (one expert of twice the hidden size = two active experts' worth).
     "shakespeare-moe": ModelConfig(
-        dim=256, n_layers=4, hidden_dim=512, n_heads=8, n_kv_heads=2, vocab_size=32000,
-        n_experts=8, top_k=2, max_seq_len=256, tie_embeddings=True,
+        dim=256,
+        n_layers=4,
+        hidden_dim=512,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=32000,
+        n_experts=8,
+        top_k=2,
+        max_seq_len=256,
+        tie_embeddings=True,
     ),
     "shakespeare-dense": ModelConfig(
-        dim=256, n_layers=4, hidden_dim=1024, n_heads=8, n_kv_heads=2, vocab_size=32000,
-        n_experts=1, top_k=1, max_seq_len=256, tie_embeddings=True,
+        dim=256,
+        n_layers=4,
+        hidden_dim=1024,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=32000,
+        n_experts=1,
+        top_k=1,
+        max_seq_len=256,
+        tie_embeddings=True,
     ),
     # Tiny shapes for tests: fast on one CPU core, still every feature (GQA, top-2 of 8).
     "tiny": ModelConfig(

@@ -256,6 +256,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             # the busiest expert's share of the routed tokens relative to a fair share (1.0 = balanced)
             "max_load": float(load.max() * mc.n_experts),
+            "max_load_by_layer": [round(x, 3) for x in (load.max(dim=1).values * mc.n_experts).tolist()],
         }
 
     def evaluate(self) -> dict[str, float]:
@@ -367,7 +368,7 @@ def _log(log, tb, metrics: dict) -> None:
     log.flush()
     if tb is not None:
         for k, v in metrics.items():
-            if k != "step":
+            if isinstance(v, int | float) and k != "step":
                 tb.add_scalar(k, v, metrics["step"])
 
 
