@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -109,3 +110,49 @@ def test_help_explains_every_flag(command):
         if action.option_strings and action.dest != "help":
             assert action.help, f"{command} {action.option_strings} has no help"
             assert action.option_strings[0] in out.stdout
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(ckpt):
+    """On a terminal, Ctrl-C during an answer stops that answer; the chat goes on to the next message."""
+    import os
+    import pty
+    import select
+    import signal
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat on a pseudo-terminal
+        os.execv(MIXTRAL, [MIXTRAL, "chat", "--checkpoint", str(ckpt), "--max-new-tokens", "490",
+                           "--temperature", "1", "--seed", "0"])  # fmt: skip
+    output = b""
+
+    def read_until(marker: bytes, timeout: float = 120, after: int = 0) -> None:
+        nonlocal output
+        deadline = time.time() + timeout
+        while marker not in output[after:] and time.time() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert marker in output[after:], output[-500:]
+
+    try:
+        read_until(b"> ")
+        os.write(fd, b"Tell me a long story\n")
+        start = len(output)
+        deadline = time.time() + 60
+        while len(output) < start + 40 and time.time() < deadline:  # the answer has begun streaming
+            if select.select([fd], [], [], 0.05)[0]:
+                output += os.read(fd, 4096)
+        os.kill(pid, signal.SIGINT)
+        read_until(b"[interrupted]")
+        at = output.index(b"[interrupted]")
+        read_until(b"> ", timeout=60, after=at)  # back at the prompt: the program is still running
+        os.write(fd, b"\x04")  # Ctrl-D quits
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(fd)
