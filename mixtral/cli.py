@@ -222,7 +222,7 @@ def cmd_routing(args: argparse.Namespace) -> None:
     from .routing import markdown_table, write_report
 
     model, tokenizer = _load(args)
-    report = write_report(model, tokenizer, args.text, args.out, args.layer)
+    report = write_report(model, tokenizer, args.text, args.out, args.layer, args.max_tokens)
     print(markdown_table(report), end="")
     print(f"wrote routing.json, routing.md, routing_share.png and routing_tokens.html to {args.out}", file=sys.stderr)
 
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to route (one source each)")
     p.add_argument("--out", default="routing", metavar="DIR", help="output folder (default: routing)")
     p.add_argument("--layer", type=int, help="layer for the token-level view (default: the middle one)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens analysed per text (default: 16384)")
     p.set_defaults(func=cmd_routing)
 
     from .train.cli import add_command as add_train_commands

@@ -35,9 +35,10 @@ class Routed:
 
 
 @torch.no_grad()
-def collect(model: Transformer, tokenizer: Tokenizer, text: str, source: str) -> Routed:
-    """Run `text` through the model in context-sized chunks and record the router's choices."""
-    ids = tokenizer.encode(text, bos=True)
+def collect(model: Transformer, tokenizer: Tokenizer, text: str, source: str, max_tokens: int | None = None) -> Routed:
+    """Run `text` (its first `max_tokens` tokens) through the model in context-sized chunks and record the
+    router's choices."""
+    ids = tokenizer.encode(text, bos=True)[:max_tokens]
     chunk = model.config.max_seq_len
     device = model.embed.weight.device
     keep = model.keep_router_logits
@@ -84,6 +85,17 @@ def repeat_rates(routed: Sequence[Routed]) -> tuple[torch.Tensor, torch.Tensor]:
     return same_first / n, overlap / n
 
 
+def shuffled_rates(routed: Sequence[Routed], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rates with each text's tokens in random order: what the experts' unequal shares alone give,
+    without any temporal locality. Uneven routing raises it above the uniform chance rates."""
+    g = torch.Generator().manual_seed(seed)
+    shuffled = []
+    for r in routed:
+        perm = torch.randperm(r.choices.shape[1], generator=g)
+        shuffled.append(Routed(r.source, r.tokens, r.choices[:, perm], [0]))
+    return repeat_rates(shuffled)
+
+
 def chance_rates(n_experts: int, top_k: int) -> tuple[float, float]:
     """Rates for independent uniform routing: 1/E for the first choice; two random k-subsets of E intersect
     with probability 1 - C(E-k, k) / C(E, k) (46.4% for top-2 of 8)."""
@@ -95,6 +107,7 @@ def chance_rates(n_experts: int, top_k: int) -> tuple[float, float]:
 
 def analyze(routed: Sequence[Routed], n_experts: int, top_k: int) -> dict:
     first, topk = repeat_rates(routed)
+    shuffled_first, shuffled_topk = shuffled_rates(routed)
     chance_first, chance_topk = chance_rates(n_experts, top_k)
     return {
         "n_experts": n_experts,
@@ -104,20 +117,31 @@ def analyze(routed: Sequence[Routed], n_experts: int, top_k: int) -> dict:
         "chance_same_topk": chance_topk,
         "same_first_by_layer": first.tolist(),
         "same_topk_by_layer": topk.tolist(),
+        "shuffled_same_first_by_layer": shuffled_first.tolist(),
+        "shuffled_same_topk_by_layer": shuffled_topk.tolist(),
         "share_by_source": {r.source: expert_share(r.choices, n_experts).tolist() for r in routed},
     }
 
 
 def markdown_table(report: dict) -> str:
+    """Per layer: the measured repeat rates, the rates with the tokens shuffled (same expert shares, no
+    order), and the uniform chance rates."""
     k = report["top_k"]
     lines = [
-        f"| layer | same first choice | chance | same expert among top-{k} | chance |",
-        "|---|---|---|---|---|",
+        f"| layer | same first choice | shuffled | chance | same expert among top-{k} | shuffled | chance |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for i, (f, t) in enumerate(zip(report["same_first_by_layer"], report["same_topk_by_layer"], strict=True)):
+    rows = zip(
+        report["same_first_by_layer"],
+        report["shuffled_same_first_by_layer"],
+        report["same_topk_by_layer"],
+        report["shuffled_same_topk_by_layer"],
+        strict=True,
+    )
+    for i, (f, fs, t, ts) in enumerate(rows):
         lines.append(
-            f"| {i} | {100 * f:.1f}% | {100 * report['chance_same_first']:.1f}% | "
-            f"{100 * t:.1f}% | {100 * report['chance_same_topk']:.1f}% |"
+            f"| {i} | {100 * f:.1f}% | {100 * fs:.1f}% | {100 * report['chance_same_first']:.1f}% | "
+            f"{100 * t:.1f}% | {100 * ts:.1f}% | {100 * report['chance_same_topk']:.1f}% |"
         )
     return "\n".join(lines) + "\n"
 
@@ -135,7 +159,7 @@ def plot_shares(report: dict, path: Path) -> None:
     shares = torch.tensor([report["share_by_source"][s] for s in sources])  # [S, L, E]
     S, L, E = shares.shape
     uniform = 1 / E
-    fig, axes = plt.subplots(2, L, figsize=(3.2 * L + 1, 1.0 + 0.35 * S + 2.6), squeeze=False,
+    fig, axes = plt.subplots(2, L, figsize=(3.2 * L + 2, 2.0 + 0.35 * S + 3.0), squeeze=False, layout="constrained",
                              gridspec_kw={"height_ratios": [max(S, 2), 3]})  # fmt: skip
     norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(float(shares.max()), uniform * 2))
     labels = [Path(s).stem for s in sources]
@@ -198,6 +222,7 @@ def write_report(
     texts: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     layer: int | None = None,
+    max_tokens: int | None = None,
 ) -> dict:
     """Analyse `texts` (files) and write routing.json, routing.md, routing_share.png and routing_tokens.html."""
     out = Path(out)
@@ -210,7 +235,7 @@ def write_report(
     for path in map(Path, texts):
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
-        routed.append(collect(model, tokenizer, path.read_text(encoding="utf-8"), str(path)))
+        routed.append(collect(model, tokenizer, path.read_text(encoding="utf-8"), str(path), max_tokens))
     report = analyze(routed, cfg.n_experts, cfg.top_k)
     (out / "routing.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "routing.md").write_text(markdown_table(report))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mixtral
-from mixtral.routing import Routed, chance_rates, expert_share, repeat_rates
+from mixtral.routing import Routed, chance_rates, expert_share, repeat_rates, shuffled_rates
 
 
 def routed(choices, starts=(0,)) -> Routed:
@@ -44,6 +44,18 @@ def test_chance_rates():
     assert chance_rates(8, 1) == (0.125, 0.125)
 
 
+def test_shuffled_baseline_removes_order_but_keeps_shares():
+    # expert 0 for the first half of the tokens, expert 1 for the second: long runs, equal shares
+    T = 1000
+    first = torch.tensor([0] * (T // 2) + [1] * (T // 2))
+    choices = torch.stack([first, (first + 2)], dim=-1)[None]  # [1, T, 2]
+    r = Routed("runs", list(range(T)), choices, [0])
+    measured, _ = repeat_rates([r])
+    shuffled, _ = shuffled_rates([r])
+    assert measured.item() > 0.99
+    assert abs(shuffled.item() - 0.5) < 0.05  # two experts with equal shares: repeats half the time by chance
+
+
 def test_uniform_random_routing_is_at_chance():
     g = torch.Generator().manual_seed(0)
     T = 20000
@@ -73,7 +85,7 @@ def test_routing_command_writes_table_and_plots(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "| layer | same first choice | chance |" in out.stdout
+    assert "| layer | same first choice | shuffled | chance |" in out.stdout
     report = json.loads((tmp_path / "report" / "routing.json").read_text())
     assert len(report["same_first_by_layer"]) == 2 and set(report["share_by_source"]) == set(texts)
     for source in texts:
