@@ -301,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens analysed per text (default: 16384)")
     p.set_defaults(func=cmd_routing)
 
+    from .serve.cli import add_command as add_serve_command
     from .train.cli import add_command as add_train_commands
 
+    add_serve_command(sub)
     add_train_commands(sub)
     return parser
 

@@ -25,7 +25,7 @@ from .model import Transformer
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. temperature 0 is greedy; the filters apply in the order
-    repetition penalty, temperature, top-k, top-p, min-p."""
+    repetition penalty, presence/frequency penalties, temperature, top-k, top-p, min-p."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -33,6 +33,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the prompt or output
+    # OpenAI's penalties, on generated tokens only: logit -= presence * (count > 0) + frequency * count
+    presence_penalty: float = 0.0  # 0: off; in [-2, 2]
+    frequency_penalty: float = 0.0  # 0: off; in [-2, 2]
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends when the text contains one; it is not part of the output
 
@@ -46,6 +49,8 @@ class SamplingParams:
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+            ("presence_penalty", _penalty(self.presence_penalty), "a number in [-2, 2]"),
+            ("frequency_penalty", _penalty(self.frequency_penalty), "a number in [-2, 2]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
         ]
@@ -62,15 +67,27 @@ def _finite(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _penalty(x: object) -> bool:
+    return _finite(x) and -2 <= x <= 2  # type: ignore[operator]
+
+
 # ---- sampling -------------------------------------------------------------------------------------------
 
 
-def process_logits(logits_V: torch.Tensor, params: SamplingParams, history: torch.Tensor) -> torch.Tensor:
-    """Apply the penalty and filters; removed tokens get -inf. `history` holds the ids seen so far."""
+def process_logits(
+    logits_V: torch.Tensor, params: SamplingParams, history: torch.Tensor, prompt_len: int = 0
+) -> torch.Tensor:
+    """Apply the penalties and filters; removed tokens get -inf. `history` holds the ids seen so far, the
+    first `prompt_len` of them the prompt: the repetition penalty counts them all, the presence and
+    frequency penalties only the generated ones (as OpenAI's do)."""
     logits = logits_V.float().clone()
     if params.repetition_penalty != 1.0 and history.numel():
         seen = logits[history]
         logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+    generated = history[prompt_len:]
+    if (params.presence_penalty or params.frequency_penalty) and generated.numel():
+        counts = torch.bincount(generated, minlength=logits.numel()).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.greedy:
         return logits
     logits /= params.temperature
@@ -90,14 +107,29 @@ def process_logits(logits_V: torch.Tensor, params: SamplingParams, history: torc
 
 
 def sample(
-    logits_V: torch.Tensor, params: SamplingParams, history: torch.Tensor, generator: torch.Generator | None
+    logits_V: torch.Tensor,
+    params: SamplingParams,
+    history: torch.Tensor,
+    generator: torch.Generator | None,
+    prompt_len: int = 0,
 ) -> int:
-    """The next token for one sequence."""
-    logits = process_logits(logits_V, params, history)
+    """The next token for one sequence (`history` and `prompt_len` as in `process_logits`)."""
+    logits = process_logits(logits_V, params, history, prompt_len)
     if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def logprobs(logits_V: torch.Tensor, token: int, top_n: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the `top_n` most likely (id, log-probability) pairs, best first,
+    under the model's own distribution (the raw logits: before penalties, temperature and filters)."""
+    logp = torch.log_softmax(logits_V.float(), -1)
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        values, ids = torch.topk(logp, min(top_n, logp.numel()))
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logp[token]), top
 
 
 # ---- model steps ------------------------------------------------------------------------------------------
@@ -271,7 +303,7 @@ def generate_stream(
         for i, s in enumerate(seqs):
             if s.done:
                 continue
-            token = sample(logits[i], s.params, torch.tensor(s.history), s.generator)
+            token = sample(logits[i], s.params, torch.tensor(s.history), s.generator, len(s.prompt))
             if token == eos_id:
                 s.done = True
                 yield Event(i, token, s.stream.finish() if s.stream else "", "stop")

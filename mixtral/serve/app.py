@@ -1,0 +1,416 @@
+"""The HTTP side: a FastAPI app with OpenAI's routes in front of an `Engine`.
+
+Generation runs inside the response object (`_StreamResponse`, `_JSONWhenDone`), which also watches
+the connection: when the client goes away, the request is cancelled and its cache rows are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .engine import SHUTDOWN_MESSAGE, UNAVAILABLE, Engine, QueueFull, Request, TokenLogprob, Unavailable
+from .protocol import (
+    APIError,
+    Job,
+    chat_logprobs,
+    completion_logprobs,
+    invalid,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+
+log = logging.getLogger("mixtral.serve")
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app for `engine` (started with the app, stopped with it). `api_key`: the Bearer token every
+    /v1 route requires (/health and /metrics stay open)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine._thread is None:
+            engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="mixtral", summary="OpenAI-compatible Mixtral server", lifespan=lifespan)
+    responses = _ResponseCounter()
+    app.add_middleware(_CountResponses, counter=responses)
+    created = int(time.time())
+
+    # ---- errors, all in OpenAI's shape -------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if e.status_code == 404 else None
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(
+            APIError(e.status_code, message, code=kind).body(), status_code=e.status_code, headers=e.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: HTTPRequest, e: Exception) -> JSONResponse:
+        error = APIError(500, f"internal server error: {type(e).__name__}: {e}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def authorize(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401,
+                "missing or invalid API key: send the header 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def ready() -> None:
+        if engine.state != "ready":
+            message = UNAVAILABLE[engine.state]
+            raise APIError(503, message, type="server_error", code="unavailable", headers={"Retry-After": "5"})
+
+    async def json_body(request: HTTPRequest) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise invalid(None, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise invalid(None, f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    # ---- routes ----------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.state == "ready":
+            return JSONResponse({"status": "ok", "model": model_name})
+        body: dict[str, Any] = {"status": engine.state}
+        if engine.load_error is not None:
+            body["error"] = str(engine.load_error)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(_metrics_text(engine, responses), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "mixtral",
+            "max_model_len": engine.context_len or None,
+        }
+
+    @app.get("/v1/models")
+    async def list_models(request: HTTPRequest) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: HTTPRequest) -> dict[str, Any]:
+        authorize(request)
+        if model != model_name:
+            raise APIError(404, f"The model {model!r} does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Response:
+        authorize(request)
+        body = await json_body(request)
+        ready()
+        assert engine.tokenizer is not None
+        job = parse_chat(body, engine.tokenizer, model=model_name, context=engine.context_len, max_n=engine.max_batch)
+        return submit(job)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Response:
+        authorize(request)
+        body = await json_body(request)
+        ready()
+        assert engine.tokenizer is not None and engine.model is not None
+        job = parse_completion(
+            body,
+            engine.tokenizer,
+            model=model_name,
+            context=engine.context_len,
+            max_n=engine.max_batch,
+            vocab=engine.model.config.vocab_size,
+        )
+        return submit(job)
+
+    def submit(job: Job) -> Response:
+        request = Request(job.prompts, job.params, job.top_logprobs, asyncio.get_running_loop())
+        try:
+            engine.submit(request)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from e
+        except Unavailable as e:
+            raise APIError(503, str(e), type="server_error", code="unavailable", headers={"Retry-After": "5"}) from e
+        if job.stream:
+            return _StreamResponse(request, _stream_chunks(engine, request, job))
+        return _JSONWhenDone(request, lambda: _collect(engine, request, job))
+
+    return app
+
+
+# ---- generation inside the response ---------------------------------------------------------------------------
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def _error_for(message: str) -> APIError:
+    if message == SHUTDOWN_MESSAGE:
+        return APIError(503, message, type="server_error", code="unavailable")
+    return APIError(500, message, type="server_error")
+
+
+async def _stream_chunks(engine: Engine, request: Request, job: Job) -> AsyncIterator[bytes]:
+    """The SSE frames of a streamed response: chunks, an optional usage chunk, then [DONE]. A failure
+    midway (of the generation, or of this code) is an error frame, then [DONE]."""
+    try:
+        async for frame in _frames(engine, request, job):
+            yield frame
+    except Exception as e:
+        log.exception("streaming a response failed")
+        request.cancel()
+        yield _sse(APIError(500, f"internal server error: {type(e).__name__}: {e}", type="server_error").body())
+        yield _sse("[DONE]")
+
+
+async def _frames(engine: Engine, request: Request, job: Job) -> AsyncIterator[bytes]:
+    tokenizer = engine.tokenizer
+    assert tokenizer is not None
+    chat = job.kind == "chat"
+    base = {
+        "id": job.response_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+    }
+    if job.include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, text: str | None, lp: TokenLogprob | None, finish: str | None, role: bool = False) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choice["delta"] = delta
+            choice["logprobs"] = chat_logprobs(tokenizer, [lp]) if lp is not None else None
+        else:
+            choice["text"] = text or ""
+            choice["logprobs"] = completion_logprobs(tokenizer, [lp], offsets[index]) if lp is not None else None
+        choice["finish_reason"] = finish
+        return _sse({**base, "choices": [choice]})
+
+    offsets = [0] * len(request)  # characters sent so far, per choice (completions' text_offset)
+    n_tokens = 0
+    if chat:
+        for i in range(len(request)):
+            yield chunk(i, None, None, None, role=True)
+    async for ev in request.events():
+        if ev.error is not None:
+            request.cancel()
+            yield _sse(_error_for(ev.error).body())
+            yield _sse("[DONE]")
+            return
+        if ev.token is not None:
+            n_tokens += 1
+        if ev.text or ev.logprob is not None:
+            yield chunk(ev.index, ev.text, ev.logprob, None)
+            offsets[ev.index] += len(ev.text)
+        if ev.finish_reason is not None:
+            yield chunk(ev.index, None, None, ev.finish_reason)
+    if job.include_usage:
+        yield _sse({**base, "choices": [], "usage": usage(job.prompt_tokens, n_tokens)})
+    yield _sse("[DONE]")
+
+
+async def _collect(engine: Engine, request: Request, job: Job) -> tuple[int, dict[str, Any]]:
+    """The whole (non-streamed) response: (status, body)."""
+    tokenizer = engine.tokenizer
+    assert tokenizer is not None
+    n = len(request)
+    texts: list[list[str]] = [[] for _ in range(n)]
+    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    n_tokens = 0
+    async for ev in request.events():
+        if ev.error is not None:
+            request.cancel()
+            error = _error_for(ev.error)
+            return error.status, error.body()
+        texts[ev.index].append(ev.text)
+        if ev.token is not None:
+            n_tokens += 1
+        if ev.logprob is not None:
+            lps[ev.index].append(ev.logprob)
+        if ev.finish_reason is not None:
+            finish[ev.index] = ev.finish_reason
+    choices = []
+    for i in range(n):
+        text = "".join(texts[i])
+        if job.kind == "chat":
+            logprobs = chat_logprobs(tokenizer, lps[i]) if job.top_logprobs is not None else None
+            choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+        else:
+            logprobs = completion_logprobs(tokenizer, lps[i]) if job.top_logprobs is not None else None
+            choice = {"index": i, "text": text, "logprobs": logprobs}
+        choices.append({**choice, "finish_reason": finish[i]})
+    return 200, {
+        "id": job.response_id,
+        "object": "chat.completion" if job.kind == "chat" else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": usage(job.prompt_tokens, n_tokens),
+    }
+
+
+class _StreamResponse(StreamingResponse):
+    """Server-sent events; the request is cancelled (its rows freed) however the response ends."""
+
+    def __init__(self, request: Request, frames: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            frames,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.request = request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.request.cancel()
+
+
+class _JSONWhenDone(Response):
+    """A JSON response sent once generation ends; a client that disconnects first cancels it."""
+
+    def __init__(self, request: Request, collect: Callable[[], Awaitable[tuple[int, dict[str, Any]]]]) -> None:
+        super().__init__(media_type="application/json")
+        self.request, self.collect = request, collect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self.collect())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                status, body = work.result()
+                await JSONResponse(body, status_code=status)(scope, receive, send)
+        finally:
+            for task in (work, gone):
+                task.cancel()
+            self.request.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+
+class _ResponseCounter:
+    def __init__(self) -> None:
+        self.by_code: dict[int, int] = {}
+
+
+class _CountResponses:
+    """Counts HTTP responses by status code (for /metrics)."""
+
+    def __init__(self, app: ASGIApp, counter: _ResponseCounter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                code = message["status"]
+                self.counter.by_code[code] = self.counter.by_code.get(code, 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _metrics_text(engine: Engine, responses: _ResponseCounter) -> str:
+    s = engine.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, values: dict[str, float] | float) -> None:
+        lines.append(f"# HELP {name} {help}")
+        lines.append(f"# TYPE {name} {kind}")
+        if isinstance(values, dict):
+            for labels, v in values.items():
+                lines.append(f"{name}{{{labels}}} {v:g}")
+        else:
+            lines.append(f"{name} {values:g}")
+
+    outcomes = ("completed", "cancelled", "error", "aborted")
+    metric(
+        "mixtral_model_ready",
+        "gauge",
+        "1 once the model is loaded and requests are taken",
+        int(engine.state == "ready"),
+    )
+    metric("mixtral_requests_total", "counter", "Generation requests accepted", s.requests_accepted)
+    metric(
+        "mixtral_requests_finished_total",
+        "counter",
+        "Accepted requests that ended, by outcome (aborted: cut by shutdown)",
+        {f'outcome="{o}"': s.requests_finished[o] for o in outcomes},
+    )
+    metric(
+        "mixtral_requests_rejected_total", "counter", "Requests refused because the queue was full", s.requests_rejected
+    )
+    metric(
+        "mixtral_http_responses_total",
+        "counter",
+        "HTTP responses by status code",
+        {f'code="{c}"': v for c, v in sorted(responses.by_code.items())},
+    )
+    metric("mixtral_prompt_tokens_total", "counter", "Prompt tokens prefilled", s.prompt_tokens)
+    metric("mixtral_generation_tokens_total", "counter", "Tokens generated", s.generation_tokens)
+    metric(
+        "mixtral_generation_tokens_per_second",
+        "gauge",
+        "Tokens generated per second, last 10 s",
+        engine.tokens_per_second(),
+    )
+    metric("mixtral_decode_steps_total", "counter", "Batched decode steps run", s.decode_steps)
+    metric("mixtral_prefill_chunks_total", "counter", "Prompt chunks prefilled", s.prefill_chunks)
+    metric("mixtral_queue_depth", "gauge", "Sequences waiting for a cache row", s.waiting)
+    metric("mixtral_running_sequences", "gauge", "Sequences holding a cache row", s.running)
+    metric("mixtral_cache_rows_free", "gauge", "Free KV-cache rows", s.rows_free)
+    metric("mixtral_cache_rows", "gauge", "KV-cache rows (--max-batch)", engine.max_batch)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,189 @@
+"""`mixtral serve`: the flags, and running the app under uvicorn with a graceful shutdown.
+
+Kept light at import time (no fastapi, no uvicorn) so that `mixtral --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` on the `mixtral` command's subparsers."""
+    from .. import cli  # the shared model flags; imported here, when cli.py itself is fully loaded
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API (continuous batching)",
+        description="Serve the model over HTTP with the OpenAI API: POST /v1/chat/completions and "
+        "/v1/completions (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests "
+        "join the running batch between decode steps. SIGTERM or Ctrl-C stops taking requests, lets those "
+        "in flight finish (up to --shutdown-timeout) and exits; a second Ctrl-C exits at once.",
+    )
+    cli._add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the model id clients send as 'model' (default: the checkpoint folder's name)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        metavar="N",
+        help="sequences decoded together: the KV cache has this many rows (default: 8)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="sequences that may wait for a free row; beyond that requests get 429 (default: 64)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        metavar="N",
+        help="tokens per sequence (prompt + completion) the KV cache holds; bounds its memory "
+        "(default: the model's context)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens per forward pass, and per scheduler turn (default: 512)",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("MIXTRAL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MIXTRAL_API_KEY; unset: no key)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds to let requests in flight finish before they are cut (default: 30)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core); on a busy machine fewer "
+        "threads than cores can be much faster",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="server log level (default: info)",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .. import cli
+    from ..checkpoint import find_checkpoint
+
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .engine import Engine
+        from .server import Server
+    except ImportError as e:
+        raise cli.CLIError(f"mixtral serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
+
+    for flag, value, least in [
+        ("--port", args.port, 0),
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--prefill-chunk", args.prefill_chunk, 1),
+        ("--max-seq-len", args.max_seq_len if args.max_seq_len is not None else 1, 1),
+        ("--threads", args.threads if args.threads is not None else 1, 1),
+    ]:
+        if value < least:
+            raise cli.CLIError(f"{flag} {value} is invalid: must be >= {least}")
+    if not args.shutdown_timeout >= 0:
+        raise cli.CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
+    if args.api_key == "":
+        raise cli.CLIError("--api-key is empty")
+    # Fail fast on what can be checked before the server starts (the weights load in the background).
+    path = Path(args.checkpoint).expanduser() if args.checkpoint else cli.default_checkpoint()
+    ckpt = find_checkpoint(path)
+    context = ckpt.config.max_seq_len
+    if args.max_seq_len is not None and args.max_seq_len > context:
+        raise cli.CLIError(f"--max-seq-len {args.max_seq_len} is more than the model's context of {context} tokens")
+    cli._device(args.device)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_name = args.model_name or path.resolve().name
+    sock = _listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    engine = Engine(
+        lambda: cli._load(args),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_seq_len=args.max_seq_len,
+        prefill_chunk=args.prefill_chunk,
+    )
+    app = create_app(engine, model_name=model_name, api_key=args.api_key)
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        lifespan="on",
+        # A backstop only: the engine itself cuts what is left after --shutdown-timeout.
+        timeout_graceful_shutdown=args.shutdown_timeout + 5,
+    )
+    server = Server(config, engine, args.shutdown_timeout, say=_say)
+
+    def failed(error: BaseException) -> None:
+        server.should_exit = True
+
+    def ready() -> None:
+        rows = f"{args.max_batch} rows x {engine.context_len} tokens"
+        _say(f"ready: serving {model_name!r} at {url}/v1 (KV cache {rows})")
+
+    engine.on_load_failure, engine.on_ready = failed, ready
+    _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded)")
+    server.run(sockets=[sock])
+    if engine.load_error is not None:
+        raise cli.CLIError(f"loading the model failed: {engine.load_error}")
+    _say("stopped")
+
+
+def _say(message: str) -> None:
+    print(f"mixtral serve: {message}", file=sys.stderr, flush=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket (uvicorn starts listening on it), so the port is known before the server starts."""
+    from ..cli import CLIError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise CLIError(f"--host {host!r} is not an address to listen on: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock

@@ -1,0 +1,49 @@
+"""uvicorn's server with the shutdown we want: the first SIGTERM/SIGINT stops taking requests and lets
+those in flight finish (the engine cuts what is left after the drain timeout), a second one quits at once.
+
+uvicorn's own handlers re-raise the signal once the server is down, which would end the process with the
+signal's status; after a drain we exit with 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+import uvicorn
+
+from .engine import Engine
+
+
+class Server(uvicorn.Server):
+    def __init__(
+        self, config: uvicorn.Config, engine: Engine, drain_timeout: float, say: Callable[[str], None] = print
+    ) -> None:
+        super().__init__(config)
+        self.engine, self.drain_timeout, self.say = engine, drain_timeout, say
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        if self.should_exit:
+            self.say("exiting now")
+            self.force_exit = True
+            return
+        self.say(
+            f"{signal.Signals(sig).name}: not taking new requests; finishing those in flight "
+            f"(up to {self.drain_timeout:g}s)"
+        )
+        self.engine.drain(self.drain_timeout)
+        self.should_exit = True
