@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel
 from .checkpoint import CheckpointError, find_checkpoint, load_model, save_model, stored_dtype
 from .config import PRESETS, ConfigError, get_preset
 from .generate import SamplingParams, generate_stream
@@ -51,6 +52,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="dtype to compute in; 'auto' keeps the dtype the weights are stored in (default: auto)",
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        metavar="N",
+        help="expert parallelism: split each layer's experts over N processes (run under torchrun; default: 1)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism: split attention heads and expert hidden dims over N processes (under torchrun)",
+    )
     p.add_argument(
         "--tokenizer",
         metavar="PATH",
@@ -98,7 +113,13 @@ def _device(name: str) -> torch.device:
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     path = args.checkpoint or default_checkpoint()
-    model = load_model(path, dtype=dtype, device=_device(args.device))
+    if args.ep > 1 or args.tp > 1:
+        device = parallel.init_distributed(_device(args.device).type)  # cuda:LOCAL_RANK with NCCL, or gloo
+        parallel.quiet_other_ranks()  # one copy of the streamed text: rank 0's
+        torch.manual_seed(parallel.broadcast_from_main(torch.initial_seed()))  # unseeded sampling agrees
+        model = parallel.load_model_parallel(path, ep=args.ep, tp=args.tp, dtype=dtype, device=device)
+    else:
+        model = load_model(path, dtype=dtype, device=_device(args.device))
     tokenizer = load_tokenizer(args.tokenizer or path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CLIError(
@@ -142,13 +163,16 @@ def _timings(n_prompt: int, n_gen: int, prefill_s: float, decode_s: float) -> st
 def cmd_generate(args: argparse.Namespace) -> None:
     params = _sampling(args)
     model, tokenizer = _load(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = args.prompt
+    if prompt == "-":  # only rank 0 reads stdin
+        prompt = parallel.broadcast_from_main(sys.stdin.read() if parallel.is_main_process() else None)
     ids = tokenizer.encode(prompt, bos=not args.no_bos)
     if not ids:
         raise CLIError("the prompt is empty and --no-bos leaves no token to start from")
     _, n, prefill_s, decode_s = _stream(model, tokenizer, ids, params, args)
     sys.stdout.write("\n")
-    print(_timings(len(ids), n, prefill_s, decode_s), file=sys.stderr)
+    if parallel.is_main_process():
+        print(_timings(len(ids), n, prefill_s, decode_s), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -318,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    finally:
+        parallel.shutdown()
     return 0
 
 

@@ -1,14 +1,20 @@
 """Sparse mixture-of-experts: routing and expert dispatch.
 
-Two dispatch paths compute the same function side by side:
+Dispatch paths compute the same function side by side:
 - `experts_reference`: a plain loop over experts, each applied to the tokens that chose it;
 - `experts_grouped`: tokens sorted by expert so that each expert runs one matmul over a contiguous
-  slice of its tokens; experts that nobody chose cost nothing.
+  slice of its tokens; experts that nobody chose cost nothing;
+- `experts_triton`: the fused Triton kernel of `mixtral/kernels` (GPUs), falling back to `experts_grouped`
+  where it cannot run.
+
+Expert or tensor parallelism (`parallel.py`) wraps whichever path is chosen through `MoE.dispatch_hook`.
 
 Shape legend: T tokens, D model dim, E experts, F expert hidden dim, K experts per token.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 
-MOE_IMPLS = ("grouped", "reference")
+MOE_IMPLS = ("grouped", "reference", "triton")
 
 
 def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +89,22 @@ def experts_grouped(
     return out_TD.to(x_TD.dtype)
 
 
-_DISPATCH = {"grouped": experts_grouped, "reference": experts_reference}
+def experts_triton(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+) -> torch.Tensor:
+    """The fused Triton kernel: one grouped-GEMM launch per projection for all experts. Where Triton cannot
+    run (no triton, CPU tensors outside TRITON_INTERPRET=1, autograd) it is `experts_grouped`."""
+    from .kernels import fused_experts  # imported on first use: triton is an optional dependency
+
+    return fused_experts(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+
+
+_DISPATCH = {"grouped": experts_grouped, "reference": experts_reference, "triton": experts_triton}
 
 
 class MoE(nn.Module):
@@ -100,6 +121,9 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, F_))
         self.w3 = nn.Parameter(torch.empty(E, F_, D))
         self.impl = "grouped"
+        # Replaces the local expert computation when set (expert/tensor parallelism, see parallel.py):
+        # called as hook(x_TD, w1, w2, w3, weights_TK, idx_TK, local) where `local` is the chosen path.
+        self.dispatch_hook: Callable[..., torch.Tensor] | None = None
         # Training only: multiply the router's input by U(1 - j, 1 + j) noise (0 turns it off).
         self.router_jitter = 0.0
 
@@ -111,5 +135,9 @@ class MoE(nn.Module):
             router_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
         router_logits_TE = self.gate(router_in)
         weights_TK, idx_TK = route(router_logits_TE, self.top_k)
-        out_TD = _DISPATCH[self.impl](x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)
+        local = _DISPATCH[self.impl]
+        if self.dispatch_hook is None:
+            out_TD = local(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)
+        else:
+            out_TD = self.dispatch_hook(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK, local)
         return out_TD.view(x.shape), router_logits_TE

@@ -100,7 +100,9 @@ def test_bad_checkpoint_and_flags_are_clear_errors(tmp_path, ckpt):
         assert out.returncode == 2 and "CUDA is not available" in out.stderr
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "info", "init", "routing", "serve", "train", "merge-lora", "eval"])
+@pytest.mark.parametrize(
+    "command", ["generate", "chat", "info", "init", "routing", "serve", "train", "merge-lora", "eval"]
+)
 def test_help_explains_every_flag(command):
     out = run(command, "--help")
     assert out.returncode == 0

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The fused MoE Triton kernel against the plain PyTorch path on one GPU, on a full-size Mixtral-8x7B-shaped
+# model with random weights (bf16 where it fits in free memory, else int8 experts): batch-1 and batch-32
+# decode tokens/s, prefill tokens/s, and the fraction of the measured memory bandwidth. A few minutes.
+#
+#   bash benchmarks/gpu.sh [gpu_bench.py flags, e.g. --weights int8 --prompt-len 4096]
+#
+# Expects a Python with torch (CUDA build) and triton, as GPU machines have them; it installs nothing else
+# (the benchmark needs only torch, and triton for the kernel) and says so if triton cannot be had. The
+# output also goes to $OUT/gpu_bench.log when $OUT is set, else to /tmp/gpu_bench.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # the first Python that has torch
+    for candidate in python3 python .venv/bin/python; do
+        if "$candidate" -c "import torch" 2>/dev/null; then PY=$candidate; break; fi
+    done
+    PY=${PY:-python3}
+fi
+LOG=${OUT:-/tmp}/gpu_bench.log
+
+{
+    echo "== environment =="
+    nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>/dev/null ||
+        echo "nvidia-smi: not available"
+    if ! "$PY" - <<'EOF'
+import platform, sys
+print(f"python {platform.python_version()} ({sys.executable})")
+try:
+    import torch
+except ImportError:
+    sys.exit(f"torch is not installed for {sys.executable}: this benchmark needs torch with CUDA (set PYTHON=...)")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print(f"device 0: {torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} visible")
+EOF
+    then
+        exit 1
+    fi
+    if ! "$PY" -c "import triton" 2>/dev/null; then
+        echo "triton is missing: trying pip install triton (the plain path runs either way)"
+        "$PY" -m pip install --quiet --disable-pip-version-check triton 2>&1 | tail -3 || true
+    fi
+    "$PY" -c "import triton; print(f'triton {triton.__version__}')" 2>/dev/null || echo "triton: not available"
+
+    # torch alone is enough: the benchmark imports the model modules straight from this checkout.
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/gpu_bench.py "$@"
+} 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

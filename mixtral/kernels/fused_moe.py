@@ -1,0 +1,200 @@
+"""Fused MoE experts for GPUs: every expert of a layer in one grouped-GEMM launch per projection (Triton).
+
+The computation, the same function as `mixtral.moe.experts_grouped` (its reference and its fallback):
+1. `align_by_expert`: the T*K (token, expert) pairs sorted by expert, each expert's group padded to a
+   multiple of BLOCK_M so that every block of BLOCK_M rows belongs to one expert. Tensor ops only, on
+   the device, with no host synchronisation (the buffers are sized for the worst case), so the kernel
+   path can be captured in a CUDA graph.
+2. gate/up kernel, one launch: program (block, tile of F) computes silu(x W1[e]^T) * (x W3[e]^T) for its
+   block's rows, both products sharing each loaded tile of x; the result h is rounded once to x's dtype.
+3. down kernel, one launch: program (block, tile of D) computes h W2[e]^T, multiplies each row by its
+   pair's router weight (in float32, in the kernel) and writes it to row `pair` of y [T*K, D] (float32).
+4. out = y summed over each token's K rows in float32, then rounded: as the reference does, the K
+   contributions of a token are added once (deterministic: no atomics).
+
+Expert weights are the model's dtype, or int8 with per-output-channel float32 scales (`scales=(s1, s2, s3)`,
+s1/s3 [E, F], s2 [E, D], see `quantize_int8`), dequantized in registers: a memory-bound decode step then
+reads one byte per weight.
+
+Shape legend: T tokens, D model dim, E experts, F expert hidden dim, K experts per token, P = T*K pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..moe import experts_grouped
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of the two kernels (BLOCK_M is shared: it is the padding of the expert groups)."""
+
+    block_m: int = 64
+    up_n: int = 128  # gate/up kernel: tile of F
+    up_k: int = 64  # gate/up kernel: step over D
+    down_n: int = 128  # down kernel: tile of D
+    down_k: int = 64  # down kernel: step over F
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Decode (few pairs): small row blocks; narrow output tiles give enough programs to keep every SM loading
+# weights, which is all a memory-bound step does. Prefill: larger tiles reuse each weight tile across rows.
+DECODE_CONFIG = KernelConfig(block_m=16, up_n=64, up_k=128, down_n=32, down_k=128, num_warps=4, num_stages=4)
+PREFILL_CONFIG = KernelConfig()
+
+
+def default_config(n_pairs: int, n_experts: int) -> KernelConfig:
+    return DECODE_CONFIG if n_pairs <= 4 * n_experts * 16 else PREFILL_CONFIG
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install triton"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the Triton kernel cannot run on tensors of `device` here, or None when it can."""
+    device = torch.device(device)
+    if (error := _triton_import_error()) is not None:
+        return error
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"tensors on {device} need a CUDA GPU (or TRITON_INTERPRET=1 to interpret the kernel on the CPU)"
+
+
+def align_by_expert(idx_TK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs sorted by expert, each expert's group padded to a multiple of `block_m`.
+
+    Returns (pair_ids int32 [n_blocks * block_m], block_expert int32 [n_blocks]): pair_ids holds flat
+    pair indices t*K + k (P marks a padding row); block_expert the expert of each block, -1 for the
+    blocks beyond the last group (the buffers are sized for the worst case, P + E*(block_m - 1) rows).
+    """
+    flat = idx_TK.reshape(-1)
+    P = flat.numel()
+    device = flat.device
+    # scatter_add rather than bincount: bincount reads its input's max on the host (a synchronisation).
+    counts = torch.zeros(n_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)
+    e_sorted = flat[order]
+    first_sorted = counts.cumsum(0) - counts  # where each expert's pairs begin in sorted order
+    dest = starts[e_sorted] + torch.arange(P, device=device) - first_sorted[e_sorted]
+    n_blocks = -(-(P + n_experts * (block_m - 1)) // block_m)
+    pair_ids = torch.full((n_blocks * block_m,), P, dtype=torch.int32, device=device)
+    pair_ids[dest] = order.to(torch.int32)
+    block_start = torch.arange(n_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(ends, block_start, right=True)  # the first expert ending after it
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    return pair_ids, block_expert
+
+
+def quantize_int8(w_EOI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w ≈ q * scale[..., None]. Returns (q int8, scale float32 [E, O])."""
+    scale = w_EOI.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(w_EOI.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def experts_grouped_int8(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The plain PyTorch path for int8 experts: each used expert dequantized to x's dtype, then as
+    `experts_grouped`. The reference for the int8 kernel and its fallback."""
+    s1, s2, s3 = scales
+    T, K = idx_TK.shape
+    flat = idx_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // K
+    counts = torch.bincount(flat, minlength=w1_EFD.shape[0]).tolist()
+    xs = x_TD[token_of]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            w1 = w1_EFD[e].to(x_TD.dtype) * s1[e, :, None].to(x_TD.dtype)
+            w2 = w2_EDF[e].to(x_TD.dtype) * s2[e, :, None].to(x_TD.dtype)
+            w3 = w3_EFD[e].to(x_TD.dtype) * s3[e, :, None].to(x_TD.dtype)
+            h = xs[start : start + n]
+            ys[start : start + n] = F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
+            start += n
+    ys = ys.float() * weights_TK.reshape(-1)[order, None]
+    out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
+    out_TD.index_add_(0, token_of, ys)
+    return out_TD.to(x_TD.dtype)
+
+
+def fused_experts(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: KernelConfig | None = None,
+    fallback: bool = True,
+) -> torch.Tensor:
+    """MoE experts through the fused Triton kernel (same signature and result as `experts_grouped`).
+
+    Where the kernel cannot run — no triton, tensors neither on a GPU nor interpreted (TRITON_INTERPRET=1),
+    or gradients needed (the kernel has no backward) — the plain path runs instead, with a warning; with
+    `fallback=False` that is an error.
+    """
+    reason = triton_unavailable_reason(x_TD.device)
+    needs_grad = any(t.requires_grad for t in (x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK))
+    if reason is None and torch.is_grad_enabled() and needs_grad:
+        reason = "gradients are needed and the kernel has no backward"
+    if reason is not None:
+        if not fallback:
+            raise RuntimeError(f"the fused MoE Triton kernel cannot run: {reason}")
+        warnings.warn(f"fused MoE kernel unavailable, using the plain PyTorch path: {reason}", stacklevel=2)
+        if scales is not None:
+            return experts_grouped_int8(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK, scales)
+        return experts_grouped(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+    if scales is None and w1_EFD.dtype != x_TD.dtype:
+        raise TypeError(f"expert weights are {w1_EFD.dtype} but activations {x_TD.dtype}; int8 weights need scales")
+    if scales is not None:
+        scales = tuple(s.float().contiguous() for s in scales)
+    from ._fused_moe_triton import launch  # triton imported only now: it is optional
+
+    T, K = idx_TK.shape
+    if T == 0:
+        return x_TD.new_zeros(x_TD.shape)
+    config = config or default_config(T * K, w1_EFD.shape[0])
+    pair_ids, block_expert = align_by_expert(idx_TK, w1_EFD.shape[0], config.block_m)
+    y_PD = launch(
+        x_TD.contiguous(),
+        w1_EFD,
+        w2_EDF,
+        w3_EFD,
+        scales,
+        weights_TK.reshape(-1).float().contiguous(),
+        pair_ids,
+        block_expert,
+        K,
+        config,
+    )
+    return y_PD.view(T, K, -1).sum(dim=1).to(x_TD.dtype)
