@@ -293,29 +293,39 @@ def load_model(
     with bar:
         for file in ckpt.files:
             for key, tensor in _iter_file(file):
-                if ckpt.index is not None and ckpt.index.get(key) != file.name:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} is not listed for this shard in {ckpt.path / HF_INDEX}"
-                    )
-                targets = _target_of(key, ckpt.layout, config)
-                if targets is None or any(t.param not in expected for t in targets):
-                    raise CheckpointError(
-                        f"{file}: unexpected tensor {key!r} (not part of a {config.n_layers}-layer "
-                        f"{'tied' if config.tie_embeddings else 'untied'} Mixtral in the {ckpt.layout} layout)"
-                    )
-                for t in targets:
+                for t in targets_of_stored(ckpt, file, key, expected):
                     _place(t, key, file, tensor, expected[t.param], dests, filled, dtype, device, ckpt)
                 bar.update(tensor.numel() * tensor.element_size())
-    for name in expected:
-        missing = _pieces(name, expected[name]) - filled[name]
+    check_complete(ckpt, expected, filled)
+    model.load_state_dict(dests, strict=True, assign=True)
+    return model.eval()
+
+
+def targets_of_stored(ckpt: Checkpoint, file: Path, key: str, expected: dict[str, torch.Size]) -> list[Target]:
+    """Where a stored tensor goes; an error naming the file and key if it has no place or is in the wrong
+    shard of an index."""
+    if ckpt.index is not None and ckpt.index.get(key) != file.name:
+        raise CheckpointError(f"{file}: tensor {key!r} is not listed for this shard in {ckpt.path / HF_INDEX}")
+    config = ckpt.config
+    targets = _target_of(key, ckpt.layout, config)
+    if targets is None or any(t.param not in expected for t in targets):
+        raise CheckpointError(
+            f"{file}: unexpected tensor {key!r} (not part of a {config.n_layers}-layer "
+            f"{'tied' if config.tie_embeddings else 'untied'} Mixtral in the {ckpt.layout} layout)"
+        )
+    return targets
+
+
+def check_complete(ckpt: Checkpoint, expected: dict[str, torch.Size], filled: dict[str, set[int]]) -> None:
+    """Every parameter (every expert of the stacked ones) was filled: else an error naming what is missing."""
+    for name, shape in expected.items():
+        missing = expert_pieces(name, shape) - filled[name]
         if missing:
-            what = f" (experts {sorted(missing)})" if _is_expert_param(name) else ""
+            what = f" (experts {sorted(missing)})" if is_expert_param(name) else ""
             raise CheckpointError(
                 f"{ckpt.path}: missing weights for {name}{what}; "
                 f"the files hold no tensor for it in the {ckpt.layout} layout"
             )
-    model.load_state_dict(dests, strict=True, assign=True)
-    return model.eval()
 
 
 def _place(
@@ -346,7 +356,7 @@ def _place(
         src = interleaved_to_half(src, t.rope_heads)
     if t.expert is not None and t.expert >= full_shape[0]:
         raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the config has {full_shape[0]}")
-    pieces = {t.expert} if t.expert is not None else _pieces(t.param, full_shape)
+    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
     if pieces & filled[t.param]:
         raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate key)")
     if t.param not in dests:
@@ -356,12 +366,13 @@ def _place(
     filled[t.param] |= pieces
 
 
-def _is_expert_param(name: str) -> bool:
+def is_expert_param(name: str) -> bool:
     return name.endswith(("moe.w1", "moe.w2", "moe.w3"))
 
 
-def _pieces(name: str, shape: torch.Size) -> set[int]:
-    return set(range(shape[0])) if _is_expert_param(name) else {0}
+def expert_pieces(name: str, shape: torch.Size) -> set[int]:
+    """The pieces a parameter is filled in: its experts for stacked expert tensors, else the whole {0}."""
+    return set(range(shape[0])) if is_expert_param(name) else {0}
 
 
 # ---- saving -----------------------------------------------------------------------------------------------

@@ -43,13 +43,14 @@ from tqdm import tqdm
 from .checkpoint import (
     _PROGRESS_MIN_BYTES,
     _REMAP_BYTES,
-    HF_INDEX,
     CheckpointError,
     Target,
-    _target_of,
+    check_complete,
+    expert_pieces,
     find_checkpoint,
     interleaved_to_half,
     stored_dtype,
+    targets_of_stored,
 )
 from .config import ModelConfig
 from .model import Transformer
@@ -682,29 +683,12 @@ def load_model_parallel(
     with bar:
         for file in ckpt.files:
             for key, stored in _stored_tensors(file):
-                if ckpt.index is not None and ckpt.index.get(key) != file.name:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} is not listed for this shard in {ckpt.path / HF_INDEX}"
-                    )
-                targets = _target_of(key, ckpt.layout, config)
-                if targets is None or any(t.param not in full_shapes for t in targets):
-                    raise CheckpointError(
-                        f"{file}: unexpected tensor {key!r} (not part of a {config.n_layers}-layer "
-                        f"{'tied' if config.tie_embeddings else 'untied'} Mixtral in the {ckpt.layout} layout)"
-                    )
-                for t in targets:
+                for t in targets_of_stored(ckpt, file, key, full_shapes):
                     n_read += _place_shard(
                         t, key, file, stored, full_shapes[t.param], layout, config, dests, filled, dtype, device
                     )
                 bar.update(_nbytes(stored))
-    for name, shape in full_shapes.items():
-        missing = _pieces(name, shape) - filled[name]
-        if missing:
-            what = f" (experts {sorted(missing)})" if _is_expert(name) else ""
-            raise CheckpointError(
-                f"{ckpt.path}: missing weights for {name}{what}; "
-                f"the files hold no tensor for it in the {ckpt.layout} layout"
-            )
+    check_complete(ckpt, full_shapes, filled)
     model.load_state_dict(dests, strict=True, assign=True)
     model.parallel.bytes_read = n_read
     return model.eval()
@@ -716,14 +700,6 @@ def _nbytes(stored: _Stored) -> int:
         n *= s
     size = stored.dtype.itemsize if isinstance(stored.dtype, torch.dtype) else 1
     return n * size
-
-
-def _is_expert(name: str) -> bool:
-    return name.endswith(("moe.w1", "moe.w2", "moe.w3"))
-
-
-def _pieces(name: str, shape: torch.Size) -> set[int]:
-    return set(range(shape[0])) if _is_expert(name) else {0}
 
 
 def _place_shard(
@@ -756,7 +732,7 @@ def _place_shard(
         )
     if t.expert is not None and t.expert >= full_shape[0]:
         raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the config has {full_shape[0]}")
-    pieces = {t.expert} if t.expert is not None else _pieces(t.param, full_shape)
+    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
     if pieces & filled[t.param]:
         raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate key)")
     filled[t.param] |= pieces
