@@ -76,7 +76,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens to generate at most (default: {max_new_tokens}, or the room left in the context if less)",
+    )
+    p.set_defaults(default_max_new_tokens=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 picks the most likely token (default: 0)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off")
@@ -87,9 +92,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (default: 512)")
 
 
-def _sampling(args: argparse.Namespace) -> SamplingParams:
+def _sampling(args: argparse.Namespace, n_prompt: int, context: int) -> SamplingParams:
+    """The sampling flags; without --max-new-tokens, the command's default capped to the room in the context
+    (an explicit value beyond the context is refused when generation starts)."""
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = min(args.default_max_new_tokens, context - n_prompt)
+        if max_new_tokens < 1:
+            raise CLIError(f"the prompt is {n_prompt} tokens and fills the model's context of {context} tokens")
     return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -161,7 +173,6 @@ def _timings(n_prompt: int, n_gen: int, prefill_s: float, decode_s: float) -> st
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    params = _sampling(args)
     model, tokenizer = _load(args)
     prompt = args.prompt
     if prompt == "-":  # only rank 0 reads stdin
@@ -169,6 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(prompt, bos=not args.no_bos)
     if not ids:
         raise CLIError("the prompt is empty and --no-bos leaves no token to start from")
+    params = _sampling(args, len(ids), model.config.max_seq_len)
     _, n, prefill_s, decode_s = _stream(model, tokenizer, ids, params, args)
     sys.stdout.write("\n")
     if parallel.is_main_process():
@@ -176,7 +188,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    params = _sampling(args)
     model, tokenizer = _load(args)
     interactive = sys.stdin.isatty()
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -194,16 +205,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode_chat(messages)
         context = model.config.max_seq_len
-        if len(ids) + params.max_new_tokens > context:
+        want = args.max_new_tokens or min(args.default_max_new_tokens, context // 2)
+        ids = tokenizer.encode_chat(messages)
+        # Keep the conversation inside the context: drop the oldest exchanges (never the system message
+        # or the new message) until the answer has room.
+        dropped = 0
+        while len(ids) + want > context and len(messages) - (1 if args.system else 0) > 1:
+            first = 1 if args.system else 0
+            cut = 2 if messages[first]["role"] == "user" and len(messages) - first > 2 else 1
+            del messages[first : first + cut]
+            dropped += cut
+            ids = tokenizer.encode_chat(messages)
+        if dropped:
+            print(f"mixtral: dropped the {dropped} oldest messages to fit the context of {context}", file=sys.stderr)
+        if len(ids) + want > context:
             messages.pop()
             print(
-                f"mixtral: the conversation is {len(ids)} tokens; with --max-new-tokens {params.max_new_tokens} "
-                f"it exceeds the context of {context}. Start a new chat or lower --max-new-tokens.",
+                f"mixtral: this message is {len(ids)} tokens; with {want} new tokens that is more than the "
+                f"context of {context}. Send a shorter message or lower --max-new-tokens.",
                 file=sys.stderr,
             )
             continue
+        params = _sampling(args, len(ids), context)
         try:
             answer, n, prefill_s, decode_s = _stream(model, tokenizer, ids, params, args)
             sys.stdout.write("\n")

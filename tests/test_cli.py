@@ -158,3 +158,14 @@ def test_ctrl_c_stops_the_answer_not_the_chat(ckpt):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.close(fd)
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context(ckpt):
+    # context 512: two exchanges of ~15 + 200 tokens fit, the third needs the first one dropped
+    out = run("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "200", stdin="one\ntwo\nthree\n")
+    assert out.returncode == 0, out.stderr
+    assert "dropped the 2 oldest messages to fit the context of 512" in out.stderr
+    too_long = run("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "5", stdin="word " * 600 + "\nhi\n")
+    assert too_long.returncode == 0
+    assert "more than the context of 512" in too_long.stderr
+    assert len(too_long.stdout.strip()) > 0  # the next message was answered
