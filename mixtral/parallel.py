@@ -337,6 +337,37 @@ def reduce_gradients(model: Transformer) -> None:
             offset += g.numel()
 
 
+def clip_grad_norm(model: Transformer, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a parallelized model, after `reduce_gradients`: the norm of the
+    whole model's gradient, the same on every rank. A parameter split over ranks (experts over EP and TP,
+    attention heads over TP) counts with every rank's shard; a replicated one, equal on every rank, once."""
+    state: ParallelState = model.parallel
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    if not grads:
+        return torch.zeros(())
+    device = next(iter(grads.values())).device
+    # Squared norms in float32: [replicated, split over TP only (attention), split over EP and TP (experts)].
+    sq = torch.zeros(3, dtype=torch.float32, device=device)
+    for name, g in grads.items():
+        n2 = torch.linalg.vector_norm(g.float()) ** 2
+        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+            sq[2] += n2
+        elif name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight")):
+            sq[1] += n2
+        else:
+            sq[0] += n2
+    experts = sq[2:].clone()
+    dist.all_reduce(experts, group=state.ep_group)
+    split = sq[1:2] + experts
+    dist.all_reduce(split, group=state.tp_group)
+    total = (sq[0] + split[0]).sqrt()
+    # As torch does: scale by max_norm / (norm + 1e-6) when that is below 1.
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads.values():
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
 # ---- autograd-aware collectives ----------------------------------------------------------------------------------
 
 
@@ -559,6 +590,10 @@ class ParallelExperts:
         ).view(-1, 1)
         ones = torch.ones(local_idx.shape, dtype=torch.float32, device=flat.device)
         y_recv = local(x_recv, w1_EFD, w2_EDF, w3_EFD, ones, local_idx)
+        if _needs_grad(x_recv) and not y_recv.requires_grad:
+            # No pair came to this rank's experts, so no expert ran and the result is outside the graph: tie
+            # it back in (adding 0) so that this rank, too, runs both all-to-alls backward, in step with the rest.
+            y_recv = y_recv + x_recv.sum().to(y_recv.dtype) * 0
         ys = all_to_all(y_recv, send, recv, self.ep_group)
         # Weight and sum in float32 on the token's own rank, as experts_grouped does.
         ys = ys.float() * weights_TK.reshape(-1)[order, None]

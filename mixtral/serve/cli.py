@@ -114,6 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ]:
         if value < least:
             raise cli.CLIError(f"{flag} {value} is invalid: must be >= {least}")
+    if args.ep > 1 or args.tp > 1:
+        raise cli.CLIError(
+            "--ep/--tp are not supported by serve yet (every rank would need to run the scheduler's steps in "
+            "lock-step); serve on one device, or use generate/chat/train under torchrun"
+        )
     if not args.shutdown_timeout >= 0:
         raise cli.CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
     if args.api_key == "":

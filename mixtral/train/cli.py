@@ -43,7 +43,10 @@ HELP = {
     "eval_every": "evaluate held-out loss and bits per character every N steps (and at the end)",
     "eval_batches": "held-out batches per evaluation (0: all)",
     "log_every": "write training metrics to metrics.jsonl every N steps",
-    "resume": "continue exactly from out_dir/checkpoint",
+    "resume": "continue exactly from out_dir/checkpoint (with the same --ep it was written with)",
+    "ep": "expert parallelism: split the experts over N processes, each training on batch_size / N sequences "
+    "of every batch (launch with torchrun --nproc-per-node N; gloo on CPU, NCCL with --device cuda)",
+    "tp": "tensor parallelism: not supported for training; must be 1",
     "lora_rank": "LoRA rank; 0 trains all weights",
     "lora_alpha": "LoRA alpha (the adapter is scaled by alpha / rank)",
     "lora_targets": "weights that get adapters: wq wk wv wo (attention) and w1 w2 w3 (experts)",
@@ -125,16 +128,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = config_from_args(args)
     trainer = Trainer(cfg)
+    main = trainer.main  # under torchrun, rank 0 speaks for all
     total, active = trainer.model.config.param_counts()
-    print(
-        f"model: {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active per token); "
-        f"data: {len(trainer.train_seqs)} training and {len(trainer.eval_seqs)} held-out sequences of {cfg.seq_len}",
-        file=sys.stderr,
-    )
+    if main:
+        print(
+            f"model: {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active per token); "
+            f"data: {len(trainer.train_seqs)} training and {len(trainer.eval_seqs)} held-out sequences of "
+            f"{cfg.seq_len}",
+            file=sys.stderr,
+        )
     last = trainer.run()
     where = "adapter" if cfg.lora_rank else "model"
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k in ("loss", "eval_loss", "eval_bpc"))
-    print(f"done: step {trainer.step}; {summary}; saved {trainer.out / where}", file=sys.stderr)
+    if main:
+        print(f"done: step {trainer.step}; {summary}; saved {trainer.out / where}", file=sys.stderr)
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:

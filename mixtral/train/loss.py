@@ -5,14 +5,18 @@ Shape legend: N tokens (batch x seq, all layers pooled where said), E experts, K
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
 def load_balancing_loss(
-    router_logits: Sequence[torch.Tensor], n_experts: int, top_k: int, mask: torch.Tensor | None = None
+    router_logits: Sequence[torch.Tensor],
+    n_experts: int,
+    top_k: int,
+    mask: torch.Tensor | None = None,
+    pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Switch-Transformer balancing loss, pooled over layers, as `transformers` computes it for Mixtral:
 
@@ -22,12 +26,22 @@ def load_balancing_loss(
     probability of e, both over all (non-masked) tokens of all layers; it equals top_k at perfect
     balance. `mask` ([batch, seq], 1 = real token) keeps
     padding out of both statistics; `router_logits` are per layer, [batch * seq, E] each.
+
+    `pool` (data-parallel training) sums a tensor over the ranks, differentiably (e.g.
+    `parallel.sum_over_group`): f and P are then those of every rank's tokens together, as one process
+    holding the whole batch computes them; the loss is the same on every rank.
     """
     logits_NE = torch.cat([r.float() for r in router_logits], dim=0)
     probs_NE = torch.softmax(logits_NE, dim=-1)
     chosen_NK = torch.topk(probs_NE, top_k, dim=-1).indices
     assigned_NKE = F.one_hot(chosen_NK, n_experts).float()
-    if mask is None:
+    if pool is not None:  # sums and counts over all ranks first, then the means
+        w_N = torch.ones(probs_NE.shape[0]) if mask is None else mask.reshape(-1).float().repeat(len(router_logits))
+        w_N = w_N.to(probs_NE.device)
+        n = pool(w_N.sum())
+        tokens_per_expert_KE = pool((assigned_NKE * w_N[:, None, None]).sum(0)) / n
+        prob_per_expert_E = pool((probs_NE * w_N[:, None]).sum(0)) / n
+    elif mask is None:
         tokens_per_expert_KE = assigned_NKE.mean(dim=0)
         prob_per_expert_E = probs_NE.mean(dim=0)
     else:

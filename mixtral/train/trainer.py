@@ -1,6 +1,13 @@
 """The training loop: AdamW with warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
 activation checkpointing, the MoE auxiliary losses, periodic evaluation, and exact resume from atomic
-checkpoints."""
+checkpoints.
+
+With `ep` > 1 (under torchrun) the experts are split over the processes (`parallel.parallelize`, tokens
+"sharded") and each process trains on its own rows of every batch (rank r takes rows r::ep). Each process
+computes the losses over the whole batch, pooling sums over the ranks (`parallel.sum_over_group`, identity
+backward), so its backward pass reaches only its own tokens; it back-propagates ep x loss, and
+`reduce_gradients` averages over the ranks: the sum of the ranks' parts, i.e. the gradient one process
+would get for the whole batch. The gradient norm for clipping is the whole model's."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from .. import parallel
 from ..checkpoint import load_model, save_model
 from ..config import ModelConfig, get_preset
 from ..model import Transformer
@@ -34,6 +42,18 @@ STATE_FILE = "train_state.pt"
 
 class ResumeError(ValueError):
     """No usable checkpoint to resume from; nothing was changed."""
+
+
+def rank_state_file(rank: int, world: int) -> str:
+    """The training state of one rank of `world` expert-parallel processes, inside the checkpoint folder."""
+    return f"train_state.rank{rank}-of-{world}.pt"
+
+
+def _gather_errors(error: BaseException | None) -> list[str]:
+    """Every rank's error message (none where a rank succeeded), so that all ranks fail together."""
+    messages: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(messages, None if error is None else str(error))
+    return [m for m in messages if m is not None]
 
 
 @dataclass
@@ -71,12 +91,16 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole held-out set
     log_every: int = 10
     resume: bool = False
+    ep: int = 1  # expert parallelism: processes (under torchrun) that split the experts and each batch
+    tp: int = 1  # tensor parallelism: not supported for training (must be 1)
     lora_rank: int = 0  # 0: full training
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "eval_every", "log_every")
+        positive = (
+            *("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "eval_every", "log_every", "ep"),
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be an integer >= 1")
@@ -90,6 +114,21 @@ class TrainConfig:
             raise ValueError(f"warmup={self.warmup!r} is invalid: must be >= 0")
         if not self.data:
             raise ValueError("no training data: give --data FILE... (text or JSONL)")
+        if self.tp != 1:
+            raise ValueError(
+                f"tp={self.tp!r}: tensor parallelism is not supported for training (--tp must be 1); "
+                "split the experts over processes with --ep N instead"
+            )
+        if self.batch_size % self.ep:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by ep={self.ep}: each of the {self.ep} "
+                f"expert-parallel processes trains on batch_size / ep sequences of every batch; "
+                f"choose a multiple of {self.ep}"
+            )
+        if self.ep > 1 and self.lora_rank:
+            raise ValueError(
+                f"LoRA (lora_rank={self.lora_rank}) is not supported with expert parallelism (ep={self.ep})"
+            )
 
     def model_config(self) -> ModelConfig:
         return get_preset(self.preset).replace(**self.model)
@@ -114,13 +153,27 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir).expanduser()
         self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        self.ep, self.ep_rank, self.group = cfg.ep, 0, None
+        if cfg.ep > 1:
+            self.device = parallel.init_distributed(self.device.type)  # cuda:LOCAL_RANK with NCCL, or gloo
+        self.main = parallel.is_main_process()
+        self.progress = progress and self.main
+        torch.manual_seed(cfg.seed)  # the same on every rank: the same initial model
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
-        if cfg.init_from:
+        if cfg.init_from and cfg.ep > 1:
+            self.model = parallel.load_model_parallel(
+                cfg.init_from, ep=cfg.ep, tokens="sharded", dtype=torch.float32, device=self.device
+            )
+        elif cfg.init_from:
             self.model = load_model(cfg.init_from, dtype=torch.float32, device=self.device)
         else:
             with torch.device(self.device):
                 self.model = Transformer(cfg.model_config())
+            if cfg.ep > 1:
+                parallel.parallelize(self.model, ep=cfg.ep, tokens="sharded")
+        if cfg.ep > 1:
+            self.ep_rank, self.group = self.model.parallel.layout.ep_rank, self.model.parallel.ep_group
+            torch.manual_seed(cfg.seed + self.ep_rank)  # router jitter: each rank draws its own noise
         mc = self.model.config
         if self.tokenizer.vocab_size > mc.vocab_size:
             raise ValueError(
@@ -174,27 +227,75 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
         }
 
+    def _state_file(self) -> str:
+        """This rank's file in a checkpoint folder: one per rank under expert parallelism."""
+        return STATE_FILE if self.ep == 1 else rank_state_file(self.ep_rank, self.ep)
+
     def save_checkpoint(self) -> None:
-        """Write the whole training state to out/checkpoint, atomically (temp folder, then rename)."""
+        """Write the whole training state to out/checkpoint, atomically (temp folder, then rename). Under
+        expert parallelism rank 0 makes the temp folder, every rank writes its own file into it, and rank 0
+        renames it into place once all have written."""
         dest = self.out / "checkpoint"
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=self.out))
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=self.out)) if self.main else None
+        if self.ep > 1:
+            tmp = Path(parallel.broadcast_from_main(str(tmp)))
         try:
-            torch.save(self._state(), tmp / STATE_FILE)
-            if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=".checkpoint.old-", dir=self.out))
-                os.replace(dest, old / "c")
-                os.replace(tmp, dest)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, dest)
+            error = None
+            try:
+                torch.save(self._state(), tmp / self._state_file())
+            except Exception as e:  # the other ranks must learn of it, or they would wait for this one
+                error = e
+            if self.ep > 1:
+                errors = _gather_errors(error)
+                if errors and error is None:
+                    raise RuntimeError(f"checkpoint not saved: another rank failed: {errors[0]}")
+            if error is not None:
+                raise error
+            if self.main:
+                if dest.exists():
+                    old = Path(tempfile.mkdtemp(prefix=".checkpoint.old-", dir=self.out))
+                    os.replace(dest, old / "c")
+                    os.replace(tmp, dest)
+                    shutil.rmtree(old)
+                else:
+                    os.replace(tmp, dest)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if self.ep > 1:
+                torch.distributed.barrier()  # the checkpoint is in place before any rank goes on
 
     def load_checkpoint(self) -> None:
-        """Restore everything from out/checkpoint; raises ResumeError (changing nothing) if it can't."""
-        path = self.out / "checkpoint" / STATE_FILE
+        """Restore everything from out/checkpoint; raises ResumeError (changing nothing) if it can't. Under
+        expert parallelism each rank reads its own file, and if any rank cannot, every rank raises."""
+        if self.ep == 1:
+            self._load_checkpoint()
+            return
+        error = None
+        try:
+            self._load_checkpoint()
+        except Exception as e:  # the other ranks must learn of it, or they would wait for this one
+            error = e
+        errors = _gather_errors(error)
+        if error is not None:
+            raise error
+        if errors:
+            raise ResumeError(f"cannot resume: another rank failed: {errors[0]}")
+
+    def _load_checkpoint(self) -> None:
+        folder = self.out / "checkpoint"
+        path = folder / self._state_file()
         if not path.is_file():
+            others = sorted(p.name for p in folder.glob("train_state*.pt")) if folder.is_dir() else []
+            if others:
+                n = 1 if others == [STATE_FILE] else len(others)
+                raise ResumeError(
+                    f"cannot resume: {folder} was written by {n} process(es) (--ep {n}), but this run has "
+                    f"ep={self.ep}: resume with the same --ep"
+                    + (f" under torchrun --nproc-per-node {n}" if n > 1 else "")
+                )
             raise ResumeError(f"cannot resume: no checkpoint at {path}")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -206,6 +307,9 @@ class Trainer:
         now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in saved}
         if saved != now:
             raise ResumeError(f"cannot resume: {path} was written for a different model ({saved} vs {now})")
+        saved_ep = state.get("config", {}).get("ep", 1)
+        if saved_ep != self.ep:
+            raise ResumeError(f"cannot resume: {path} was written with ep={saved_ep}, but this run has ep={self.ep}")
         try:
             self.model.load_state_dict(model_state, strict=True)
         except RuntimeError as e:
@@ -228,24 +332,35 @@ class Trainer:
         ce_sum = aux_sum = z_sum = 0.0
         loads = []
         for _ in range(cfg.grad_accum):
-            inputs, targets, mask = (t.to(self.device) for t in self.loader.next())
+            # Every rank draws the same batch and keeps its own rows.
+            inputs, targets, mask = (t[self.ep_rank :: self.ep].to(self.device) for t in self.loader.next())
             with self._autocast():
                 logits = self.model(inputs)
             router = self.model.router_logits
-            ce = cross_entropy(logits, targets, mask)
-            aux = load_balancing_loss(router, mc.n_experts, mc.top_k)
-            z = router_z_loss(router) if cfg.z_loss_coef else torch.zeros(())
+            if self.ep == 1:
+                ce = cross_entropy(logits, targets, mask)
+                aux = load_balancing_loss(router, mc.n_experts, mc.top_k)
+                z = router_z_loss(router) if cfg.z_loss_coef else torch.zeros(())
+            else:
+                ce, aux, z = self._global_losses(logits, targets, mask, router)
             loss = ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-            (loss / cfg.grad_accum).backward()
+            # ep x: reduce_gradients averages the ranks' parts of the gradient, which add up to the whole.
+            (loss * self.ep / cfg.grad_accum).backward()
             ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
             loads.append(expert_load(router, mc.n_experts, mc.top_k))
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if self.ep == 1:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            parallel.reduce_gradients(self.model)
+            grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         load = torch.stack(loads).mean(0)
+        if self.ep > 1:  # every rank routes as many tokens: the mean of the ranks' shares
+            load = parallel.sum_over_group(load, self.group) / self.ep
         n = cfg.grad_accum
         return {
             "step": self.step,
@@ -259,7 +374,26 @@ class Trainer:
             "max_load_by_layer": [round(x, 3) for x in (load.max(dim=1).values * mc.n_experts).tolist()],
         }
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return parallel.sum_over_group(x, self.group)
+
+    def _global_losses(
+        self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, router: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The losses over every rank's rows together, equal on every rank; each rank's gradient through them
+        reaches only its own tokens (the pooling sums backward as the identity)."""
+        mc = self.model.config
+        count = mask.sum().float()
+        # The ranks' target counts differ when chat masks do: weight each rank's mean by its count.
+        ce = self._pool(cross_entropy(logits, targets, mask) * count) / self._pool(count.clone()).clamp(min=1)
+        aux = load_balancing_loss(router, mc.n_experts, mc.top_k, pool=self._pool)
+        # Every rank routes as many tokens: the z-loss is the mean of the ranks' means.
+        z = self._pool(router_z_loss(router)) / self.ep if self.cfg.z_loss_coef else torch.zeros(())
+        return ce, aux, z
+
     def evaluate(self) -> dict[str, float]:
+        # Under expert parallelism every rank runs the whole eval batch (each dispatches its own copy of the
+        # tokens), so all ranks get the same numbers and run the same forward passes.
         out = evaluate(self.model, self.eval_seqs, self.cfg.batch_size, self.cfg.eval_batches, self._autocast)
         return {"step": self.step, **out}
 
@@ -270,12 +404,14 @@ class Trainer:
         if cfg.resume:
             self.load_checkpoint()  # raises before anything in out_dir is touched
         self.out.mkdir(parents=True, exist_ok=True)
-        log_path = self.out / "metrics.jsonl"
-        records = _read_log(log_path) if cfg.resume else []
-        # A killed run may have logged steps past its last checkpoint: those are redone, so drop them.
-        _write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= self.step))
-        log = open(log_path, "a")  # noqa: SIM115 - closed in the finally below
-        tb = _tensorboard(self.out)
+        log = tb = None  # rank 0 writes the metrics (global values, the same on every rank)
+        if self.main:
+            log_path = self.out / "metrics.jsonl"
+            records = _read_log(log_path) if cfg.resume else []
+            # A killed run may have logged steps past its last checkpoint: those are redone, so drop them.
+            _write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= self.step))
+            log = open(log_path, "a")  # noqa: SIM115 - closed in the finally below
+            tb = _tensorboard(self.out)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.progress, unit="step")
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         last = {}
@@ -299,12 +435,14 @@ class Trainer:
                     _log(log, tb, ev)
                     last.update(ev)
                     bpc = f", bits/char {ev['eval_bpc']:.3f}" if "eval_bpc" in ev else ""
-                    bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f}{bpc}")
+                    if self.main:
+                        bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f}{bpc}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
             if tb is not None:
                 tb.close()
         self.save_final()
@@ -314,7 +452,12 @@ class Trainer:
         if self.cfg.lora_rank:
             save_adapter(self.model, self.out / "adapter")
             return
-        save_model(self.model, self.out / "model")
+        model = self.model
+        if self.ep > 1:
+            model = parallel.gather_model(self.model)  # every rank sends its experts; rank 0 gets the whole
+            if not self.main:
+                return
+        save_model(model, self.out / "model")
         src = Path(self.tokenizer.source)
         if src.is_file():  # a model folder that carries its own tokenizer
             name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
@@ -364,6 +507,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _log(log, tb, metrics: dict) -> None:
+    if log is None:
+        return
     log.write(json.dumps(metrics) + "\n")
     log.flush()
     if tb is not None:
