@@ -88,6 +88,7 @@ class KVCache:
             kpos = slot_pos[:, :n_used]
         return b, t, slots, kpos, concat, n_used
 
+    @torch.compiler.disable  # data-dependent slots and lengths: always eager, also inside a compiled block
     def _update(
         self,
         layer: int,

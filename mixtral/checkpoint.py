@@ -276,7 +276,19 @@ def load_model(
     progress: bool | None = None,
 ) -> Transformer:
     """Load a checkpoint in any supported layout. `dtype` defaults to the stored weights' dtype, `device`
-    to the CPU. `progress=None` shows a progress bar for checkpoints over 512 MiB."""
+    to the CPU. `progress=None` shows a progress bar for checkpoints over 512 MiB.
+
+    A quantized checkpoint (written by `quantize.save_quantized`) loads as the quantized model; its
+    dtype is the one it was quantized in."""
+    from .quantize import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(path):
+        model = load_quantized(path, device)
+        if dtype is not None and dtype != model.embed.weight.dtype:
+            raise CheckpointError(
+                f"{path} is quantized with {model.embed.weight.dtype} activations; it cannot be loaded as {dtype}"
+            )
+        return model
     ckpt = find_checkpoint(path)
     config = ckpt.config
     dtype = dtype or stored_dtype(ckpt)

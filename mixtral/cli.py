@@ -14,8 +14,9 @@ import torch
 from . import parallel
 from .checkpoint import CheckpointError, find_checkpoint, load_model, save_model, stored_dtype
 from .config import PRESETS, ConfigError, get_preset
-from .generate import SamplingParams, generate_stream
+from .generate import SamplingParams, compile_model, generate_stream
 from .model import Transformer
+from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model, save_quantized
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +66,22 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="tensor parallelism: split attention heads and expert hidden dims over N processes (under torchrun)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=list(QUANT_MODES),
+        help="weight-only quantization after loading (CPU): experts and attention projections (int8 per output "
+        "channel, int4 per group), LM head int8; router, norms and embedding stay as loaded",
+    )
+    p.add_argument(
+        "--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size (default: 64)"
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the blocks (CPU). Off by default: on the 2-core machine we measured it costs ~75 s "
+        "per process and decodes no faster (README); falls back to eager where no compiler works",
     )
     p.add_argument(
         "--tokenizer",
@@ -125,6 +142,8 @@ def _device(name: str) -> torch.device:
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     path = args.checkpoint or default_checkpoint()
+    if args.quantize and (args.ep > 1 or args.tp > 1):
+        raise CLIError("--quantize does not combine with --ep/--tp")
     if args.ep > 1 or args.tp > 1:
         device = parallel.init_distributed(_device(args.device).type)  # cuda:LOCAL_RANK with NCCL, or gloo
         parallel.quiet_other_ranks()  # one copy of the streamed text: rank 0's
@@ -132,6 +151,12 @@ def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
         model = parallel.load_model_parallel(path, ep=args.ep, tp=args.tp, dtype=dtype, device=device)
     else:
         model = load_model(path, dtype=dtype, device=_device(args.device))
+        if args.quantize:
+            if model.embed.weight.device.type != "cpu":
+                raise CLIError("--quantize uses CPU kernels; use --device cpu")
+            model = quantize_model(model, args.quantize, args.group_size)
+        if args.compile and model.embed.weight.device.type == "cpu":
+            compile_model(model)
     tokenizer = load_tokenizer(args.tokenizer or path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CLIError(
@@ -266,6 +291,13 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {key:<15}{value}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    model = load_model(args.checkpoint or default_checkpoint(), dtype=dtype)
+    save_quantized(quantize_model(model, args.mode, args.group_size), args.out)
+    print(f"wrote an {args.mode} checkpoint to {args.out}", file=sys.stderr)
+
+
 def cmd_routing(args: argparse.Namespace) -> None:
     from .routing import markdown_table, write_report
 
@@ -349,11 +381,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens analysed per text (default: 16384)")
     p.set_defaults(func=cmd_routing)
 
+    p = sub.add_parser(
+        "quantize",
+        help="write a weight-only quantized copy of a checkpoint (int8 or int4)",
+        description="Quantize once and save, so later runs load the quantized weights directly (--checkpoint OUT).",
+    )
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint to quantize; default: the built-in model")
+    p.add_argument("--mode", choices=list(QUANT_MODES), required=True, help="int8 (per channel) or int4 (per group)")
+    p.add_argument("--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="activation and scale dtype")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
+    p.set_defaults(func=cmd_quantize)
+
+    from .bench import add_command as add_bench_command
     from .serve.cli import add_command as add_serve_command
     from .train.cli import add_command as add_train_commands
 
     add_serve_command(sub)
     add_train_commands(sub)
+    add_bench_command(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .moe import MOE_IMPLS, MoE
+from .quantize import linear
 
 
 class KVCache(Protocol):
@@ -75,6 +76,14 @@ def attention_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int | N
     return allowed[:, None]
 
 
+def _proj(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection: a plain nn.Linear through `quantize.linear` (its fast single-row CPU path); anything
+    else (a quantized weight, a Linear with hooks such as tensor parallelism's all-reduce) by calling it."""
+    if type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
+        return linear(x, m.weight)
+    return m(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -95,9 +104,9 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = _proj(self.wq, x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = _proj(self.wk, x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = _proj(self.wv, x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             kpos_BS = pos_BT
@@ -108,7 +117,7 @@ class Attention(nn.Module):
         # Its output is garbage that nobody reads.
         mask = mask | (pos_BT < 0)[:, None, :, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return _proj(self.wo, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -191,5 +200,6 @@ class Transformer(nn.Module):
             if self.keep_router_logits:
                 self.router_logits.append(router_logits)
         x = self.norm(x)
-        head = self.embed.weight if self.output is None else self.output.weight
-        return F.linear(x, head)
+        if self.output is None:
+            return F.linear(x, self.embed.weight)
+        return _proj(self.output, x)

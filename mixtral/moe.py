@@ -3,7 +3,9 @@
 Dispatch paths compute the same function side by side:
 - `experts_reference`: a plain loop over experts, each applied to the tokens that chose it;
 - `experts_grouped`: tokens sorted by expert so that each expert runs one matmul over a contiguous
-  slice of its tokens; experts that nobody chose cost nothing;
+  slice of its tokens; experts that nobody chose cost nothing. A single token (decode at batch 1) goes
+  to `experts_decode` instead: its K chosen experts run directly, with no sorting, counting or
+  scattering, and no Python work that depends on the number of experts;
 - `experts_triton`: the fused Triton kernel of `mixtral/kernels` (GPUs), falling back to `experts_grouped`
   where it cannot run.
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .quantize import dequantized, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
 
@@ -36,9 +39,10 @@ def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
     return torch.softmax(top_logits_TK, dim=-1), idx_TK
 
 
-def swiglu(x: torch.Tensor, w1_FD: torch.Tensor, w2_DF: torch.Tensor, w3_FD: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU expert: w2( silu(w1 x) * (w3 x) )."""
-    return F.linear(F.silu(F.linear(x, w1_FD)) * F.linear(x, w3_FD), w2_DF)
+def swiglu(x: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
+    """One SwiGLU expert: w2( silu(w1 x) * (w3 x) ). The weights are tensors or quantized weights
+    (`quantize.py`), whose kernels compute the same products."""
+    return linear(F.silu(linear(x, w1_FD)) * linear(x, w3_FD), w2_DF)
 
 
 def experts_reference(
@@ -49,13 +53,14 @@ def experts_reference(
     weights_TK: torch.Tensor,
     idx_TK: torch.Tensor,
 ) -> torch.Tensor:
-    """Obviously-correct dispatch: for each expert, run it on the tokens that picked it, scale, add."""
+    """Obviously-correct dispatch: for each expert, run it on the tokens that picked it, scale, add.
+    Quantized experts are dequantized first: this path is the reference their kernels are checked against."""
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(w1_EFD.shape[0]):
         tok, slot = torch.where(idx_TK == e)
         if tok.numel() == 0:
             continue
-        y = swiglu(x_TD[tok], w1_EFD[e], w2_EDF[e], w3_EFD[e])
+        y = swiglu(x_TD[tok], dequantized(w1_EFD[e]), dequantized(w2_EDF[e]), dequantized(w3_EFD[e]))
         out_TD.index_add_(0, tok, y.float() * weights_TK[tok, slot, None])
     return out_TD.to(x_TD.dtype)
 
@@ -70,6 +75,8 @@ def experts_grouped(
 ) -> torch.Tensor:
     """Grouped dispatch: sort the T*K (token, expert) pairs by expert, one matmul per used expert."""
     T, K = idx_TK.shape
+    if T == 1 and not torch.is_grad_enabled():
+        return experts_decode(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
     n_experts = w1_EFD.shape[0]
     flat_idx = idx_TK.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)  # pairs grouped by expert, token order kept inside
@@ -86,6 +93,31 @@ def experts_grouped(
     ys = ys.float() * weights_TK.reshape(-1)[order, None]
     out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     out_TD.index_add_(0, token_of, ys)
+    return out_TD.to(x_TD.dtype)
+
+
+def experts_decode(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+) -> torch.Tensor:
+    """For a handful of tokens (decode): each token runs its K chosen experts directly, indexing their
+    weights in place (a view, no copy). Cost: T*K expert calls whatever the number of experts.
+
+    The chosen ids are read on the host (one small read per layer: on a CPU that is no device sync).
+    Scaling and the sum over the K experts happen in float32, rounded once, as in the other paths."""
+    chosen = idx_TK.tolist()
+    out_TD = torch.empty((x_TD.shape[0], x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
+    for t, experts in enumerate(chosen):
+        x = x_TD[t : t + 1]
+        acc = None
+        for k, e in enumerate(experts):
+            y = swiglu(x, w1_EFD[e], w2_EDF[e], w3_EFD[e]).float() * weights_TK[t, k]
+            acc = y if acc is None else acc + y
+        out_TD[t : t + 1] = acc
     return out_TD.to(x_TD.dtype)
 
 
@@ -135,9 +167,13 @@ class MoE(nn.Module):
             router_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
         router_logits_TE = self.gate(router_in)
         weights_TK, idx_TK = route(router_logits_TE, self.top_k)
+        out_TD = self.dispatch(x_TD, weights_TK, idx_TK)
+        return out_TD.view(x.shape), router_logits_TE
+
+    @torch.compiler.disable  # data-dependent indexing: always eager, also inside a compiled block
+    def dispatch(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+        """Run the chosen experts (the step that depends on routing decisions: kept out of compiled graphs)."""
         local = _DISPATCH[self.impl]
         if self.dispatch_hook is None:
-            out_TD = local(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)
-        else:
-            out_TD = self.dispatch_hook(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK, local)
-        return out_TD.view(x.shape), router_logits_TE
+            return local(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)
+        return self.dispatch_hook(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK, local)

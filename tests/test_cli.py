@@ -101,7 +101,8 @@ def test_bad_checkpoint_and_flags_are_clear_errors(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize(
-    "command", ["generate", "chat", "info", "init", "routing", "serve", "train", "merge-lora", "eval"]
+    "command",
+    ["generate", "chat", "info", "init", "routing", "serve", "train", "merge-lora", "eval", "quantize", "bench"],
 )
 def test_help_explains_every_flag(command):
     out = run(command, "--help")

@@ -1,0 +1,468 @@
+"""`mixtral bench`: CPU prefill/decode speed and peak memory of ours (bf16, int8, int4) against
+`transformers` (bf16) on the same weights, in one run, plus the quality of the quantized models.
+
+Decode at batch 1 reads every active weight once per token, so its limit is
+(memory read bandwidth) / (active weight bytes per token); the machine's bandwidth is measured first and
+each batch-1 decode is reported as a fraction of that limit.
+
+Every configuration runs in a fresh subprocess (`python -m mixtral.bench --child ...`) that loads the
+weights, times `runs` rounds of [prefill a batch of prompts, then greedy-decode new tokens] and reports
+the medians and its peak RSS (VmHWM from /proc/self/status). Quantized weights are prepared once by the
+parent and read by the child from a quantized checkpoint, as a user would run them.
+
+    mixtral bench [--preset bench-791m | --checkpoint DIR] [--batch 1 8] [--runs 3] [--json out.json] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# ---- measurements --------------------------------------------------------------------------------------
+
+
+def memory_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s: the median time of a vectorised full read (torch.sum) of `nbytes`."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "python": platform.python_version(),
+    }
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
+
+
+def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return [[1, *torch.randint(3, vocab, (length - 1,), generator=g).tolist()] for _ in range(batch)]
+
+
+def _time_ours(path: str, batch: int, prompt_len: int, new_tokens: int, runs: int, compile_: bool) -> dict:
+    from .cache import KVCache
+    from .checkpoint import load_model
+    from .generate import decode_step, prefill
+
+    base = _status("VmRSS")
+    model = load_model(path)
+    loaded = _status("VmRSS")
+    if compile_:
+        from .generate import compile_model
+
+        compile_model(model)
+    prompts = _prompts(batch, prompt_len, model.config.vocab_size)
+    dtype = model.embed.weight.dtype
+
+    def one(n_prompt: int, n_new: int) -> tuple[float, float]:
+        cache = KVCache(model.config, batch, n_prompt + n_new, dtype=dtype)
+        t0 = time.perf_counter()
+        logits = prefill(model, cache, [p[:n_prompt] for p in prompts])
+        t1 = time.perf_counter()
+        pos = torch.full((batch,), n_prompt, dtype=torch.long)
+        for _ in range(n_new - 1):
+            logits = decode_step(model, cache, logits.argmax(-1), pos)
+            pos += 1
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    one(min(16, prompt_len), 4)  # warm up (and compile)
+    times = [one(prompt_len, new_tokens) for _ in range(runs)]
+    return _result(times, batch, prompt_len, new_tokens, base, loaded)
+
+
+def _time_transformers(path: str, batch: int, prompt_len: int, new_tokens: int, runs: int) -> dict:
+    from transformers import MixtralForCausalLM
+
+    base = _status("VmRSS")
+    model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    loaded = _status("VmRSS")
+    prompts = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
+
+    @torch.no_grad()
+    def one(n_prompt: int, n_new: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(input_ids=prompts[:, :n_prompt], use_cache=True)
+        t1 = time.perf_counter()
+        pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(n_new - 1):
+            out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+            pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    one(min(16, prompt_len), 4)
+    times = [one(prompt_len, new_tokens) for _ in range(runs)]
+    return _result(times, batch, prompt_len, new_tokens, base, loaded)
+
+
+def _result(times, batch, prompt_len, new_tokens, base, loaded) -> dict:
+    prefill_s = statistics.median(t[0] for t in times)
+    decode_s = statistics.median(t[1] for t in times)
+    return {
+        "prefill_tok_s": batch * prompt_len / prefill_s,
+        # the first new token comes from the prefill's logits: new_tokens - 1 decode steps
+        "decode_tok_s": batch * (new_tokens - 1) / decode_s,
+        "decode_tok_s_runs": [batch * (new_tokens - 1) / t[1] for t in times],
+        "peak_rss": _status("VmHWM"),
+        "rss_after_imports": base,
+        "rss_after_load": loaded,
+    }
+
+
+def child_main(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    torch.set_num_threads(spec["threads"])
+    if spec["impl"] == "transformers":
+        res = _time_transformers(spec["path"], spec["batch"], spec["prompt_len"], spec["new_tokens"], spec["runs"])
+    else:
+        res = _time_ours(
+            spec["path"], spec["batch"], spec["prompt_len"], spec["new_tokens"], spec["runs"], spec["compile"]
+        )
+    print("RESULT " + json.dumps(res))
+
+
+def _run_child(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "mixtral.bench", "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+    )
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        raise RuntimeError(f"benchmark child {spec['impl']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+# ---- quality of the quantized models ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantization_quality(model, quantized: dict, tokens_NT: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Next-token KL(bf16 || quantized) (mean over positions, nats), top-1 agreement with bf16, and the
+    loss (nats/token) of each model on `tokens_NT` (fixed prompts, every position predicted)."""
+
+    def run(m) -> torch.Tensor:
+        return m(tokens_NT[:, :-1]).float().log_softmax(-1)
+
+    ref = run(model)
+    targets = tokens_NT[:, 1:]
+    out = {"bf16": {"loss": float(-ref.gather(-1, targets[..., None]).mean())}}
+    for name, qm in quantized.items():
+        lp = run(qm)
+        kl = (ref.exp() * (ref - lp)).sum(-1).mean()
+        agree = (lp.argmax(-1) == ref.argmax(-1)).float().mean()
+        out[name] = {
+            "kl": float(kl),
+            "top1_agreement": float(agree),
+            "loss": float(-lp.gather(-1, targets[..., None]).mean()),
+        }
+    return out
+
+
+def quality_report(
+    checkpoint: str | None,
+    texts: list[str],
+    group_sizes: list[int],
+    seq_len: int = 256,
+    n_seqs: int = 16,
+    save_dir: str | None = None,
+) -> dict:
+    """Quality of int8 and int4 (each group size) against bf16 on a trained checkpoint (default: the
+    built-in model): KL, top-1 agreement and loss on the first `n_seqs` windows of `seq_len` tokens of
+    `texts` (fixed prompts: every position of each window is a next-token prediction). With `save_dir`,
+    the quantized checkpoints are written there (for `mixtral eval`)."""
+    from .checkpoint import load_model
+    from .cli import default_checkpoint
+    from .quantize import quantize_model, save_quantized
+    from .tokenizer import load_tokenizer
+    from .train.data import expand_paths, read_documents, tokenize
+
+    path = checkpoint or str(default_checkpoint())
+    model = load_model(path, dtype=torch.bfloat16)
+    seq_len = min(seq_len, model.config.max_seq_len)
+    data = tokenize(read_documents(expand_paths(texts)), load_tokenizer(path), progress=False)
+    n = min(n_seqs, (len(data.tokens) - 1) // seq_len)
+    # windows spread evenly over the texts, each seq_len inputs + 1 target
+    step = (len(data.tokens) - seq_len - 1) // max(n - 1, 1)
+    tokens = torch.stack([data.tokens[i * step : i * step + seq_len + 1] for i in range(n)]).long()
+    quantized = {"int8": quantize_model(load_model(path, dtype=torch.bfloat16), "int8")}
+    for g in group_sizes:
+        quantized[f"int4-g{g}"] = quantize_model(load_model(path, dtype=torch.bfloat16), "int4", g)
+    if save_dir:
+        for name, qm in quantized.items():
+            save_quantized(qm, Path(save_dir) / name)
+    out = quantization_quality(model, quantized, tokens)
+    return {"checkpoint": path, "texts": texts, "windows": n, "seq_len": seq_len, "quality": out}
+
+
+# ---- the whole benchmark --------------------------------------------------------------------------------
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    from .checkpoint import load_model, save_model
+    from .config import get_preset
+    from .model import Transformer
+    from .quantize import active_weight_bytes, quantize_model, save_quantized, weight_bytes
+
+    torch.set_num_threads(args.threads)
+    info = machine()
+    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    bandwidth = memory_bandwidth_gbs()
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s (torch.sum over 512 MB, median of 7)", flush=True)
+    results: dict = {"machine": info, "bandwidth_gbs": bandwidth, "args": vars(args).copy(), "rows": []}
+    results["args"].pop("func", None)
+
+    with tempfile.TemporaryDirectory(prefix="mixtral-bench-") as tmp:
+        if args.checkpoint:
+            src = Path(args.checkpoint)
+            model = load_model(src, dtype=torch.bfloat16)
+        else:
+            torch.manual_seed(0)
+            with torch.device("meta"):
+                model = Transformer(get_preset(args.preset))
+            model = model.to_empty(device="cpu").to(torch.bfloat16)
+            model.init_weights()
+            model.eval()
+        # Both peers read the same bf16 weights (transformers wants the HF layout, which save_model writes).
+        src = Path(tmp) / "bf16"
+        save_model(model, src)
+        paths = {"bf16": (str(src), active_weight_bytes(model), weight_bytes(model))}
+        quantized = {}
+        for mode in args.modes:
+            if mode == "bf16":
+                continue
+            qm = quantize_model(load_model(src, dtype=torch.bfloat16), mode, args.group_size)
+            qpath = Path(tmp) / mode
+            save_quantized(qm, qpath)
+            paths[mode] = (str(qpath), active_weight_bytes(qm), weight_bytes(qm))
+            quantized[f"{mode}" + (f"-g{args.group_size}" if mode == "int4" else "")] = qm
+        cfg = model.config
+        print(
+            f"model: {'checkpoint ' + args.checkpoint if args.checkpoint else 'preset ' + args.preset + ' (random)'}"
+            f", {sum(cfg.param_counts()) and cfg.param_counts()[0] / 1e6:.0f}M parameters; active weight bytes "
+            f"per token: " + ", ".join(f"{m} {p[1] / 1e6:.0f} MB" for m, p in paths.items()),
+            flush=True,
+        )
+        if quantized:
+            prompts = torch.tensor(_prompts(4, 64, cfg.vocab_size))
+            results["quality_random_prompts"] = quantization_quality(model, quantized, prompts)
+        del model, quantized
+
+        impls = [m for m in args.modes if m in paths] + ([] if args.no_transformers else ["transformers"])
+        for batch in args.batch:
+            for impl in impls:
+                path, active, wbytes = paths["bf16" if impl == "transformers" else impl]
+                spec = {
+                    "impl": impl,
+                    "path": path,
+                    "batch": batch,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens,
+                    "runs": args.runs,
+                    "threads": args.threads,
+                    "compile": args.compile,
+                }
+                r = _run_child(spec)
+                r.update(impl=impl, batch=batch, active_bytes=active, weight_bytes=wbytes)
+                if batch == 1:
+                    r["bandwidth_fraction"] = active * r["decode_tok_s"] / (bandwidth * 1e9)
+                results["rows"].append(r)
+                print(_row_line(r), flush=True)
+    _add_ratios(results)
+    print()
+    print(markdown_table(results))
+    return results
+
+
+def _row_line(r: dict) -> str:
+    frac = f", {r['bandwidth_fraction']:.0%} of the bandwidth limit" if "bandwidth_fraction" in r else ""
+    return (
+        f"{r['impl']:>12} batch {r['batch']}: prefill {r['prefill_tok_s']:.0f} tok/s, decode "
+        f"{r['decode_tok_s']:.1f} tok/s{frac}, peak RSS {r['peak_rss'] / 1e9:.2f} GB"
+    )
+
+
+def _add_ratios(results: dict) -> None:
+    by = {(r["impl"], r["batch"]): r for r in results["rows"]}
+    for r in results["rows"]:
+        tf = by.get(("transformers", r["batch"]))
+        if tf is not None:
+            r["prefill_vs_transformers"] = r["prefill_tok_s"] / tf["prefill_tok_s"]
+            r["decode_vs_transformers"] = r["decode_tok_s"] / tf["decode_tok_s"]
+        ours = by.get(("bf16", r["batch"]))
+        if ours is not None and r["impl"] in ("int8", "int4"):
+            r["decode_vs_our_bf16"] = r["decode_tok_s"] / ours["decode_tok_s"]
+
+
+def markdown_table(results: dict) -> str:
+    def f(r, key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
+    lines = [
+        "| impl | batch | prefill tok/s | decode tok/s | decode / transformers | prefill / transformers | "
+        "decode / our bf16 | % of bandwidth limit | peak RSS GB | peak RSS / weights |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        frac = f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else "-"
+        lines.append(
+            f"| {r['impl']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+            f"{f(r, 'decode_vs_transformers', '.2f')} | {f(r, 'prefill_vs_transformers', '.2f')} | "
+            f"{f(r, 'decode_vs_our_bf16', '.2f')} | {frac} | {r['peak_rss'] / 1e9:.2f} | "
+            f"{r['peak_rss'] / r['weight_bytes']:.2f} |"
+        )
+    q = results.get("quality_random_prompts")
+    if q:
+        lines = lines if results["rows"] else []
+        lines += ["", "| weights | KL vs bf16 (nats) | top-1 agreement | loss (nats/token) |", "|---|---|---|---|"]
+        for name, v in q.items():
+            kl = f"{v['kl']:.5f}" if "kl" in v else "-"
+            agree = f"{v['top1_agreement']:.3f}" if "top1_agreement" in v else "-"
+            lines.append(f"| {name} | {kl} | {agree} | {v['loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in (
+        (axes[0], "prefill_tok_s", "prefill tokens/s"),
+        (axes[1], "decode_tok_s", "decode tokens/s"),
+    ):
+        labels = [f"{r['impl']}\nB={r['batch']}" for r in results["rows"]]
+        values = [r[key] for r in results["rows"]]
+        colors = ["tab:gray" if r["impl"] == "transformers" else "tab:blue" for r in results["rows"]]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_title(title)
+    m = results["machine"]
+    fig.suptitle(
+        f"{m['cpu']}, {m['threads']} threads, {results['bandwidth_gbs']:.1f} GB/s, {m['date'][:10]}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="bench-791m", help="model shape with random weights (default: bench-791m)")
+    p.add_argument("--checkpoint", metavar="DIR", help="benchmark this checkpoint instead of random weights")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["bf16", "int8", "int4"],
+        choices=["bf16", "int8", "int4"],
+        help="our weight formats to time (default: all three)",
+    )
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (default: 64)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per sequence (default: 128)")
+    p.add_argument("--runs", type=int, default=3, help="timed rounds per configuration; medians (default: 3)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile our blocks (off by default, as in generate: it did not pay on our 2-core machine)",
+    )
+    p.add_argument("--json", metavar="FILE", default="bench.json", help="write results here (default: bench.json)")
+    p.add_argument("--plot", metavar="PNG", nargs="?", const="bench.png", help="also write a bar chart")
+    p.add_argument(
+        "--quality",
+        nargs="+",
+        metavar="TEXT",
+        help="instead of speed: quality of int8/int4 against "
+        "bf16 on these text files, for --checkpoint (default: the built-in model)",
+    )
+    p.add_argument("--quality-group-sizes", type=int, nargs="+", default=[32, 64, 128], help="int4 group sizes")
+    p.add_argument("--save-quantized", metavar="DIR", help="with --quality: write the quantized checkpoints here")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.quality:
+        rep = quality_report(args.checkpoint, args.quality, args.quality_group_sizes, save_dir=args.save_quantized)
+        print(f"{rep['checkpoint']}: {rep['windows']} windows of {rep['seq_len']} tokens from {' '.join(rep['texts'])}")
+        print(markdown_table({"rows": [], "quality_random_prompts": rep["quality"]}), end="")
+        Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+        return
+    results = run_benchmark(args)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="CPU prefill/decode speed and memory: ours (bf16, int8, int4) against transformers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_flags(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child_main(argv[1:])
+        return
+    p = argparse.ArgumentParser(
+        prog="benchmarks/decode.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_flags(p)
+    cmd_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

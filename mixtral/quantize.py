@@ -1,0 +1,402 @@
+"""Weight-only quantization, applied to a loaded model (or read back from a quantized checkpoint).
+
+- int8: symmetric, one scale per output channel: w ~= q * scale, q in [-127, 127].
+- int4: asymmetric, one (scale, zero) pair per group of `group_size` input channels of each output
+  channel: w ~= (q - 8) * scale + zero, q in [0, 15] (the convention of PyTorch's int4 CPU kernel).
+
+What is quantized: the attention projections (wq, wk, wv, wo), the stacked experts (w1, w2, w3) and the
+LM head (int8 in both modes: it is 14% of the bench model's active bytes, and int4 there costs quality
+for little speed). The router, norms and embedding stay in the model's dtype: the router decides which
+experts run (a flipped top-k is a large error), the norms are tiny, and one embedding row is read per token.
+
+Kernels (measured on our CPUs before choosing, see the README): PyTorch's own `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` (AVX-512/AMX code inside ATen) read int8/int4 weights much faster than a
+bf16 GEMV reads bf16; torchao's eager int8 path was 5x slower than bf16, so we call the ATen ops directly.
+Every quantized weight can also `dequantize()` itself: the reference the tests compare the kernels with.
+
+The int4 kernel wants its weights in a blocked layout ("int4pack"): for each block of 64 output rows,
+for each input channel k, 32 bytes whose low nibble is row j and high nibble row j + 32 of the block. We
+pack and unpack that layout ourselves (a test checks it against `_convert_weight_to_int4pack_for_cpu`), so
+the packed tensor is what sits in memory and on disk: no second copy, and saving needs no kernel.
+
+Shape legend: N output channels, K input channels, G groups per row (K / group_size), E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+INT4_BLOCK = 64  # output rows per block of the int4pack layout
+QUANT_FILE = "quantization.json"
+DEQUANT_ROWS = 32  # from this many rows on, int8 matmuls dequantize and run the dense GEMM
+
+
+# ---- the numbers ----------------------------------------------------------------------------------------
+
+
+def quantize_int8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [..., N, K], scale [..., N]) with w ~= q * scale; the scale is stored in `dtype` (default
+    w's) and q is computed against that rounded scale, so dequantizing uses exactly the stored numbers."""
+    dtype = dtype or w_NK.dtype
+    wf = w_NK.float()
+    scale = (wf.abs().amax(-1) / 127.0).clamp(min=1e-10).to(dtype)
+    q = torch.round(wf / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(
+    w_NK: torch.Tensor, group_size: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 in [0, 15] [..., N, K], scale [..., N, G], zero [..., N, G]) with
+    w ~= (q - 8) * scale + zero per group: min/max asymmetric, the range [min, max] mapped onto 0..15."""
+    dtype = dtype or w_NK.dtype
+    *lead, N, K = w_NK.shape
+    if K % group_size:
+        raise ValueError(f"input size {K} is not a multiple of the int4 group size {group_size}")
+    wf = w_NK.float().reshape(*lead, N, K // group_size, group_size)
+    lo, hi = wf.amin(-1), wf.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10).to(dtype)
+    zero = (lo + 8.0 * scale.float()).to(dtype)
+    q = torch.round((wf - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
+    return q.reshape(*lead, N, K).to(torch.int32), scale, zero
+
+
+def pack_int4(q_NK: torch.Tensor) -> torch.Tensor:
+    """int32 values in [0, 15] [..., N, K] -> the kernel's int4pack layout, uint8 [..., N, K / 2]."""
+    *lead, N, K = q_NK.shape
+    q = q_NK.to(torch.uint8).reshape(*lead, N // INT4_BLOCK, 2, INT4_BLOCK // 2, K)
+    packed = q[..., 0, :, :] | (q[..., 1, :, :] << 4)  # [..., N/64, 32, K]
+    return packed.transpose(-1, -2).contiguous().reshape(*lead, N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: uint8 [..., N, K / 2] -> int32 [..., N, K]."""
+    *lead, N, half = packed.shape
+    K = 2 * half
+    p = packed.reshape(*lead, N // INT4_BLOCK, K, INT4_BLOCK // 2).transpose(-1, -2)  # [..., N/64, 32, K]
+    q = torch.stack((p & 0xF, p >> 4), dim=-3)  # [..., N/64, 2, 32, K]
+    return q.reshape(*lead, N, K).to(torch.int32)
+
+
+# ---- quantized weights ------------------------------------------------------------------------------------
+
+
+class QuantizedWeight(nn.Module):
+    """A quantized weight [..., N, K]: one matrix (attention, head) or a stack of them (experts, [E, N, K]).
+
+    Buffers (what the state dict and a quantized checkpoint hold):
+    - int8: `q` int8 [..., N, K], `scale` [..., N];
+    - int4: `packed` uint8 [..., N, K/2] (int4pack layout), `scales_zeros` [..., G, N, 2] (the kernel's order).
+    Calling it on x [..., K] is `F.linear(x, w)` computed by the quantized kernel; `w[e]` is expert e's view.
+    """
+
+    def __init__(self, mode: str, tensors: dict[str, torch.Tensor], group_size: int = 0) -> None:
+        super().__init__()
+        if mode not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {mode!r}; choose one of {QUANT_MODES}")
+        self.mode, self.group_size = mode, group_size
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    @classmethod
+    def from_float(cls, w_NK: torch.Tensor, mode: str, group_size: int = 64) -> QuantizedWeight:
+        dtype = w_NK.dtype
+        if mode == "int8":
+            q, scale = quantize_int8(w_NK, dtype)
+            return cls("int8", {"q": q, "scale": scale})
+        q, scale, zero = quantize_int4(w_NK, group_size, dtype)
+        scales_zeros = torch.stack((scale, zero), dim=-1).transpose(-2, -3).contiguous()  # [..., G, N, 2]
+        return cls("int4", {"packed": pack_int4(q), "scales_zeros": scales_zeros}, group_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations this weight works with (its scales')."""
+        return (self.scale if self.mode == "int8" else self.scales_zeros).dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape [..., N, K] of the weight this stands for."""
+        if self.mode == "int8":
+            return self.q.shape
+        return torch.Size((*self.packed.shape[:-1], 2 * self.packed.shape[-1]))
+
+    def __getitem__(self, i: int) -> QuantizedView:
+        if self.mode == "int8":
+            return QuantizedView("int8", (self.q[i], self.scale[i]), 0)
+        return QuantizedView("int4", (self.packed[i], self.scales_zeros[i]), self.group_size)
+
+    def view_all(self) -> QuantizedView:
+        if self.mode == "int8":
+            return QuantizedView("int8", (self.q, self.scale), 0)
+        return QuantizedView("int4", (self.packed, self.scales_zeros), self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.view_all().linear(x)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.view_all().dequantize()
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.shape)
+        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.mode}, shape={shape}{g}"
+
+
+class QuantizedView:
+    """One matrix of a `QuantizedWeight` (a plain object: cheap to make per expert per token)."""
+
+    __slots__ = ("group_size", "mode", "tensors")
+
+    def __init__(self, mode: str, tensors: tuple[torch.Tensor, torch.Tensor], group_size: int) -> None:
+        self.mode, self.tensors, self.group_size = mode, tensors, group_size
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ w.T -> [..., N] with the quantized kernel (activations in the scales' dtype)."""
+        a, b = self.tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != b.dtype:
+            x2 = x2.to(b.dtype)
+        if self.mode == "int8" and x2.shape[0] >= DEQUANT_ROWS:
+            # Many rows (a prefill) are compute-bound: the int8 kernel multiplies at about a third of the
+            # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
+            # Not for int4: unpacking nibbles costs more than the int4 kernel's own slowness.
+            return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
+        if self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2.contiguous(), a, b)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), a, self.group_size, b)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight these numbers stand for, [N, K] in the scales' dtype (computed in float32)."""
+        a, b = self.tensors
+        if self.mode == "int8":
+            # |q| <= 127 is exact in bf16 and the product is rounded once: the same as in float32
+            return a.to(b.dtype) * b[..., None]
+        q = unpack_int4(a).float()  # [..., N, K]
+        sz = b.float().transpose(-2, -3)  # [..., N, G, 2]
+        G = sz.shape[-2]
+        qg = q.reshape(*q.shape[:-1], G, -1)
+        w = (qg - 8.0) * sz[..., 0:1] + sz[..., 1:2]
+        return w.reshape(q.shape).to(b.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:
+    """`F.linear(x, w)` for a plain weight or a quantized one.
+
+    One row on a CPU is a matrix-vector product: `torch.mv(w, x)` streams w at the memory bandwidth (20 GB/s
+    measured on our 2-core Xeon) where `F.linear`'s x @ w.T reads at ~2/3 of it (13.5 GB/s). Both compute
+    the same dot products (rounded differently); `F.linear` stays the path everywhere else (autograd,
+    several rows, GPUs)."""
+    if isinstance(w, torch.Tensor):
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and w.dim() == 2 and not torch.is_grad_enabled():
+            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w)
+    if isinstance(w, QuantizedWeight):
+        return w(x)
+    return w.linear(x)
+
+
+def dequantized(w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:
+    return w if isinstance(w, torch.Tensor) else w.dequantize()
+
+
+# ---- applying it to a model -----------------------------------------------------------------------------
+
+
+def _check_int4_shape(name: str, shape: torch.Size, group_size: int) -> None:
+    N, K = shape[-2], shape[-1]
+    if N % INT4_BLOCK or K % group_size:
+        raise ValueError(
+            f"{name} has shape {tuple(shape)}: int4 needs output rows divisible by {INT4_BLOCK} and input "
+            f"size divisible by the group size {group_size}"
+        )
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(owner module, attribute, full name) of every weight that gets quantized."""
+    out = []
+    for i, layer in enumerate(model.layers):
+        for proj in ("wq", "wk", "wv", "wo"):
+            out.append((layer.attn, proj, f"layers.{i}.attn.{proj}"))
+        for w in ("w1", "w2", "w3"):
+            out.append((layer.moe, w, f"layers.{i}.moe.{w}"))
+    if model.output is not None:
+        out.append((model, "output", "output"))
+    return out
+
+
+def _weight_of(owner: nn.Module, attr: str) -> torch.Tensor:
+    obj = getattr(owner, attr)
+    return obj.weight if isinstance(obj, nn.Linear) else obj
+
+
+def _set(owner: nn.Module, attr: str, qw: QuantizedWeight) -> None:
+    if attr in owner._parameters:
+        del owner._parameters[attr]
+    setattr(owner, attr, qw)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """Quantize the model's attention projections and experts in place (`mode` int8 or int4) and its LM
+    head (int8). Works on a meta-device model too (building the structure a quantized checkpoint fills).
+    Returns the model."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {QUANT_MODES}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size} is not supported; choose one of {GROUP_SIZES}")
+    if any(layer.moe.dispatch_hook is not None for layer in model.layers):
+        raise ValueError("quantize the model before applying expert/tensor parallelism, not after")
+    for owner, attr, name in _targets(model):
+        w = _weight_of(owner, attr)
+        if isinstance(w, QuantizedWeight):
+            raise ValueError(f"{name} is already quantized")
+        this_mode = "int8" if attr == "output" else mode
+        if this_mode == "int4":
+            _check_int4_shape(name, w.shape, group_size)
+        if w.is_meta:  # a skeleton to load into: quantize zeros of the right shape on the CPU, then move
+            qw = QuantizedWeight.from_float(torch.zeros(w.shape[-2:], dtype=w.dtype), this_mode, group_size)
+            tensors = {
+                n: torch.empty((*w.shape[:-2], *b.shape), dtype=b.dtype, device="meta") for n, b in qw.named_buffers()
+            }
+            qw = QuantizedWeight(this_mode, tensors, qw.group_size)
+        else:
+            qw = QuantizedWeight.from_float(w.detach(), this_mode, group_size)
+        _set(owner, attr, qw)
+    model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
+    return model
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """{"mode", "group_size"} of a quantized model, None for a plain one."""
+    return getattr(model, "quantization", None)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (quantized or not)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def active_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights read to decode one token: everything but the embedding (one row of it is read) and
+    the experts not chosen (top_k of n_experts per layer)."""
+    cfg = model.config
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        nbytes = t.numel() * t.element_size()
+        if name.startswith("embed."):
+            nbytes = nbytes // cfg.vocab_size
+        elif ".moe.w" in name:
+            nbytes = nbytes * cfg.top_k // cfg.n_experts
+        total += nbytes
+    return total
+
+
+# ---- quantized checkpoints ------------------------------------------------------------------------------
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write a quantized model: `config.json` (Hugging Face style), `quantization.json` and
+    `model.safetensors` holding our own state dict (q / scale / packed / scales_zeros buffers)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import _replace_dir
+
+    q = quantization_of(model)
+    if q is None:
+        raise ValueError("the model is not quantized: use save_model for plain checkpoints")
+    import tempfile
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "quantization": q["mode"]})
+        dtype = model.embed.weight.dtype
+        hf = model.config.to_hf()
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        desc = {**q, "dtype": str(dtype).removeprefix("torch.")}  # the activations' (and scales') dtype
+        (tmp / QUANT_FILE).write_text(json.dumps(desc, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path).expanduser() / QUANT_FILE).is_file()
+
+
+_ST_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file straight into freshly allocated tensors, one `readinto` each.
+
+    Not `safetensors.torch.load_file`: its tensors sit at the file's byte offsets, and the int8/int4 CPU
+    kernels crash on weights that are not 64-byte aligned (a copy to fix that would double the peak
+    memory). torch's allocator aligns, and reading in place keeps the peak at the weights' size."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        out = {}
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            f.seek(8 + n + start)
+            if end > start and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - start:
+                raise OSError(f"{path}: truncated tensor {key}")
+            out[key] = t
+    return out
+
+
+def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """Read a checkpoint written by `save_quantized`: built on the meta device, filled from the memory-mapped
+    file (assign, strict: a missing or extra tensor is an error)."""
+    from .checkpoint import CheckpointError, _read_config
+    from .model import Transformer
+
+    root = Path(path).expanduser()
+    try:
+        q = json.loads((root / QUANT_FILE).read_text())
+        mode, group_size = q["mode"], q.get("group_size") or 64
+        dtype = getattr(torch, q["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {q['dtype']!r}")
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{root / QUANT_FILE}: not a readable quantization description ({e})") from None
+    config = _read_config(root / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    quantize_model(model, mode, group_size)
+    state = _read_safetensors(root / "model.safetensors")
+    if device is not None and torch.device(device).type != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{root}: quantized checkpoint does not match its config: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for k, t in state.items():
+        if t.shape != expected[k].shape or t.dtype != expected[k].dtype:
+            raise CheckpointError(
+                f"{root}: {k} is {t.dtype}{tuple(t.shape)}, expected {expected[k].dtype}{tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+    model.quantization = {"mode": q["mode"], "group_size": q.get("group_size")}
+    return model.eval()

@@ -1,0 +1,173 @@
+"""Weight-only quantization: the numbers, the kernels against dequantized reference matmuls, quantized
+models against their dequantized reference path, and quantized checkpoints round-tripping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixtral
+from mixtral.checkpoint import CheckpointError
+from mixtral.config import ModelConfig
+from mixtral.quantize import (
+    QuantizedWeight,
+    active_weight_bytes,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    save_quantized,
+    unpack_int4,
+    weight_bytes,
+)
+
+# Small, but with the shapes int4 needs: output rows in blocks of 64, inputs in whole groups.
+CONFIG = ModelConfig(
+    dim=128, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4, top_k=2, max_seq_len=64
+)
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def model(dtype=torch.bfloat16, seed: int = 0) -> mixtral.Transformer:
+    torch.manual_seed(seed)
+    return mixtral.Transformer(CONFIG).to(dtype).eval()
+
+
+def test_int4_packing_is_the_kernels_layout():
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    assert torch.equal(pack_int4(q), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    stacked = torch.randint(0, 16, (3, 64, 32), dtype=torch.int32)
+    assert torch.equal(unpack_int4(pack_int4(stacked)), stacked)
+    assert torch.equal(pack_int4(stacked)[1], pack_int4(stacked[1]))
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = torch.randn(64, 96) * torch.rand(64, 1) * 3
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(-1) == 127).all()  # the range is used in full
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_error_is_at_most_half_a_step(group_size):
+    w = torch.randn(64, 128) + torch.linspace(-2, 2, 128)
+    q, scale, zero = quantize_int4(w, group_size)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    s = scale.repeat_interleave(group_size, -1)
+    z = zero.repeat_interleave(group_size, -1)
+    err = ((q.float() - 8) * s + z - w).abs()
+    assert (err <= s / 2 + 1e-5).all()
+    with pytest.raises(ValueError, match="not a multiple of the int4 group size"):
+        quantize_int4(torch.randn(64, 100), 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_matmul_equals_dequantized_reference(mode, dtype, rows):
+    torch.manual_seed(0)
+    w = torch.randn(3, 128, 256, dtype=dtype)  # a stack of 3 "experts"
+    qw = QuantizedWeight.from_float(w, mode, group_size=64)
+    assert qw.shape == w.shape
+    x = torch.randn(rows, 256, dtype=dtype)
+    for e in range(3):
+        ref = F.linear(x.float(), qw[e].dequantize().float())
+        got = qw[e].linear(x)
+        assert got.dtype == dtype and got.shape == (rows, 128)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        assert torch.allclose(got.float(), ref, rtol=tol, atol=tol * ref.abs().max()), (mode, e)
+    # the whole-stack dequantization is the per-matrix one, stacked; and it is close to the original
+    assert torch.equal(qw.dequantize(), torch.stack([qw[e].dequantize() for e in range(3)]))
+    rel = (qw.dequantize().float() - w.float()).norm() / w.float().norm()
+    assert rel < (0.01 if mode == "int8" else 0.12)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_fast_path_equals_dequantized_reference_path(mode):
+    m = model()
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = m(tokens).float()
+        quantize_model(m, mode, group_size=32)
+        assert m.layers[0].moe.w1.mode == mode and m.layers[0].attn.wq.mode == mode
+        assert m.output.mode == "int8"  # the LM head: int8 in both modes
+        assert isinstance(m.layers[0].moe.gate, torch.nn.Linear)  # the router stays in bf16
+        fast = m(tokens).float()
+        m.set_moe_impl("reference")
+        ref = m(tokens).float()
+        # decode of a single token goes through the single-token path: also the same
+        m.set_moe_impl("grouped")
+        one = m(tokens[:1, :1]).float()
+    assert torch.allclose(fast, ref, atol=3e-2 * ref.abs().max())
+    assert torch.allclose(one[0, 0], fast[0, 0], atol=3e-2 * ref.abs().max())
+    # close to the unquantized model: most next-token choices are the same
+    agree = (fast.argmax(-1) == before.argmax(-1)).float().mean()
+    assert agree > (0.9 if mode == "int8" else 0.6)
+
+
+def test_quantized_sizes():
+    m = model()
+    b16 = weight_bytes(m)
+    a16 = active_weight_bytes(m)
+    q8 = quantize_model(model(), "int8")
+    q4 = quantize_model(model(), "int4", group_size=64)
+    assert weight_bytes(q8) < 0.6 * b16 and weight_bytes(q4) < weight_bytes(q8)
+    assert active_weight_bytes(q4) < active_weight_bytes(q8) < 0.6 * a16
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_model(model(), "int3")
+    with pytest.raises(ValueError, match="group size 48"):
+        quantize_model(model(), "int4", group_size=48)
+    m = quantize_model(model(), "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(m, "int8")
+    tiny = mixtral.Transformer(mixtral.get_preset("tiny"))  # wk has 32 output rows: no int4 blocks of 64
+    with pytest.raises(ValueError, match="divisible by 64"):
+        quantize_model(tiny, "int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_checkpoint_round_trips(tmp_path, mode):
+    m = quantize_model(model(), mode, group_size=32)
+    save_quantized(m, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["mode"] == mode
+    loaded = mixtral.load_model(tmp_path / "q")  # load_model recognises quantized checkpoints
+    assert loaded.quantization == m.quantization
+    a, b = m.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(m(tokens), loaded(tokens))
+    with pytest.raises(CheckpointError, match=r"cannot be loaded as torch\.float32"):
+        mixtral.load_model(tmp_path / "q", dtype=torch.float32)
+
+
+def test_quantized_checkpoint_with_a_missing_tensor_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_quantized(quantize_model(model(), "int8"), tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    state = load_file(f)
+    del state["layers.1.moe.w2.scale"]
+    save_file(state, f)
+    with pytest.raises(CheckpointError, match=r"missing \['layers.1.moe.w2.scale'\]"):
+        mixtral.load_model(tmp_path / "q")
+
+
+def test_generation_with_a_quantized_model_matches_its_reference_path():
+    m = quantize_model(model(torch.float32), "int8")
+    prompts = [[1, 5, 9, 4], [1, 7]]
+    fast = mixtral.generate(m, prompts, max_new_tokens=6)
+    m.set_moe_impl("reference")
+    ref = mixtral.generate(m, prompts, max_new_tokens=6)
+    assert fast == ref
