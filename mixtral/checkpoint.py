@@ -240,7 +240,7 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: cannot read tensor {keys[done]!r}: {e}") from None
 
 
-def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for a bad zip/pickle; all mean the same to a user
@@ -254,7 +254,7 @@ def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    return _iter_pth(path) if path.suffix == ".pth" else _iter_safetensors(path)
+    return iter_pth(path) if path.suffix == ".pth" else _iter_safetensors(path)
 
 
 def stored_dtype(ckpt: Checkpoint) -> torch.dtype:

@@ -65,19 +65,16 @@ def experts_reference(
     return out_TD.to(x_TD.dtype)
 
 
-def experts_grouped(
+def grouped_by_expert(
     x_TD: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-    w3_EFD: torch.Tensor,
     weights_TK: torch.Tensor,
     idx_TK: torch.Tensor,
+    n_experts: int,
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Grouped dispatch: sort the T*K (token, expert) pairs by expert, one matmul per used expert."""
+    """Sort the T*K (token, expert) pairs by expert, run `expert(e, rows)` once per used expert on a
+    contiguous slice of its rows, then scale by the router weights and sum each token's k outputs."""
     T, K = idx_TK.shape
-    if T == 1 and not torch.is_grad_enabled():
-        return experts_decode(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
-    n_experts = w1_EFD.shape[0]
     flat_idx = idx_TK.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)  # pairs grouped by expert, token order kept inside
     token_of = order // K  # the token each sorted pair came from
@@ -87,13 +84,29 @@ def experts_grouped(
     start = 0
     for e, n in enumerate(counts):
         if n:
-            ys[start : start + n] = swiglu(xs[start : start + n], w1_EFD[e], w2_EDF[e], w3_EFD[e])
+            ys[start : start + n] = expert(e, xs[start : start + n])
             start += n
     # Scale and accumulate in float32: the k contributions of a token are summed once, then rounded.
     ys = ys.float() * weights_TK.reshape(-1)[order, None]
     out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     out_TD.index_add_(0, token_of, ys)
     return out_TD.to(x_TD.dtype)
+
+
+def experts_grouped(
+    x_TD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Grouped dispatch: sort the T*K (token, expert) pairs by expert, one matmul per used expert."""
+    if idx_TK.shape[0] == 1 and not torch.is_grad_enabled():
+        return experts_decode(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+    return grouped_by_expert(
+        x_TD, weights_TK, idx_TK, w1_EFD.shape[0], lambda e, h: swiglu(h, w1_EFD[e], w2_EDF[e], w3_EFD[e])
+    )
 
 
 def experts_decode(

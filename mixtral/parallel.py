@@ -49,6 +49,7 @@ from .checkpoint import (
     expert_pieces,
     find_checkpoint,
     interleaved_to_half,
+    iter_pth,
     stored_dtype,
     targets_of_stored,
 )
@@ -649,15 +650,7 @@ class _Stored:
 
 def _stored_tensors(path: Path) -> Iterator[tuple[str, _Stored]]:
     if path.suffix == ".pth":
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # torch raises many types for a bad zip/pickle; all mean the same to a user
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
-        for key, tensor in state.items():
-            if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        for key, tensor in iter_pth(path):  # mmap'd: only what _Reader reads is paged in
             yield key, _Stored(tuple(tensor.shape), tensor.dtype, _Reader(path, key, tensor))
         return
     from safetensors import SafetensorError, safe_open

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..moe import experts_grouped
+from ..moe import experts_grouped, grouped_by_expert
 
 
 @dataclass(frozen=True)
@@ -123,26 +123,14 @@ def experts_grouped_int8(
     """The plain PyTorch path for int8 experts: each used expert dequantized to x's dtype, then as
     `experts_grouped`. The reference for the int8 kernel and its fallback."""
     s1, s2, s3 = scales
-    T, K = idx_TK.shape
-    flat = idx_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // K
-    counts = torch.bincount(flat, minlength=w1_EFD.shape[0]).tolist()
-    xs = x_TD[token_of]
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            w1 = w1_EFD[e].to(x_TD.dtype) * s1[e, :, None].to(x_TD.dtype)
-            w2 = w2_EDF[e].to(x_TD.dtype) * s2[e, :, None].to(x_TD.dtype)
-            w3 = w3_EFD[e].to(x_TD.dtype) * s3[e, :, None].to(x_TD.dtype)
-            h = xs[start : start + n]
-            ys[start : start + n] = F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
-            start += n
-    ys = ys.float() * weights_TK.reshape(-1)[order, None]
-    out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
-    out_TD.index_add_(0, token_of, ys)
-    return out_TD.to(x_TD.dtype)
+
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+        w1 = w1_EFD[e].to(x_TD.dtype) * s1[e, :, None].to(x_TD.dtype)
+        w2 = w2_EDF[e].to(x_TD.dtype) * s2[e, :, None].to(x_TD.dtype)
+        w3 = w3_EFD[e].to(x_TD.dtype) * s3[e, :, None].to(x_TD.dtype)
+        return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
+
+    return grouped_by_expert(x_TD, weights_TK, idx_TK, w1_EFD.shape[0], expert)
 
 
 def fused_experts(
