@@ -45,11 +45,12 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
 
 
 class Server:
-    """`python -m mixtral.serve` (the same as `mixtral serve`) on a free port, ready when constructed."""
+    """`python -m mixtral.serve` (the same as `mixtral serve`) on a free port, ready when constructed;
+    `launcher` replaces `python` (e.g. torchrun and its flags)."""
 
-    def __init__(self, ckpt: Path, log: Path, *flags: str) -> None:
+    def __init__(self, ckpt: Path, log: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> None:
         self.log = log
-        cmd = [sys.executable, "-m", "mixtral.serve", "--checkpoint", str(ckpt), "--port", "0"]
+        cmd = [*launcher, "-m", "mixtral.serve", "--checkpoint", str(ckpt), "--port", "0"]
         cmd += ["--model-name", MODEL, "--threads", "1", "--log-level", "warning", *flags]
         with open(log, "w") as f:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f)

@@ -22,7 +22,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         description="Serve the model over HTTP with the OpenAI API: POST /v1/chat/completions and "
         "/v1/completions (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests "
         "join the running batch between decode steps. SIGTERM or Ctrl-C stops taking requests, lets those "
-        "in flight finish (up to --shutdown-timeout) and exits; a second Ctrl-C exits at once.",
+        "in flight finish (up to --shutdown-timeout) and exits; a second Ctrl-C exits at once. Under torchrun "
+        "with --ep/--tp, rank 0 serves HTTP and every rank runs each step on its shard of the model "
+        "(torchrun kills its workers 30 s after it is signalled: keep --shutdown-timeout below that).",
     )
     cli._add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -92,6 +94,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import torch
+
     from .. import cli
     from ..checkpoint import find_checkpoint
 
@@ -101,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .app import create_app
         from .engine import Engine
         from .server import Server
+        from .steps import LockstepSteps, Steps
     except ImportError as e:
         raise cli.CLIError(f"mixtral serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 
@@ -114,11 +119,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ]:
         if value < least:
             raise cli.CLIError(f"{flag} {value} is invalid: must be >= {least}")
-    if args.ep > 1 or args.tp > 1:
-        raise cli.CLIError(
-            "--ep/--tp are not supported by serve yet (every rank would need to run the scheduler's steps in "
-            "lock-step); serve on one device, or use generate/chat/train under torchrun"
-        )
     if not args.shutdown_timeout >= 0:
         raise cli.CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
     if args.api_key == "":
@@ -131,9 +131,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise cli.CLIError(f"--max-seq-len {args.max_seq_len} is more than the model's context of {context} tokens")
     cli._device(args.device)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
+    lockstep = args.ep > 1 or args.tp > 1
+    if lockstep:
+        from .. import parallel
+
+        parallel.check_layout(ckpt.config, args.ep, args.tp)  # before joining, so that every rank says it
+        parallel.init_distributed(cli._device(args.device).type)
+        parallel.check_layout(ckpt.config, args.ep, args.tp, torch.distributed.get_world_size())
+        if not parallel.is_main_process():
+            _follow(args)
+            return
     model_name = args.model_name or path.resolve().name
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -145,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_seq_len=args.max_seq_len,
         prefill_chunk=args.prefill_chunk,
+        steps=LockstepSteps if lockstep else Steps,
     )
     app = create_app(engine, model_name=model_name, api_key=args.api_key)
     config = uvicorn.Config(
@@ -164,12 +173,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
         rows = f"{args.max_batch} rows x {engine.context_len} tokens"
         _say(f"ready: serving {model_name!r} at {url}/v1 (KV cache {rows})")
 
-    engine.on_load_failure, engine.on_ready = failed, ready
+    engine.on_failure, engine.on_ready = failed, ready
     _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded)")
     server.run(sockets=[sock])
     if engine.load_error is not None:
         raise cli.CLIError(f"loading the model failed: {engine.load_error}")
+    if lockstep and not engine.closed:
+        # The other ranks wait for a stop that will not come: a failed status makes torchrun end them.
+        raise cli.CLIError("the scheduler did not stop cleanly (see the log above); ending the other ranks")
+    if lockstep:
+        parallel.shutdown()
     _say("stopped")
+
+
+def _follow(args: argparse.Namespace) -> None:
+    """Every rank but 0 under torchrun: load this rank's shard, then run rank 0's steps until it stops."""
+    from .. import cli, parallel
+    from ..cache import KVCache
+    from .steps import Steps, follow
+
+    model, _ = cli._load(args)  # the same collectives, in the same order, as rank 0's loader
+    context = args.max_seq_len or model.config.max_seq_len
+    weight = model.embed.weight
+    cache = KVCache(model.config, args.max_batch, context, dtype=weight.dtype, device=weight.device)
+    follow(Steps(model, cache))
+    parallel.shutdown()
 
 
 def _say(message: str) -> None:

@@ -15,6 +15,9 @@ A sequence's numbers do not depend on what else runs: its prompt is prefilled al
 chunks whose bounds depend only on its own length, the decode step always spans all `max_batch` rows,
 and its sampling uses only its own logits, history and generator.
 
+The model work itself goes through a `Steps` object (steps.py): on one process it runs here; under
+torchrun it is broadcast to the other ranks first, so that every rank runs the same forward passes.
+
 Requests live on the asyncio side: the scheduler posts `Event`s to a request's queue with
 `call_soon_threadsafe`; the HTTP layer reads them with `Request.events()`.
 """
@@ -34,13 +37,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
-from ..generate import SamplingParams, TextStream, decode_step, logprobs, sample
+from ..generate import SamplingParams, TextStream, logprobs, sample
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .steps import HEARTBEAT, Steps
 
 log = logging.getLogger("mixtral.serve")
 
 Loader = Callable[[], tuple[Transformer, Tokenizer]]
+StepsFactory = Callable[[Transformer, KVCache], Steps]
 
 
 SHUTDOWN_MESSAGE = "the server is shutting down"  # also the error of sequences cut by a shutdown
@@ -173,6 +178,9 @@ class Engine:
 
     `load` builds (model, tokenizer) on that thread, so an HTTP server can answer /health while the
     model loads. `max_batch` rows are decoded together; at most `max_queue` more sequences wait for a row.
+    `steps` wraps the model and its cache (`LockstepSteps` under torchrun). With lock-step steps a failed
+    forward pass is fatal (the other ranks cannot be brought back in step): the engine fails and calls
+    `on_failure`, and the process should exit so that torchrun ends the others.
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class Engine:
         max_queue: int = 64,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        steps: StepsFactory = Steps,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} is invalid: must be >= 1")
@@ -191,6 +200,9 @@ class Engine:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} is invalid: must be >= 1")
         self._load = load
+        self._make_steps = steps
+        self._steps: Steps | None = None
+        self.closed = False  # the scheduler ended normally (and told the other ranks, under torchrun)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -210,7 +222,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         # (time, generation_tokens) after each step, for tokens_per_second; a minute of them
         self._rate: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
-        self.on_load_failure: Callable[[BaseException], None] | None = None  # called on the scheduler thread
+        # Called on the scheduler thread when loading fails, or when the scheduler fails with lock-step steps.
+        self.on_failure: Callable[[BaseException], None] | None = None
         self.on_ready: Callable[[], None] | None = None  # likewise
 
     # ---- the asyncio side -----------------------------------------------------------------------------
@@ -293,15 +306,15 @@ class Engine:
                 )
             weight = model.embed.weight
             cache = KVCache(model.config, self.max_batch, context, dtype=weight.dtype, device=weight.device)
+            self._steps = self._make_steps(model, cache)
         except Exception as e:  # reported to the server, which exits with this message
             with self._cond:
                 self.state = "failed"
                 self.load_error = e
             log.error("loading the model failed: %s", e)
-            if self.on_load_failure is not None:
-                self.on_load_failure(e)
+            if self.on_failure is not None:
+                self.on_failure(e)
             return
-        self._cache = cache
         self._free_rows = list(range(self.max_batch))
         with self._cond:
             self.model, self.tokenizer, self.context_len = model, tokenizer, context
@@ -311,11 +324,16 @@ class Engine:
             self.on_ready()
         try:
             self._loop()
-        except Exception:  # a bug: say so everywhere rather than leave requests hanging
+        except Exception as e:  # a bug, or a failed lock-step: say so everywhere rather than leave requests hanging
             log.error("the scheduler failed:\n%s", traceback.format_exc())
             with self._cond:
                 self.state = "failed"
                 self._abort_all("the server failed (see its log)")
+            if self.on_failure is not None:
+                self.on_failure(e)
+            return
+        self._steps.close()  # after a failure the other ranks may be inside a collective: no stop for them
+        self.closed = True
 
     def _loop(self) -> None:
         while True:
@@ -323,7 +341,9 @@ class Engine:
                 while not (self._waiting or self._running or self._stopping or self._cancelled):
                     if self._deadline_passed():
                         break
-                    self._cond.wait(timeout=0.5 if self._deadline is not None else None)
+                    self._steps.idle()
+                    timeout = 0.5 if self._deadline is not None else HEARTBEAT if self._steps.lockstep else None
+                    self._cond.wait(timeout=timeout)
                 if self._stopping or self._deadline_passed():
                     self._abort_all(SHUTDOWN_MESSAGE)
                     self._deadline = None  # nothing is left to wait for: new requests are refused
@@ -335,11 +355,13 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # a failed forward pass: fail the running sequences, keep serving
+                if self._steps.lockstep:
+                    raise
                 log.error("generation failed:\n%s", traceback.format_exc())
                 with self._cond:
                     for s in list(self._running):
                         self._finish(s, Event(s.index, error=f"generation failed: {type(e).__name__}: {e}"), "error")
-                    self._cache.reset()
+                    self._steps.reset()
 
     def _deadline_passed(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -348,7 +370,7 @@ class Engine:
         while self._waiting and self._free_rows:
             s = self._waiting.popleft()
             s.row = self._free_rows.pop(0)
-            self._cache.reset([s.row])
+            self._steps.reset([s.row])
             self._running.append(s)
             self.stats.prompt_tokens += len(s.prompt)
         self._sync_gauges()
@@ -373,7 +395,7 @@ class Engine:
     def _release(self, s: _Seq) -> None:
         if s in self._running:
             self._running.remove(s)
-            self._cache.reset([s.row])
+            self._steps.reset([s.row])
             self._free_rows.append(s.row)
             self._free_rows.sort()
         elif s in self._waiting:
@@ -402,8 +424,7 @@ class Engine:
         self.stats.rows_free = len(self._free_rows)
 
     def _step(self) -> None:
-        model, cache, eos = self.model, self._cache, self.tokenizer.eos_id
-        assert model is not None
+        eos = self.tokenizer.eos_id
         running = list(self._running)
 
         # Prefill: one chunk each, oldest first, within a token budget (at least one chunk per turn).
@@ -413,7 +434,8 @@ class Engine:
                 continue
             start = s.prefilled
             end = min(start + self.prefill_chunk, len(s.prompt))
-            s.logits = self._prefill_chunk(model, cache, s, start, end)
+            s.logits = self._steps.prefill(s.row, s.prompt[start:end], start).cpu()
+            self.stats.prefill_chunks += 1
             s.prefilled = end
             budget -= end - start
 
@@ -458,7 +480,7 @@ class Engine:
                 tokens_B[s.row] = s.next_token
                 pos_B[s.row] = len(s.history) - 1
                 s.next_token = None
-            logits_BV = decode_step(model, cache, tokens_B, pos_B).cpu()
+            logits_BV = self._steps.decode(tokens_B, pos_B).cpu()
             for s in feeding:
                 s.logits = logits_BV[s.row]
             self.stats.decode_steps += 1
@@ -466,13 +488,3 @@ class Engine:
         self._rate.append((now, self.stats.generation_tokens))
         while len(self._rate) > 1 and self._rate[1][0] < now - 60:
             self._rate.popleft()
-
-    @torch.no_grad()
-    def _prefill_chunk(self, model: Transformer, cache: KVCache, s: _Seq, start: int, end: int) -> torch.Tensor:
-        """Prompt tokens [start, end) of one sequence into its row; returns the last token's logits [V]."""
-        device = model.embed.weight.device
-        tokens = torch.tensor([s.prompt[start:end]], dtype=torch.long, device=device)
-        positions = torch.arange(start, end, dtype=torch.long, device=device)[None]
-        logits = model(tokens, positions=positions, cache=cache.rows([s.row]))
-        self.stats.prefill_chunks += 1
-        return logits[0, -1].float().cpu()
