@@ -43,10 +43,11 @@ HELP = {
     "eval_every": "evaluate held-out loss and bits per character every N steps (and at the end)",
     "eval_batches": "held-out batches per evaluation (0: all)",
     "log_every": "write training metrics to metrics.jsonl every N steps",
-    "resume": "continue exactly from out_dir/checkpoint (with the same --ep it was written with)",
+    "resume": "continue exactly from out_dir/checkpoint (with the same --ep and --tp it was written with)",
     "ep": "expert parallelism: split the experts over N processes, each training on batch_size / N sequences "
     "of every batch (launch with torchrun --nproc-per-node N; gloo on CPU, NCCL with --device cuda)",
-    "tp": "tensor parallelism: not supported for training; must be 1",
+    "tp": "tensor parallelism: split the attention heads and the experts' hidden units over N processes that "
+    "train on the same rows (with --ep M: M x N processes under torchrun)",
     "lora_rank": "LoRA rank; 0 trains all weights",
     "lora_alpha": "LoRA alpha (the adapter is scaled by alpha / rank)",
     "lora_targets": "weights that get adapters: wq wk wv wo (attention) and w1 w2 w3 (experts)",

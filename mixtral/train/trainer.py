@@ -7,7 +7,12 @@ With `ep` > 1 (under torchrun) the experts are split over the processes (`parall
 computes the losses over the whole batch, pooling sums over the ranks (`parallel.sum_over_group`, identity
 backward), so its backward pass reaches only its own tokens; it back-propagates ep x loss, and
 `reduce_gradients` averages over the ranks: the sum of the ranks' parts, i.e. the gradient one process
-would get for the whole batch. The gradient norm for clipping is the whole model's."""
+would get for the whole batch. The gradient norm for clipping is the whole model's.
+
+With `tp` > 1 each group of tp processes splits the attention heads and every expert's hidden units
+(`parallelize`'s tensor parallelism) and trains on the same rows: the tp ranks of one group compute the
+same losses, and their gradients of the replicated parameters are already whole (the collectives' backward
+sums the partial ones). ep x tp processes in all; the rows of a batch are split over the ep groups."""
 
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ class ResumeError(ValueError):
 
 
 def rank_state_file(rank: int, world: int) -> str:
-    """The training state of one rank of `world` expert-parallel processes, inside the checkpoint folder."""
+    """The training state of one rank of `world` parallel processes, inside the checkpoint folder."""
     return f"train_state.rank{rank}-of-{world}.pt"
 
 
@@ -98,9 +103,8 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
 
     def __post_init__(self) -> None:
-        positive = (
-            *("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "eval_every", "log_every", "ep"),
-        )
+        positive = ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "eval_every", "log_every")
+        positive += ("ep", "tp")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be an integer >= 1")
@@ -114,20 +118,16 @@ class TrainConfig:
             raise ValueError(f"warmup={self.warmup!r} is invalid: must be >= 0")
         if not self.data:
             raise ValueError("no training data: give --data FILE... (text or JSONL)")
-        if self.tp != 1:
-            raise ValueError(
-                f"tp={self.tp!r}: tensor parallelism is not supported for training (--tp must be 1); "
-                "split the experts over processes with --ep N instead"
-            )
         if self.batch_size % self.ep:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by ep={self.ep}: each of the {self.ep} "
                 f"expert-parallel processes trains on batch_size / ep sequences of every batch; "
                 f"choose a multiple of {self.ep}"
             )
-        if self.ep > 1 and self.lora_rank:
+        if (self.ep > 1 or self.tp > 1) and self.lora_rank:
             raise ValueError(
-                f"LoRA (lora_rank={self.lora_rank}) is not supported with expert parallelism (ep={self.ep})"
+                f"LoRA (lora_rank={self.lora_rank}) is not supported with parallel training (ep={self.ep}, "
+                f"tp={self.tp}): fine-tune LoRA adapters in one process"
             )
 
     def model_config(self) -> ModelConfig:
@@ -153,27 +153,31 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir).expanduser()
         self.device = torch.device(cfg.device)
-        self.ep, self.ep_rank, self.group = cfg.ep, 0, None
-        if cfg.ep > 1:
+        self.ep, self.tp, self.ep_rank, self.group = cfg.ep, cfg.tp, 0, None
+        self.world, self.rank = cfg.ep * cfg.tp, 0
+        self.distributed = self.world > 1
+        if self.distributed:
             self.device = parallel.init_distributed(self.device.type)  # cuda:LOCAL_RANK with NCCL, or gloo
         self.main = parallel.is_main_process()
         self.progress = progress and self.main
         torch.manual_seed(cfg.seed)  # the same on every rank: the same initial model
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
-        if cfg.init_from and cfg.ep > 1:
+        if cfg.init_from and self.distributed:
             self.model = parallel.load_model_parallel(
-                cfg.init_from, ep=cfg.ep, tokens="sharded", dtype=torch.float32, device=self.device
+                cfg.init_from, ep=cfg.ep, tp=cfg.tp, tokens="sharded", dtype=torch.float32, device=self.device
             )
         elif cfg.init_from:
             self.model = load_model(cfg.init_from, dtype=torch.float32, device=self.device)
         else:
             with torch.device(self.device):
                 self.model = Transformer(cfg.model_config())
-            if cfg.ep > 1:
-                parallel.parallelize(self.model, ep=cfg.ep, tokens="sharded")
-        if cfg.ep > 1:
+            if self.distributed:
+                parallel.parallelize(self.model, ep=cfg.ep, tp=cfg.tp, tokens="sharded")
+        if self.distributed:
             self.ep_rank, self.group = self.model.parallel.layout.ep_rank, self.model.parallel.ep_group
-            torch.manual_seed(cfg.seed + self.ep_rank)  # router jitter: each rank draws its own noise
+            self.rank = torch.distributed.get_rank()
+            # Router jitter: each EP rank draws its own noise; the TP ranks of a group draw the same (same tokens).
+            torch.manual_seed(cfg.seed + self.ep_rank)
         mc = self.model.config
         if self.tokenizer.vocab_size > mc.vocab_size:
             raise ValueError(
@@ -228,8 +232,8 @@ class Trainer:
         }
 
     def _state_file(self) -> str:
-        """This rank's file in a checkpoint folder: one per rank under expert parallelism."""
-        return STATE_FILE if self.ep == 1 else rank_state_file(self.ep_rank, self.ep)
+        """This rank's file in a checkpoint folder: one per rank when parallel."""
+        return STATE_FILE if not self.distributed else rank_state_file(self.rank, self.world)
 
     def save_checkpoint(self) -> None:
         """Write the whole training state to out/checkpoint, atomically (temp folder, then rename). Under
@@ -237,7 +241,7 @@ class Trainer:
         renames it into place once all have written."""
         dest = self.out / "checkpoint"
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=self.out)) if self.main else None
-        if self.ep > 1:
+        if self.distributed:
             tmp = Path(parallel.broadcast_from_main(str(tmp)))
         try:
             error = None
@@ -245,7 +249,7 @@ class Trainer:
                 torch.save(self._state(), tmp / self._state_file())
             except Exception as e:  # the other ranks must learn of it, or they would wait for this one
                 error = e
-            if self.ep > 1:
+            if self.distributed:
                 errors = _gather_errors(error)
                 if errors and error is None:
                     raise RuntimeError(f"checkpoint not saved: another rank failed: {errors[0]}")
@@ -264,13 +268,13 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            if self.ep > 1:
+            if self.distributed:
                 torch.distributed.barrier()  # the checkpoint is in place before any rank goes on
 
     def load_checkpoint(self) -> None:
         """Restore everything from out/checkpoint; raises ResumeError (changing nothing) if it can't. Under
         expert parallelism each rank reads its own file, and if any rank cannot, every rank raises."""
-        if self.ep == 1:
+        if not self.distributed:
             self._load_checkpoint()
             return
         error = None
@@ -292,8 +296,8 @@ class Trainer:
             if others:
                 n = 1 if others == [STATE_FILE] else len(others)
                 raise ResumeError(
-                    f"cannot resume: {folder} was written by {n} process(es) (--ep {n}), but this run has "
-                    f"ep={self.ep}: resume with the same --ep"
+                    f"cannot resume: {folder} was written by {n} process(es), but this run has {self.world} "
+                    f"(ep={self.ep}, tp={self.tp}): resume with the same --ep and --tp"
                     + (f" under torchrun --nproc-per-node {n}" if n > 1 else "")
                 )
             raise ResumeError(f"cannot resume: no checkpoint at {path}")
@@ -307,9 +311,12 @@ class Trainer:
         now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in saved}
         if saved != now:
             raise ResumeError(f"cannot resume: {path} was written for a different model ({saved} vs {now})")
-        saved_ep = state.get("config", {}).get("ep", 1)
-        if saved_ep != self.ep:
-            raise ResumeError(f"cannot resume: {path} was written with ep={saved_ep}, but this run has ep={self.ep}")
+        saved_layout = tuple(state.get("config", {}).get(k, 1) for k in ("ep", "tp"))
+        if saved_layout != (self.ep, self.tp):
+            raise ResumeError(
+                f"cannot resume: {path} was written with ep={saved_layout[0]}, tp={saved_layout[1]}, but this "
+                f"run has ep={self.ep}, tp={self.tp}"
+            )
         try:
             self.model.load_state_dict(model_state, strict=True)
         except RuntimeError as e:
@@ -348,7 +355,7 @@ class Trainer:
             (loss * self.ep / cfg.grad_accum).backward()
             ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
             loads.append(expert_load(router, mc.n_experts, mc.top_k))
-        if self.ep == 1:
+        if not self.distributed:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
@@ -453,8 +460,8 @@ class Trainer:
             save_adapter(self.model, self.out / "adapter")
             return
         model = self.model
-        if self.ep > 1:
-            model = parallel.gather_model(self.model)  # every rank sends its experts; rank 0 gets the whole
+        if self.distributed:
+            model = parallel.gather_model(self.model)  # every rank sends its shards; rank 0 gets the whole
             if not self.main:
                 return
         save_model(model, self.out / "model")
