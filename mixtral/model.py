@@ -201,5 +201,5 @@ class Transformer(nn.Module):
                 self.router_logits.append(router_logits)
         x = self.norm(x)
         if self.output is None:
-            return F.linear(x, self.embed.weight)
+            return linear(x, self.embed.weight)
         return _proj(self.output, x)

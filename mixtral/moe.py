@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels import cpu as cpu_kernels
 from .quantize import dequantized, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
@@ -121,7 +122,13 @@ def experts_decode(
     weights in place (a view, no copy). Cost: T*K expert calls whatever the number of experts.
 
     The chosen ids are read on the host (one small read per layer: on a CPU that is no device sync).
-    Scaling and the sum over the K experts happen in float32, rounded once, as in the other paths."""
+    Scaling and the sum over the K experts happen in float32, rounded once, as in the other paths.
+    bf16 experts on a CPU with the AVX512-BF16 kernels run as one fused call per token (`cpu_decode.cpp`:
+    the same roundings, its matrix-vector products at the memory bandwidth)."""
+    if _fused_cpu(x_TD, w1_EFD, w2_EDF, w3_EFD):
+        ops = cpu_kernels.ops()
+        rows = zip(x_TD, weights_TK, idx_TK, strict=True)
+        return torch.stack([ops.experts(x, w1_EFD, w2_EDF, w3_EFD, w, i) for x, w, i in rows])
     chosen = idx_TK.tolist()
     out_TD = torch.empty((x_TD.shape[0], x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     for t, experts in enumerate(chosen):
@@ -132,6 +139,19 @@ def experts_decode(
             acc = y if acc is None else acc + y
         out_TD[t : t + 1] = acc
     return out_TD.to(x_TD.dtype)
+
+
+def _fused_cpu(x_TD: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the CPU decode kernel can run these experts (plain bf16 tensors, dims multiples of 32)."""
+    return (
+        x_TD.device.type == "cpu"
+        and x_TD.dtype == torch.bfloat16
+        and all(type(w) is torch.Tensor or type(w) is nn.Parameter for w in weights)
+        and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
+        and x_TD.shape[1] % 32 == 0
+        and weights[0].shape[1] % 32 == 0
+        and cpu_kernels.ops() is not None
+    )
 
 
 def experts_triton(
@@ -178,7 +198,7 @@ class MoE(nn.Module):
         router_in = x_TD
         if self.training and self.router_jitter > 0:
             router_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
-        router_logits_TE = self.gate(router_in)
+        router_logits_TE = linear(router_in, self.gate.weight)
         weights_TK, idx_TK = route(router_logits_TE, self.top_k)
         out_TD = self.dispatch(x_TD, weights_TK, idx_TK)
         return out_TD.view(x.shape), router_logits_TE

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import cpu as cpu_kernels
+
 QUANT_MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 INT4_BLOCK = 64  # output rows per block of the int4pack layout
@@ -198,11 +200,22 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -
     several rows, GPUs)."""
     if isinstance(w, torch.Tensor):
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and w.dim() == 2 and not torch.is_grad_enabled():
-            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+            return gemv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w)
     if isinstance(w, QuantizedWeight):
         return w(x)
     return w.linear(x)
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [N, K] @ x [K] on a CPU: the AVX512-BF16 kernel (`kernels/cpu_decode.cpp`) for bf16 where it is
+    built, which also reads the small attention matrices at the bandwidth (torch.mv pays ~40 us a call);
+    `torch.mv` otherwise. Both accumulate in float32 and round the output once."""
+    if w.dtype == x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and w.is_contiguous() and x.is_contiguous():
+        ops = cpu_kernels.ops()
+        if ops is not None:
+            return ops.gemv(w, x)
+    return torch.mv(w, x)
 
 
 def dequantized(w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""The AVX512-BF16 decode kernels (`mixtral/kernels/cpu_decode.cpp`) against the plain PyTorch path they
+replace: the same products in float32 rounded once, so they differ from an exact float32 result no more
+than torch.mv does; and the model decodes the same with and without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mixtral
+from mixtral import cli
+from mixtral.cache import KVCache
+from mixtral.generate import decode_step, prefill
+from mixtral.kernels import cpu as cpu_kernels
+from mixtral.moe import experts_decode, experts_reference
+from mixtral.quantize import linear
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
+
+
+def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return (y.float() - ref).abs().max().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3584, 1024), (1024, 3584), (256, 1024), (37, 64), (8, 32), (1, 96)])
+def test_gemv_is_as_close_to_float32_as_torch_mv(shape):
+    torch.manual_seed(0)
+    W, x = torch.randn(shape, dtype=torch.bfloat16), torch.randn(shape[1], dtype=torch.bfloat16)
+    exact = W.float() @ x.float()
+    y = cpu_kernels.ops().gemv(W, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (shape[0],)
+    # Rounded once to bf16 from a float32 sum: within half a bf16 step (2^-8 relative) plus summation-order noise.
+    assert (y.float() - exact).abs().le(exact.abs() * 2**-8 + 1e-4 * shape[1] ** 0.5).all()
+    assert _max_err(y, exact) <= 1.5 * _max_err(torch.mv(W, x), exact) + 1e-3
+
+
+@needs_kernels
+def test_linear_uses_the_kernel_for_one_bf16_row_and_agrees_with_f_linear():
+    torch.manual_seed(1)
+    W, x = torch.randn(384, 256, dtype=torch.bfloat16), torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = linear(x, W)
+        with cpu_kernels.disabled():
+            plain = linear(x, W)
+    exact = x.float() @ W.float().T
+    assert fast.shape == plain.shape == (1, 1, 384)
+    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_experts_equal_the_reference_dispatch(top_k):
+    torch.manual_seed(2)
+    E, F, D = 8, 96, 64
+    w1, w3 = (torch.randn(E, F, D, dtype=torch.bfloat16) / 8 for _ in range(2))
+    w2 = torch.randn(E, D, F, dtype=torch.bfloat16) / 8
+    x = torch.randn(1, D, dtype=torch.bfloat16)
+    weights, idx = torch.softmax(torch.randn(1, top_k), -1), torch.randperm(E)[:top_k][None]
+    with torch.no_grad():
+        fast = experts_decode(x, w1, w2, w3, weights, idx)
+        ref = experts_reference(x, w1, w2, w3, weights, idx)
+        with cpu_kernels.disabled():
+            plain = experts_decode(x, w1, w2, w3, weights, idx)
+        exact = experts_reference(x.float(), w1.float(), w2.float(), w3.float(), weights, idx)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (1, D)
+    torch.testing.assert_close(fast, ref, rtol=2e-2, atol=2e-2)
+    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+    with pytest.raises(RuntimeError, match="expert id 8 is out of range for 8 experts"):
+        cpu_kernels.ops().experts(x[0], w1, w2, w3, weights[0], torch.full((top_k,), 8))
+
+
+@needs_kernels
+def test_the_builtin_model_decodes_the_same_with_and_without_the_kernels():
+    model = mixtral.load_model(cli.default_checkpoint(), dtype=torch.bfloat16)
+    prompt = [1, *range(300, 340)]
+
+    def steps() -> torch.Tensor:
+        cache = KVCache(model.config, 1, 64, dtype=torch.bfloat16)
+        logits = [prefill(model, cache, [prompt])]
+        for i in range(8):  # the same fed tokens both times, so the steps compare one to one
+            logits.append(decode_step(model, cache, torch.tensor([500 + i]), torch.tensor([len(prompt) + i])))
+        return torch.cat(logits)
+
+    fast = steps()
+    with cpu_kernels.disabled():
+        plain = steps()
+    assert (fast.argmax(-1) == plain.argmax(-1)).all()
+    assert (fast - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+def test_turned_off_by_the_environment_falls_back_to_torch_mv():
+    code = (
+        "import torch, mixtral; from mixtral import cli; from mixtral.kernels import cpu; print(cpu.status());"
+        "m = mixtral.load_model(cli.default_checkpoint(), dtype=torch.bfloat16);"
+        "print(len(mixtral.generate(m, [[1, 300, 301]], max_new_tokens=4, eos_id=None)[0]))"
+    )
+    env = {**os.environ, "MIXTRAL_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    status, tokens = out.stdout.splitlines()
+    assert status == "torch.mv (turned off by MIXTRAL_CPU_KERNELS=0)"
+    assert tokens == "4"
