@@ -18,6 +18,21 @@ import torch
 from .config import ModelConfig
 
 
+def attention_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: query at position i sees key at position j iff j <= i (and i - W < j).
+
+    Key positions below zero mark empty cache slots or padding: never attended to. A padding query
+    (position < 0) would see nothing; it sees every key instead of producing NaNs (its output is garbage
+    that nobody reads).
+    """
+    q = qpos_BT[:, :, None]
+    k = kpos_BS[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return (allowed | (q < 0))[:, None]
+
+
 class KVCache:
     def __init__(
         self,
@@ -30,7 +45,7 @@ class KVCache:
     ) -> None:
         if max_seq_len > config.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {config.max_seq_len} tokens")
-        window = config.sliding_window
+        window = self.window = config.sliding_window
         self.rolling = window is not None and window < max_seq_len
         self.n_slots = window if self.rolling else max_seq_len
         shape = (batch_size, config.n_kv_heads, self.n_slots, config.head_dim)
@@ -66,13 +81,19 @@ class KVCache:
         """Which new tokens go to which slots, and which key positions the attention looks at."""
         T = pos_BT.shape[1]
         slot_pos = self.slot_pos if rows is None else self.slot_pos[rows]
-        # A chunk longer than the buffer writes some slots twice: only the last n_slots positions of a
-        # row are kept (and padding, position < 0, is never written).
-        keep = (pos_BT >= 0) & (pos_BT > pos_BT.max(dim=1, keepdim=True).values - self.n_slots)
-        b, t = torch.where(keep)
-        slots = pos_BT[b, t] % self.n_slots
-        before = slot_pos.clone()
-        slot_pos[b, slots] = pos_BT[b, t]
+        before = slot_pos.clone() if self.rolling and T > 1 else None
+        single = pos_BT.numel() == 1 and pos_BT.device.type == "cpu"  # reading the position costs nothing here
+        if single and int(pos_BT) >= 0:
+            b = t = None
+            slots = int(pos_BT) % self.n_slots
+            slot_pos[0, slots] = pos_BT[0, 0]
+        else:
+            # A chunk longer than the buffer writes some slots twice: only the last n_slots positions of a
+            # row are kept (and padding, position < 0, is never written).
+            keep = (pos_BT >= 0) & (pos_BT > pos_BT.max(dim=1, keepdim=True).values - self.n_slots)
+            b, t = torch.where(keep)
+            slots = pos_BT[b, t] % self.n_slots
+            slot_pos[b, slots] = pos_BT[b, t]
         if rows is not None:
             self.slot_pos[rows] = slot_pos
         # Writing first and attending over the cache is right unless a write evicts a position that a
@@ -86,7 +107,7 @@ class KVCache:
             # Attend over the slots up to the last one in use (a full cache is mostly empty early on).
             n_used = self.n_slots if self.rolling else max(int(slot_pos.max()) + 1, 1)
             kpos = slot_pos[:, :n_used]
-        return b, t, slots, kpos, concat, n_used
+        return b, t, slots, attention_mask(pos_BT, kpos, self.window), concat, n_used
 
     @torch.compiler.disable  # data-dependent slots and lengths: always eager, also inside a compiled block
     def _update(
@@ -99,19 +120,23 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if layer == 0:
             self._step = self._plan(pos_BT, rows)
-        b, t, slots, kpos, concat, n_used = self._step
+        b, t, slots, mask, concat, n_used = self._step
         ck, cv = self.k[layer], self.v[layer]
         if rows is not None:
             ck, cv = ck[rows], cv[rows]  # copies: written back below
         if concat:
             keys, values = torch.cat((ck, k_BGTd), dim=2), torch.cat((cv, v_BGTd), dim=2)
-        ck[b, :, slots] = k_BGTd[b, :, t]
-        cv[b, :, slots] = v_BGTd[b, :, t]
+        if isinstance(slots, int):  # one token of one sequence (decode at batch 1): a plain copy
+            ck[:, :, slots] = k_BGTd[:, :, 0]
+            cv[:, :, slots] = v_BGTd[:, :, 0]
+        else:
+            ck[b, :, slots] = k_BGTd[b, :, t]
+            cv[b, :, slots] = v_BGTd[b, :, t]
         if rows is not None:
             self.k[layer][rows], self.v[layer][rows] = ck, cv
         if not concat:
             keys, values = ck[:, :, :n_used], cv[:, :, :n_used]
-        return keys, values, kpos
+        return keys, values, mask
 
 
 class CacheRows:

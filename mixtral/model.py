@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import attention_mask
 from .config import ModelConfig
+from .kernels import cpu as cpu_kernels
 from .moe import MOE_IMPLS, MoE
-from .quantize import linear
+from .quantize import gemv_cat, linear
 
 
 class KVCache(Protocol):
@@ -27,7 +29,8 @@ class KVCache(Protocol):
     def update(
         self, layer: int, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor, pos_BT: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store the new keys/values; return (keys, values, key positions) to attend over."""
+        """Store the new keys/values; return (keys, values, mask): what to attend over and which of those
+        keys each query sees (`cache.attention_mask`)."""
         ...
 
 
@@ -40,6 +43,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 (bf16 sums of squares lose too much), cast back, then scale: the same
         # order of roundings as the reference implementations.
+        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            ops = cpu_kernels.ops()  # the same roundings in one call (the ops below are ~10 small kernels)
+            if ops is not None and x.is_contiguous():
+                return ops.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -61,19 +68,6 @@ def apply_rope(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tenso
     half = x_BHTd.shape[-1] // 2
     rotated = torch.cat((-x_BHTd[..., half:], x_BHTd[..., :half]), dim=-1)
     return x_BHTd * cos_BTd[:, None] + rotated * sin_BTd[:, None]
-
-
-def attention_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S]: query at position i sees key at position j iff j <= i (and i - W < j).
-
-    Key positions below zero mark empty cache slots or padding: never attended to.
-    """
-    q = qpos_BT[:, :, None]
-    k = kpos_BS[:, None, :]
-    allowed = (k >= 0) & (k <= q)
-    if window is not None:
-        allowed &= k > q - window
-    return allowed[:, None]
 
 
 def _proj(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -104,20 +98,29 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = _proj(self.wq, x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = _proj(self.wk, x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = _proj(self.wv, x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is None:
-            kpos_BS = pos_BT
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self._qkv_one_row(x_BTD) if B * T == 1 else None
+        if qkv is not None:  # one token: q, k and v from one kernel call, rotary embedding applied once
+            qk = apply_rope(qkv[: (H + G) * d].view(1, H + G, 1, d), *rope)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[(H + G) * d :].view(1, G, 1, d)
         else:
-            k, v, kpos_BS = cache.update(self.layer, k, v, pos_BT)
-        mask = attention_mask(pos_BT, kpos_BS, self.window)
-        # A padding query (position < 0) sees nothing; let it see every key instead of producing NaNs.
-        # Its output is garbage that nobody reads.
-        mask = mask | (pos_BT < 0)[:, None, :, None]
+            q = _proj(self.wq, x_BTD).view(B, T, H, d).transpose(1, 2)
+            k = _proj(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2)
+            v = _proj(self.wv, x_BTD).view(B, T, G, d).transpose(1, 2)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            mask = attention_mask(pos_BT, pos_BT, self.window)
+        else:
+            k, v, mask = cache.update(self.layer, k, v, pos_BT)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return _proj(self.wo, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _qkv_one_row(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        """[q; k; v] of a single token from one CPU kernel call, or None (then one projection each)."""
+        projections = (self.wq, self.wk, self.wv)
+        if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in projections):
+            return None
+        return gemv_cat([m.weight for m in projections], x_BTD)
 
 
 class Block(nn.Module):

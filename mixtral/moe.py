@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
-from .quantize import dequantized, linear
+from .quantize import QuantizedWeight, dequantized, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
 
@@ -125,10 +125,11 @@ def experts_decode(
     Scaling and the sum over the K experts happen in float32, rounded once, as in the other paths.
     bf16 experts on a CPU with the AVX512-BF16 kernels run as one fused call per token (`cpu_decode.cpp`:
     the same roundings, its matrix-vector products at the memory bandwidth)."""
-    if _fused_cpu(x_TD, w1_EFD, w2_EDF, w3_EFD):
-        ops = cpu_kernels.ops()
-        rows = zip(x_TD, weights_TK, idx_TK, strict=True)
-        return torch.stack([ops.experts(x, w1_EFD, w2_EDF, w3_EFD, w, i) for x, w, i in rows])
+    if x_TD.shape[0] == 1 and _fused_cpu(x_TD, w1_EFD, w2_EDF, w3_EFD):
+        if isinstance(w1_EFD, QuantizedWeight):
+            int8 = [t for w in (w1_EFD, w2_EDF, w3_EFD) for t in (w.q, w.scale)]
+            return cpu_kernels.ops().experts_int8(x_TD, *int8, weights_TK, idx_TK)
+        return cpu_kernels.ops().experts(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
     chosen = idx_TK.tolist()
     out_TD = torch.empty((x_TD.shape[0], x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     for t, experts in enumerate(chosen):
@@ -141,13 +142,17 @@ def experts_decode(
     return out_TD.to(x_TD.dtype)
 
 
-def _fused_cpu(x_TD: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the CPU decode kernel can run these experts (plain bf16 tensors, dims multiples of 32)."""
+def _fused_cpu(x_TD: torch.Tensor, *weights: torch.Tensor | QuantizedWeight) -> bool:
+    """Whether the CPU decode kernel can run these experts: plain bf16 tensors or int8 quantized weights
+    (bf16 scales), on the CPU, dims multiples of 32."""
+    plain = all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype == torch.bfloat16 for w in weights)
+    int8 = all(isinstance(w, QuantizedWeight) and w.mode == "int8" and w.dtype == torch.bfloat16 for w in weights)
+    tensors = [t for w in weights for t in ((w.q, w.scale) if int8 else (w,))]
     return (
-        x_TD.device.type == "cpu"
+        (plain or int8)
+        and x_TD.device.type == "cpu"
         and x_TD.dtype == torch.bfloat16
-        and all(type(w) is torch.Tensor or type(w) is nn.Parameter for w in weights)
-        and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
+        and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
         and x_TD.shape[1] % 32 == 0
         and weights[0].shape[1] % 32 == 0
         and cpu_kernels.ops() is not None

@@ -171,6 +171,10 @@ class QuantizedView:
             # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
             # Not for int4: unpacking nibbles costs more than the int4 kernel's own slowness.
             return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
+        if self.mode == "int8" and x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.shape[1] % 16 == 0:
+            ops = cpu_kernels.ops()  # one row: our AVX-512 kernel reads int8 ~1.5x faster, the same numbers
+            if ops is not None and x2.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
+                return ops.gemv_int8(a, b, x2.reshape(-1).contiguous()).view(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.contiguous(), a, b)
         else:
@@ -216,6 +220,17 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if ops is not None:
             return ops.gemv(w, x)
     return torch.mv(w, x)
+
+
+def gemv_cat(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
+    """[w_0; w_1; ...] @ x [K] in one kernel call (e.g. wq, wk, wv of one token), or None where the kernel
+    cannot run (then call `linear` for each)."""
+    if x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 32 == 0 and not torch.is_grad_enabled():
+        ops = cpu_kernels.ops()
+        plain = all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype == torch.bfloat16 for w in ws)
+        if ops is not None and x.device.type == "cpu" and plain and all(w.is_contiguous() for w in ws):
+            return ops.gemv_cat(ws, x.reshape(-1))
+    return None
 
 
 def dequantized(w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:

@@ -17,7 +17,7 @@ from mixtral.cache import KVCache
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.moe import experts_decode, experts_reference
-from mixtral.quantize import linear
+from mixtral.quantize import QuantizedWeight, linear, quantize_int8
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -105,3 +105,34 @@ def test_turned_off_by_the_environment_falls_back_to_torch_mv():
     status, tokens = out.stdout.splitlines()
     assert status == "torch.mv (turned off by MIXTRAL_CPU_KERNELS=0)"
     assert tokens == "4"
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3584, 1024), (1024, 3584), (37, 64), (5, 16)])
+def test_int8_gemv_equals_torch_int8pack_mm(shape):
+    torch.manual_seed(3)
+    q, scale = quantize_int8(torch.randn(shape, dtype=torch.bfloat16))
+    x = torch.randn(shape[1], dtype=torch.bfloat16)
+    y = cpu_kernels.ops().gemv_int8(q, scale, x)
+    ref = torch._weight_int8pack_mm(x[None], q, scale)[0]
+    # The same float32 products, summed in another order and rounded once: at most one bf16 step apart.
+    assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2**-7 + 1e-3).all()
+    exact = (q.float() @ x.float()) * scale.float()
+    assert _max_err(y, exact) <= 1.5 * _max_err(ref, exact) + 1e-3
+
+
+@needs_kernels
+def test_int8_experts_equal_the_reference_on_dequantized_weights():
+    torch.manual_seed(4)
+    E, F, D = 8, 96, 64
+    w1, w3 = (QuantizedWeight.from_float(torch.randn(E, F, D, dtype=torch.bfloat16) / 8, "int8") for _ in range(2))
+    w2 = QuantizedWeight.from_float(torch.randn(E, D, F, dtype=torch.bfloat16) / 8, "int8")
+    x = torch.randn(1, D, dtype=torch.bfloat16)
+    weights, idx = torch.softmax(torch.randn(1, 2), -1), torch.tensor([[5, 2]])
+    with torch.no_grad():
+        fast = experts_decode(x, w1, w2, w3, weights, idx)
+        with cpu_kernels.disabled():
+            plain = experts_decode(x, w1, w2, w3, weights, idx)  # torch's int8 kernel
+        ref = experts_reference(x, w1, w2, w3, weights, idx)  # dequantized weights
+    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fast, ref, rtol=2e-2, atol=2e-2)

@@ -11,6 +11,7 @@ The build takes about a minute the first time and is cached (torch's extension f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import sys
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-NAME = "mixtral_cpu_decode"
 # -fopenmp: ATen's parallel_for is inline OpenMP; without the flag it runs on one thread.
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 
@@ -80,15 +80,33 @@ def disabled() -> Iterator[None]:
 def _build() -> None:
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    folder = Path(_get_build_directory(NAME, verbose=False))
-    if not any(folder.glob(f"{NAME}*.so")):
+    # Named by a hash of the source and flags: a changed source is a new name, so "not built yet" is exact.
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    name = f"mixtral_cpu_decode_{digest}"
+    if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
         print("mixtral: compiling the CPU decode kernels (once; about a minute)...", file=sys.stderr, flush=True)
-    load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
     @torch.library.register_fake("mixtral_cpu::gemv")
     def _(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(W.shape[0])
 
+    @torch.library.register_fake("mixtral_cpu::gemv_cat")
+    def _(Ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(sum(W.shape[0] for W in Ws))
+
+    @torch.library.register_fake("mixtral_cpu::rms_norm")
+    def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mixtral_cpu::gemv_int8")
+    def _(Q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(Q.shape[0])
+
     @torch.library.register_fake("mixtral_cpu::experts")
     def _(x, w1, w2, w3, weights, idx) -> torch.Tensor:
-        return x.new_empty(x.shape[0])
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mixtral_cpu::experts_int8")
+    def _(x, q1, s1, q2, s2, q3, s3, weights, idx) -> torch.Tensor:
+        return torch.empty_like(x)

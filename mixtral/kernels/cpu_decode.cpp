@@ -65,14 +65,67 @@ void dot_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t r0, int64_
   }
 }
 
+// int8 weights (weight-only quantization, one scale per row): y[r] = scale[r] * dot(Q[r, :], x) in float32 for
+// rows [r0, r1); x is given in float32 (K % 16 == 0). Each 16 weights: sign-extend, convert, fused multiply-add.
+void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const float* x, float* y, int64_t r0, int64_t r1, int64_t K) {
+  constexpr int R = 4;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    const int8_t* q = Q + r * K;
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      if ((k & 63) == 0)
+        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(q + i * K + k + 512), _MM_HINT_T0);
+      for (int i = 0; i < R; ++i) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * K + k));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]) * bf16_to_float(scale[r + i]);
+  }
+  for (; r < r1; ++r) {
+    const int8_t* q = Q + r * K;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_loadu_ps(x + k), acc);
+    }
+    y[r] = _mm512_reduce_add_ps(acc) * bf16_to_float(scale[r]);
+  }
+}
+
+// A matrix-vector product's weights: bf16 [N, K], or int8 [N, K] with bf16 scales [N].
+struct Weights {
+  const void* data;
+  const uint16_t* scale;  // null for bf16
+  int64_t N, K;
+};
+
+// x for a product: bf16 as given, and in float32 for int8 weights.
+struct Vector {
+  const uint16_t* bf16;
+  std::vector<float> f32;
+  Vector(const uint16_t* x, int64_t K, bool need_f32) : bf16(x) {
+    if (need_f32) {
+      f32.resize(K);
+      for (int64_t k = 0; k < K; ++k) f32[k] = bf16_to_float(x[k]);
+    }
+  }
+};
+
 // Rows [0, N) in blocks of kRows, the blocks split over ATen's threads; `each(r0, r1)` then runs on the
 // rows a thread computed (e.g. rounding them), while they are still in its cache.
 template <typename Each>
-void gemv_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t N, int64_t K, Each each) {
-  const int64_t blocks = (N + kRows - 1) / kRows;
+void gemv_rows(const Weights& W, const Vector& x, float* y, Each each) {
+  const int64_t N = W.N, K = W.K, blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t r0 = b0 * kRows, r1 = std::min(N, b1 * kRows);
-    dot_rows(W, x, y, r0, r1, K);
+    if (W.scale == nullptr)
+      dot_rows(static_cast<const uint16_t*>(W.data), x.bf16, y, r0, r1, K);
+    else
+      dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.f32.data(), y, r0, r1, K);
     each(r0, r1);
   });
 }
@@ -97,64 +150,179 @@ torch::Tensor gemv(const torch::Tensor& W, const torch::Tensor& x) {
   auto out = torch::empty({N}, x.options());
   std::vector<float> y(N);
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  gemv_rows(bf16_data(W), bf16_data(x), y.data(), N, K, [&](int64_t r0, int64_t r1) {
+  gemv_rows(Weights{W.data_ptr(), nullptr, N, K}, Vector(bf16_data(x), K, false), y.data(), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
   });
   return out;
 }
 
-// One token through its k chosen experts: sum_j weights[j] * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)).
-// x [D] bf16; w1, w3 [E, F, D] and w2 [E, D, F] bf16; weights [k] float32; idx [k] int64 -> [D] bf16.
-torch::Tensor experts(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2, const torch::Tensor& w3,
-                      const torch::Tensor& weights, const torch::Tensor& idx) {
+void check_int8(const torch::Tensor& q, const torch::Tensor& scale, int64_t dims) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kChar && q.is_contiguous() && q.dim() == dims,
+              "int8 weights must be a contiguous int8 CPU tensor with ", dims, " dims, got ", q.sizes(), " ",
+              q.scalar_type());
+  check_weight(scale, "scale", dims - 1);
+  TORCH_CHECK(scale.sizes() == q.sizes().slice(0, dims - 1), "scales ", scale.sizes(), " for int8 weights ", q.sizes());
+}
+
+// int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, as torch._weight_int8pack_mm computes it (float32,
+// rounded once). K must be a multiple of 16.
+torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
+  check_int8(Q, scale, 2);
   check_weight(x, "x", 1);
-  check_weight(w1, "w1", 3);
-  check_weight(w2, "w2", 3);
-  check_weight(w3, "w3", 3);
+  const int64_t N = Q.size(0), K = Q.size(1);
+  TORCH_CHECK(x.size(0) == K && K % 16 == 0, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(),
+              " need x of Q's columns, a multiple of 16");
+  auto out = torch::empty({N}, x.options());
+  std::vector<float> y(N);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  gemv_rows(Weights{Q.data_ptr(), bf16_data(scale), N, K}, Vector(bf16_data(x), K, true), y.data(),
+            [&](int64_t r0, int64_t r1) {
+              for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
+            });
+  return out;
+}
+
+// [W_0; W_1; ...] @ x: one call for several matrices of K columns (e.g. wq, wk, wv), their rows split over the
+// threads together; -> [sum N_i] bf16.
+torch::Tensor gemv_cat(const std::vector<torch::Tensor>& Ws, const torch::Tensor& x) {
+  check_weight(x, "x", 1);
+  const int64_t K = x.size(0);
+  TORCH_CHECK(K % kStep == 0, "gemv_cat: x has ", K, " elements, not a multiple of 32");
+  std::vector<int64_t> first_block{0};  // block index where each matrix starts
+  int64_t N = 0;
+  for (const auto& W : Ws) {
+    check_weight(W, "W", 2);
+    TORCH_CHECK(W.size(1) == K, "gemv_cat: a matrix of ", W.sizes(), " for x of ", K, " elements");
+    N += W.size(0);
+    first_block.push_back(first_block.back() + (W.size(0) + kRows - 1) / kRows);
+  }
+  auto out = torch::empty({N}, x.options());
+  std::vector<float> y(N);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  std::vector<int64_t> offset{0};
+  for (const auto& W : Ws) offset.push_back(offset.back() + W.size(0));
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t b0, int64_t b1) {
+    for (size_t m = 0; m < Ws.size(); ++m) {  // the part of [b0, b1) inside matrix m
+      const int64_t lo = std::max(b0, first_block[m]) - first_block[m], hi = std::min(b1, first_block[m + 1]) - first_block[m];
+      if (lo >= hi) continue;
+      const int64_t n = Ws[m].size(0), r0 = lo * kRows, r1 = std::min(n, hi * kRows);
+      float* ym = y.data() + offset[m];
+      dot_rows(bf16_data(Ws[m]), bf16_data(x), ym, r0, r1, K);
+      for (int64_t r = r0; r < r1; ++r) o[offset[m] + r] = float_to_bf16(ym[r]);
+    }
+  });
+  return out;
+}
+
+// One token through its k chosen experts: sum_j weights[j] * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)).
+// x [D] (or [1, D]) bf16; w1, w3 [E, F, D] and w2 [E, D, F], bf16 or int8 with bf16 scales [E, F] / [E, D];
+// weights [k] (or [1, k]) float32; idx likewise, int64 -> x's shape, bf16.
+torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor* s1,
+                          const torch::Tensor& w2, const torch::Tensor* s2, const torch::Tensor& w3,
+                          const torch::Tensor* s3, const torch::Tensor& weights, const torch::Tensor& idx) {
+  TORCH_CHECK(x.dim() == 1 || (x.dim() == 2 && x.size(0) == 1), "experts: x must be [D] or [1, D], got ", x.sizes());
+  check_weight(x, "x", x.dim());
+  const bool int8 = s1 != nullptr;
+  for (auto [w, sc, name] : {std::tuple{&w1, s1, "w1"}, std::tuple{&w2, s2, "w2"}, std::tuple{&w3, s3, "w3"}}) {
+    if (int8)
+      check_int8(*w, *sc, 3);
+    else
+      check_weight(*w, name, 3);
+  }
   const int64_t E = w1.size(0), F = w1.size(1), D = w1.size(2);
-  TORCH_CHECK(w3.sizes() == w1.sizes() && w2.size(0) == E && w2.size(1) == D && w2.size(2) == F && x.size(0) == D,
+  TORCH_CHECK(w3.sizes() == w1.sizes() && w2.size(0) == E && w2.size(1) == D && w2.size(2) == F,
               "experts: shapes x ", x.sizes(), " w1 ", w1.sizes(), " w2 ", w2.sizes(), " w3 ", w3.sizes(),
               " do not fit together");
+  TORCH_CHECK(x.size(-1) == D, "experts: x ", x.sizes(), " for experts of dim ", D);
   TORCH_CHECK(D % kStep == 0 && F % kStep == 0, "experts: dim ", D, " and hidden dim ", F, " must be multiples of 32");
   auto idx64 = idx.to(torch::kLong).contiguous();
   auto wts = weights.to(torch::kFloat).contiguous();
   TORCH_CHECK(idx64.numel() == wts.numel(), "experts: ", idx64.numel(), " ids for ", wts.numel(), " weights");
   const int64_t* ids = idx64.data_ptr<int64_t>();
   const float* wt = wts.data_ptr<float>();
+  const int64_t elem = int8 ? 1 : 2;  // bytes per weight
+  auto expert = [&](const torch::Tensor& w, const torch::Tensor* sc, int64_t e) {
+    const char* base = static_cast<const char*>(w.data_ptr()) + e * w.size(1) * w.size(2) * elem;
+    return Weights{base, int8 ? bf16_data(*sc) + e * w.size(1) : nullptr, w.size(1), w.size(2)};
+  };
 
   std::vector<float> h1(F), h3(F), y(D), acc(D, 0.0f);
   std::vector<uint16_t> h(F);
-  const uint16_t* xs = bf16_data(x);
+  const Vector xv(bf16_data(x), D, int8);
   for (int64_t j = 0; j < idx64.numel(); ++j) {
     const int64_t e = ids[j];
     TORCH_CHECK(e >= 0 && e < E, "experts: expert id ", e, " is out of range for ", E, " experts");
-    const uint16_t* a = bf16_data(w1) + e * F * D;
-    const uint16_t* b = bf16_data(w3) + e * F * D;
-    gemv_rows(a, xs, h1.data(), F, D, [](int64_t, int64_t) {});
-    gemv_rows(b, xs, h3.data(), F, D, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
+    gemv_rows(expert(w1, s1, e), xv, h1.data(), [](int64_t, int64_t) {});
+    gemv_rows(expert(w3, s3, e), xv, h3.data(), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {  // bf16 roundings as in moe.swiglu: w1 x, silu, w3 x, the product
         const float g = round_bf16(h1[r]);
         const float s = round_bf16(g / (1.0f + std::exp(-g)));
         h[r] = float_to_bf16(s * round_bf16(h3[r]));
       }
     });
     const float scale = wt[j];
-    gemv_rows(bf16_data(w2) + e * D * F, h.data(), y.data(), D, F, [&](int64_t r0, int64_t r1) {
+    gemv_rows(expert(w2, s2, e), Vector(h.data(), F, int8), y.data(), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) acc[r] += round_bf16(y[r]) * scale;
     });
   }
-  auto out = torch::empty({D}, x.options());
+  auto out = torch::empty(x.sizes(), x.options());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
   for (int64_t r = 0; r < D; ++r) o[r] = float_to_bf16(acc[r]);
   return out;
 }
 
+torch::Tensor experts(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2, const torch::Tensor& w3,
+                      const torch::Tensor& weights, const torch::Tensor& idx) {
+  return experts_any(x, w1, nullptr, w2, nullptr, w3, nullptr, weights, idx);
+}
+
+torch::Tensor experts_int8(const torch::Tensor& x, const torch::Tensor& q1, const torch::Tensor& s1,
+                           const torch::Tensor& q2, const torch::Tensor& s2, const torch::Tensor& q3,
+                           const torch::Tensor& s3, const torch::Tensor& weights, const torch::Tensor& idx) {
+  return experts_any(x, q1, &s1, q2, &s2, q3, &s3, weights, idx);
+}
+
+// RMSNorm of bf16 rows as `model.RMSNorm` computes it: x / sqrt(mean(x^2) + eps) in float32, rounded to bf16,
+// times the bf16 weight (the product rounded to bf16). x [..., D] contiguous, weight [D] -> x's shape.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_weight(weight, "weight", 1);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.dim() >= 1 &&
+                  x.size(-1) == weight.size(0),
+              "rms_norm: x must be contiguous bfloat16 [..., ", weight.size(0), "], got ", x.sizes(), " ", x.scalar_type());
+  const int64_t D = weight.size(0), rows = D ? x.numel() / D : 0;
+  auto out = torch::empty_like(x);
+  const uint16_t* xs = bf16_data(x);
+  const uint16_t* w = bf16_data(weight);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* xr = xs + r * D;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < D; ++i) ss += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i)
+        o[r * D + i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(xr[i]) * inv));
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
+  m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
+  m.def(
+      "experts_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3, Tensor weights, "
+      "Tensor idx) -> Tensor");
   m.def("experts(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor weights, Tensor idx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemv", &gemv);
+  m.impl("gemv_cat", &gemv_cat);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("experts_int8", &experts_int8);
   m.impl("experts", &experts);
 }
