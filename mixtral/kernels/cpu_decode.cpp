@@ -246,25 +246,51 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
     return Weights{base, int8 ? bf16_data(*sc) + e * w.size(1) : nullptr, w.size(1), w.size(2)};
   };
 
-  std::vector<float> h1(F), h3(F), y(D), acc(D, 0.0f);
-  std::vector<uint16_t> h(F);
+  const int64_t k = idx64.numel();
+  for (int64_t j = 0; j < k; ++j)
+    TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "experts: expert id ", ids[j], " is out of range for ", E, " experts");
+  // Two parallel regions for all k experts (a region per product would cost a thread barrier each):
+  // 1. w1 x and w3 x of every chosen expert, row blocks split over the threads, then h = silu(w1 x) * (w3 x)
+  //    with moe.swiglu's bf16 roundings (w1 x, silu, w3 x, the product);
+  std::vector<float> h1(k * F), h3(k * F), acc(D, 0.0f);
+  std::vector<uint16_t> h(k * F);
   const Vector xv(bf16_data(x), D, int8);
-  for (int64_t j = 0; j < idx64.numel(); ++j) {
-    const int64_t e = ids[j];
-    TORCH_CHECK(e >= 0 && e < E, "experts: expert id ", e, " is out of range for ", E, " experts");
-    gemv_rows(expert(w1, s1, e), xv, h1.data(), [](int64_t, int64_t) {});
-    gemv_rows(expert(w3, s3, e), xv, h3.data(), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {  // bf16 roundings as in moe.swiglu: w1 x, silu, w3 x, the product
+  const int64_t up_blocks = (F + kRows - 1) / kRows;
+  at::parallel_for(0, k * up_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j = b0 / up_blocks; j < k && j * up_blocks < b1; ++j) {  // the experts this range touches
+      const int64_t r0 = std::max(b0 - j * up_blocks, int64_t{0}) * kRows;
+      const int64_t r1 = std::min(F, (b1 - j * up_blocks) * kRows);
+      for (auto [w, sc, out] : {std::tuple{&w1, s1, h1.data()}, std::tuple{&w3, s3, h3.data()}}) {
+        const Weights m = expert(*w, sc, ids[j]);
+        if (int8)
+          dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, xv.f32.data(), out + j * F, r0, r1, D);
+        else
+          dot_rows(static_cast<const uint16_t*>(m.data), xv.bf16, out + j * F, r0, r1, D);
+      }
+      for (int64_t r = j * F + r0; r < j * F + r1; ++r) {
         const float g = round_bf16(h1[r]);
         const float s = round_bf16(g / (1.0f + std::exp(-g)));
         h[r] = float_to_bf16(s * round_bf16(h3[r]));
       }
-    });
-    const float scale = wt[j];
-    gemv_rows(expert(w2, s2, e), Vector(h.data(), F, int8), y.data(), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) acc[r] += round_bf16(y[r]) * scale;
-    });
-  }
+    }
+  });
+  // 2. w2 h of every chosen expert, output rows split over the threads; each row's k results rounded to bf16,
+  //    weighted and summed in float32 in expert order (as experts_decode does).
+  std::vector<Vector> hv;
+  for (int64_t j = 0; j < k; ++j) hv.emplace_back(h.data() + j * F, F, int8);
+  std::vector<float> y(k * D);
+  at::parallel_for(0, (D + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * kRows, r1 = std::min(D, b1 * kRows);
+    for (int64_t j = 0; j < k; ++j) {
+      const Weights m = expert(w2, s2, ids[j]);
+      float* yj = y.data() + j * D;
+      if (int8)
+        dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, hv[j].f32.data(), yj, r0, r1, F);
+      else
+        dot_rows(static_cast<const uint16_t*>(m.data), hv[j].bf16, yj, r0, r1, F);
+      for (int64_t r = r0; r < r1; ++r) acc[r] += round_bf16(yj[r]) * wt[j];
+    }
+  });
   auto out = torch::empty(x.sizes(), x.options());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
   for (int64_t r = 0; r < D; ++r) o[r] = float_to_bf16(acc[r]);
