@@ -198,8 +198,7 @@ def build_model(
     routing). Returns the model and, with int8 experts, the (s1, s2, s3) scales of each layer.
 
     For int8 the weights are uniform over [-127, 127] (RMS ~73), the scales 1/(73 sqrt(fan in))."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = Transformer.skeleton(config)
     gen = torch.Generator(device=device).manual_seed(0)
     for mname, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):

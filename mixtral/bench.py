@@ -258,8 +258,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             model = load_model(src, dtype=torch.bfloat16)
         else:
             torch.manual_seed(0)
-            with torch.device("meta"):
-                model = Transformer(get_preset(args.preset))
+            model = Transformer.skeleton(get_preset(args.preset))
             model = model.to_empty(device="cpu").to(torch.bfloat16)
             model.init_weights()
             model.eval()

@@ -109,8 +109,7 @@ class KVCache:
             kpos = slot_pos[:, :n_used]
         return b, t, slots, attention_mask(pos_BT, kpos, self.window), concat, n_used
 
-    @torch.compiler.disable  # data-dependent slots and lengths: always eager, also inside a compiled block
-    def _update(
+    def _update(  # data-dependent slots and lengths: kept eager by generate.compile_model
         self,
         layer: int,
         k_BGTd: torch.Tensor,

@@ -293,8 +293,7 @@ def load_model(
     config = ckpt.config
     dtype = dtype or stored_dtype(ckpt)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = Transformer.skeleton(config)
     expected = {name: p.shape for name, p in model.named_parameters()}
     dests: dict[str, torch.Tensor] = {}
     # Which pieces of each parameter are filled: expert indices for stacked expert tensors, else {0}.

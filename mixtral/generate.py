@@ -159,6 +159,21 @@ def compile_available() -> bool:
     return _COMPILER_OK
 
 
+def _keep_eager() -> None:
+    """Mark the expert dispatch and the cache update to stay eager inside compiled blocks. Done here, on the
+    first compile, not where they are defined: `torch.compiler.disable` imports dynamo (and sympy), ~150 MB
+    of memory that a process that never compiles should not carry."""
+    from .cache import KVCache
+    from .moe import MoE
+
+    for cls, name in ((MoE, "dispatch"), (KVCache, "_update")):
+        fn = getattr(cls, name)
+        if not getattr(fn, "_mixtral_eager", False):
+            eager = torch.compiler.disable(fn)
+            eager._mixtral_eager = True
+            setattr(cls, name, eager)
+
+
 def compile_model(model: Transformer) -> bool:
     """Compile each block's forward with torch.compile where it works; returns whether it did.
 
@@ -172,6 +187,7 @@ def compile_model(model: Transformer) -> bool:
         return True
     if not compile_available():
         return False
+    _keep_eager()
     # One compiled entry per (block, prefill/decode shape): more than dynamo's default of 8 cache entries.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(model.layers))
     for layer in model.layers:

@@ -160,6 +160,22 @@ class Transformer(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    @classmethod
+    def skeleton(cls, config: ModelConfig) -> Transformer:
+        """The network on the meta device (shapes, no memory) for a loader to fill, built without running
+        torch's default initialisers: on meta tensors those go through reference kernels that import the
+        compiler stack (dynamo, sympy), ~150 MB of resident memory for nothing."""
+        init = torch.nn.init
+        saved = {name: getattr(init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+        try:
+            for name in saved:
+                setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+            with torch.device("meta"):
+                return cls(config)
+        finally:
+            for name, fn in saved.items():
+                setattr(init, name, fn)
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Random initialisation for training from scratch: N(0, std) matrices, unit norms."""

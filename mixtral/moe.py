@@ -208,9 +208,9 @@ class MoE(nn.Module):
         out_TD = self.dispatch(x_TD, weights_TK, idx_TK)
         return out_TD.view(x.shape), router_logits_TE
 
-    @torch.compiler.disable  # data-dependent indexing: always eager, also inside a compiled block
     def dispatch(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
-        """Run the chosen experts (the step that depends on routing decisions: kept out of compiled graphs)."""
+        """Run the chosen experts (the step that depends on routing decisions: `generate.compile_model` keeps
+        it out of compiled graphs)."""
         local = _DISPATCH[self.impl]
         if self.dispatch_hook is None:
             return local(x_TD, self.w1, self.w2, self.w3, weights_TK, idx_TK)

@@ -279,8 +279,7 @@ def gather_model(model: Transformer) -> Transformer | None:
     coords = [None] * world
     dist.all_gather_object(coords, (layout.ep_rank, layout.tp_rank))
     main = dist.get_rank() == 0
-    with torch.device("meta"):
-        full = Transformer(config)
+    full = Transformer.skeleton(config)
     full_shapes = {name: p.shape for name, p in full.named_parameters()}
     gathered: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
@@ -698,8 +697,7 @@ def load_model_parallel(
     check_layout(config, ep, tp)
     dtype = dtype or stored_dtype(ckpt)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = Transformer.skeleton(config)
     full_shapes = {name: p.shape for name, p in model.named_parameters()}
     parallelize(model, ep=ep, tp=tp, tokens=tokens)
     layout: Layout = model.parallel.layout

@@ -408,8 +408,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{root / QUANT_FILE}: not a readable quantization description ({e})") from None
     config = _read_config(root / "config.json")
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
+    model = Transformer.skeleton(config).to(dtype)
     quantize_model(model, mode, group_size)
     state = _read_safetensors(root / "model.safetensors")
     if device is not None and torch.device(device).type != "cpu":
