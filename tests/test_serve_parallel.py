@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -134,3 +135,14 @@ def test_rank_0_broadcasts_each_step_before_running_it_and_pings_while_idle(monk
     lock.close()
     lock.close()  # once only
     assert sent == [("reset", [2]), ("ping",), ("stop",)]
+
+
+def test_an_impossible_layout_ends_every_rank_with_one_line(ckpt, tmp_path):  # noqa: F811
+    cmd = [*TORCHRUN, "-m", "mixtral.serve", "--checkpoint", str(ckpt), "--port", "0", "--ep", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("mixtral serve: error:")]
+    assert len(lines) == 2, out.stderr[-2000:]  # one per rank, before anything loads
+    assert all("cannot split n_experts=8 over ep=3 ranks" in line for line in lines)
+    # torchrun prints its own traceback on a failed worker; the workers print none.
+    assert not any('File "' in line and "/mixtral/" in line for line in out.stderr.splitlines())
