@@ -8,6 +8,7 @@ Every wait is a bounded poll; nothing asserts on elapsed time.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -145,4 +146,4 @@ def test_an_impossible_layout_ends_every_rank_with_one_line(ckpt, tmp_path):  # 
     assert len(lines) == 2, out.stderr[-2000:]  # one per rank, before anything loads
     assert all("cannot split n_experts=8 over ep=3 ranks" in line for line in lines)
     # torchrun prints its own traceback on a failed worker; the workers print none.
-    assert not any('File "' in line and "/mixtral/" in line for line in out.stderr.splitlines())
+    assert not re.search(r'File ".*/mixtral/(serve/|cli\.py|parallel\.py|checkpoint\.py)', out.stderr)
