@@ -66,32 +66,33 @@ void dot_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t r0, int64_
 }
 
 // int8 weights (weight-only quantization, one scale per row): y[r] = scale[r] * dot(Q[r, :], x) in float32 for
-// rows [r0, r1); x is given in float32 (K % 16 == 0). Each 16 weights: sign-extend, convert, fused multiply-add.
+// rows [r0, r1); x is given in float32 (K % 16 == 0). Each 16 weights: sign-extend, convert, fused multiply-add;
+// 8 rows at a time, a cache line (64 weights) of each per step, prefetched 512 bytes ahead (measured best of
+// 4 or 8 rows and 512 or 1024 bytes: ~1.1x over 4 rows, ~1.4x over torch._weight_int8pack_mm at one row).
+inline __m512 fma_i8(const int8_t* q, const float* x, __m512 acc) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_loadu_ps(x), acc);
+}
+
 void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const float* x, float* y, int64_t r0, int64_t r1, int64_t K) {
-  constexpr int R = 4;
   int64_t r = r0;
-  for (; r + R <= r1; r += R) {
+  const int64_t K64 = K / 64 * 64;
+  for (; r + kRows <= r1; r += kRows) {
     const int8_t* q = Q + r * K;
-    __m512 acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k);
-      if ((k & 63) == 0)
-        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(q + i * K + k + 512), _MM_HINT_T0);
-      for (int i = 0; i < R; ++i) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * K + k));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[i]);
-      }
+    __m512 acc[kRows];
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64) {
+      for (int i = 0; i < kRows; ++i) _mm_prefetch(reinterpret_cast<const char*>(q + i * K + k + 512), _MM_HINT_T0);
+      for (int64_t u = k; u < k + 64; u += 16)
+        for (int i = 0; i < kRows; ++i) acc[i] = fma_i8(q + i * K + u, x + u, acc[i]);
     }
-    for (int i = 0; i < R; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]) * bf16_to_float(scale[r + i]);
+    for (int64_t k = K64; k < K; k += 16)
+      for (int i = 0; i < kRows; ++i) acc[i] = fma_i8(q + i * K + k, x + k, acc[i]);
+    for (int i = 0; i < kRows; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]) * bf16_to_float(scale[r + i]);
   }
   for (; r < r1; ++r) {
-    const int8_t* q = Q + r * K;
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_loadu_ps(x + k), acc);
-    }
+    for (int64_t k = 0; k < K; k += 16) acc = fma_i8(Q + r * K + k, x + k, acc);
     y[r] = _mm512_reduce_add_ps(acc) * bf16_to_float(scale[r]);
   }
 }
