@@ -3,9 +3,8 @@
 //
 // Why our own: PyTorch's bf16 GEMV (torch.mv -> MKL) reads the large expert matrices at ~90% of the bandwidth
 // but pays ~40 us per call, so the small attention matrices run at 8-13 GB/s; torch.compile lowers a GEMV to a
-// single-accumulator loop at 0.6-0.7x torch.mv. Here 8 rows are read together with `vdpbf16ps` (bf16 pairs
-// multiplied and added into float32), with a software prefetch 512 bytes ahead on each row, split over
-// ATen's threads.
+// single-accumulator loop at 0.6-0.7x torch.mv. Here each thread reads its share of the rows as one
+// sequential stream with `vdpbf16ps` (bf16 pairs multiplied and added into float32).
 //
 // Numerics follow the eager PyTorch path: products accumulate in float32 and each linear's output is
 // rounded to bf16 once; the expert block rounds where `moe.swiglu` does (w1 x, w3 x, silu, the product,
@@ -21,8 +20,7 @@
 
 namespace {
 
-constexpr int64_t kRows = 8;           // rows read together: 8 independent accumulators
-constexpr int64_t kAhead = 256;        // prefetch distance in elements (512 bytes)
+constexpr int64_t kRows = 8;           // rows per block of work handed to a thread (int8: read together)
 constexpr int64_t kStep = 32;          // bf16 elements per 512-bit register
 
 inline float bf16_to_float(uint16_t b) {
@@ -43,25 +41,21 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest, ties to even; NaN
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 // y[r] = dot(W[r, :], x) in float32 for rows [r0, r1) of a row-major W with K columns (K % 32 == 0).
+// Rows one after another, so each thread reads one sequential stream (the hardware prefetcher's best case),
+// with four accumulators per row to hide the latency of `vdpbf16ps`. On our AMD EPYC (Zen 4) this reads at
+// the speed of a plain streaming loop, 10-20% faster than reading 8 rows together with software prefetch.
 void dot_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t r0, int64_t r1, int64_t K) {
-  int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) {
+  const int64_t K4 = K / (4 * kStep) * (4 * kStep);
+  for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* w = W + r * K;
-    __m512 acc[kRows];
-    for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += kStep) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-      for (int i = 0; i < kRows; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + i * K + k + kAhead), _MM_HINT_T0);
-      for (int i = 0; i < kRows; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(w + i * K + k), xv);
-    }
-    for (int i = 0; i < kRows; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]);
-  }
-  for (; r < r1; ++r) {
-    const uint16_t* w = W + r * K;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += kStep)
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-    y[r] = _mm512_reduce_add_ps(acc);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < K4; k += 4 * kStep)
+      for (int u = 0; u < 4; ++u)
+        acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + k + u * kStep),
+                                  (__m512bh)_mm512_loadu_si512(x + k + u * kStep));
+    for (int64_t k = K4; k < K; k += kStep)
+      acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
   }
 }
 
