@@ -16,6 +16,7 @@ from mixtral import cli
 from mixtral.cache import KVCache
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
+from mixtral.model import attend
 from mixtral.moe import experts_decode, experts_reference
 from mixtral.quantize import QuantizedWeight, linear, quantize_int8
 
@@ -91,6 +92,31 @@ def test_the_builtin_model_decodes_the_same_with_and_without_the_kernels():
         plain = steps()
     assert (fast.argmax(-1) == plain.argmax(-1)).all()
     assert (fast - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize(("B", "H", "G", "S", "d"), [(1, 16, 4, 200, 64), (3, 8, 8, 37, 32), (2, 4, 1, 5, 128)])
+def test_decode_attention_equals_sdpa(B, H, G, S, d):
+    torch.manual_seed(5)
+    q = torch.randn(B, H, 1, d, dtype=torch.bfloat16)
+    # k and v as the cache hands them over: the first S of more slots (strided views)
+    k, v = (torch.randn(B, G, S + 7, d, dtype=torch.bfloat16)[:, :, :S] for _ in range(2))
+    mask = torch.rand(B, 1, 1, S) < 0.7
+    mask[..., 0] = True  # every row attends to something
+    with torch.no_grad():
+        fast = attend(q, k, v, mask)
+        with cpu_kernels.disabled():
+            plain = attend(q, k, v, mask)
+    rep = H // G
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask
+    )
+    assert fast.dtype == torch.bfloat16 and fast.shape == (B, H, 1, d)
+    # float32 sums rounded once: within a bf16 step of the float32 result, and no further from it than SDPA's
+    assert ((fast.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+    with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
+        cpu_kernels.ops().decode_attention(q, k, v, mask.float(), 0.125)
 
 
 def test_turned_off_by_the_environment_falls_back_to_torch_mv():

@@ -107,6 +107,10 @@ def _build() -> None:
     def _(x, w1, w2, w3, weights, idx) -> torch.Tensor:
         return torch.empty_like(x)
 
+    @torch.library.register_fake("mixtral_cpu::decode_attention")
+    def _(q, k, v, mask, scale) -> torch.Tensor:
+        return torch.empty_like(q)
+
     @torch.library.register_fake("mixtral_cpu::experts_int8")
     def _(x, q1, s1, q2, s2, q3, s3, weights, idx) -> torch.Tensor:
         return torch.empty_like(x)

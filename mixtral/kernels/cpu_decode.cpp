@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -328,6 +329,71 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
+// Attention of one new token per sequence over its cached keys and values (decode):
+// q [B, H, 1, d] bf16; k, v [B, G, S, d] bf16 (views of the cache: any strides but a contiguous last dim);
+// mask [B, 1, 1, S] bool (true: attend) -> [B, H, 1, d] bf16. Query head h reads key/value head h / (H / G).
+// Scores q.k (bf16 products, float32 sums) times `scale`, softmax and the weighted sum of values in float32,
+// rounded to bf16 once. PyTorch's CPU flash attention pays ~250 us a call at one query row (its blocking is made
+// for long queries); this is a few microseconds per head. A row with no key allowed gives zeros.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, double scale) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
+                "decode_attention: ", name, " must be a bfloat16 CPU tensor [B, heads, T, d] with contiguous rows, got ",
+                t->sizes(), " ", t->scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(3), G = k.size(1), S = k.size(2);
+  TORCH_CHECK(q.size(2) == 1 && q.is_contiguous(), "decode_attention: q must be contiguous [B, H, 1, d], got ", q.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && G > 0 && H % G == 0 && d % kStep == 0,
+              "decode_attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
+              " do not fit (heads a multiple of key/value heads, head dim a multiple of 32)");
+  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.is_contiguous() && mask.dim() == 4 && mask.size(0) == B &&
+                  mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == S,
+              "decode_attention: mask must be contiguous bool [", B, ", 1, 1, ", S, "], got ", mask.sizes(), " ",
+              mask.scalar_type());
+  auto out = torch::empty_like(q);
+  const uint16_t *qs = bf16_data(q), *ks = bf16_data(k), *vs = bf16_data(v);
+  const bool* allowed = mask.data_ptr<bool>();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t per_kv = H / G;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(S), acc(d);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, g = (i % H) / per_kv;
+      const uint16_t* qi = qs + i * d;
+      const uint16_t* kb = ks + b * k.stride(0) + g * k.stride(1);
+      const uint16_t* vb = vs + b * v.stride(0) + g * v.stride(1);
+      const bool* m = allowed + b * S;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!m[s]) continue;
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t c = 0; c < d; c += kStep)
+          dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(kb + s * k.stride(2) + c),
+                                 (__m512bh)_mm512_loadu_si512(qi + c));
+        score[s] = _mm512_reduce_add_ps(dot) * static_cast<float>(scale);
+        top = std::max(top, score[s]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float total = 0.0f;
+      for (int64_t s = 0; s < S && top > -INFINITY; ++s) {
+        if (!m[s]) continue;
+        const float p = std::exp(score[s] - top);
+        total += p;
+        const __m512 pv = _mm512_set1_ps(p);
+        const uint16_t* vr = vb + s * v.stride(2);
+        for (int64_t c = 0; c < d; c += 16) {  // bf16 -> float32 is a 16-bit shift
+          const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + c))), 16));
+          _mm512_storeu_ps(acc.data() + c, _mm512_fmadd_ps(pv, x, _mm512_loadu_ps(acc.data() + c)));
+        }
+      }
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      for (int64_t c = 0; c < d; ++c) o[i * d + c] = float_to_bf16(acc[c] * inv);
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
   m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
@@ -336,6 +402,7 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def(
       "experts_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3, Tensor weights, "
       "Tensor idx) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("experts(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor weights, Tensor idx) -> Tensor");
 }
 
@@ -346,4 +413,5 @@ TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemv_int8", &gemv_int8);
   m.impl("experts_int8", &experts_int8);
   m.impl("experts", &experts);
+  m.impl("decode_attention", &decode_attention);
 }
