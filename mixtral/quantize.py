@@ -171,7 +171,7 @@ class QuantizedView:
             # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
             # Not for int4: unpacking nibbles costs more than the int4 kernel's own slowness.
             return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
-        if self.mode == "int8" and x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.shape[1] % 16 == 0:
+        if self.mode == "int8" and x2.shape[0] == 1 and x2.dtype == torch.bfloat16:
             ops = cpu_kernels.ops()  # one row: our AVX-512 kernel reads int8 ~1.5x faster, the same numbers
             if ops is not None and x2.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
                 return ops.gemv_int8(a, b, x2.reshape(-1).contiguous()).view(*x.shape[:-1], -1).to(x.dtype)

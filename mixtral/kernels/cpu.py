@@ -1,9 +1,9 @@
 """The CPU decode kernels of `cpu_decode.cpp`, built on first use with torch.utils.cpp_extension.
 
 `ops()` returns the loaded ops (`torch.ops.mixtral_cpu`), or None where they cannot run: a CPU without
-AVX512-BF16, no C++ compiler, a failed build, or `MIXTRAL_CPU_KERNELS=0` in the environment. Callers then
-use the plain PyTorch path, which computes the same function (see `quantize.linear` and `moe.experts_decode`);
-`status()` says which path is in use and why, and a failed build is reported once on stderr.
+AVX512-BF16 and AVX512-VNNI, no C++ compiler, a failed build, or `MIXTRAL_CPU_KERNELS=0` in the environment.
+Callers then use the plain PyTorch path, which computes the same function (see `quantize.linear` and
+`moe.experts_decode`); `status()` says which path is in use and why, and a failed build is reported once on stderr.
 
 The build takes about a minute the first time and is cached (torch's extension folder, keyed by the source).
 """
@@ -23,20 +23,20 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # -fopenmp: ATen's parallel_for is inline OpenMP; without the flag it runs on one thread.
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"]
 
 _ops: Any = None
 _reason: str | None = None  # why the kernels are not in use; None before the first try
 
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_has_avx512_bf16_vnni() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx512_bf16" in flags and " avx512bw" in flags and " avx512vl" in flags
+    return all(f" {flag}" in flags for flag in ("avx512_bf16", "avx512bw", "avx512vl", "avx512_vnni"))
 
 
 def ops() -> Any:
@@ -46,8 +46,8 @@ def ops() -> Any:
         return _ops
     if os.environ.get("MIXTRAL_CPU_KERNELS", "1") == "0":
         _reason = "turned off by MIXTRAL_CPU_KERNELS=0"
-    elif not cpu_has_avx512_bf16():
-        _reason = "this CPU lacks AVX512-BF16"
+    elif not cpu_has_avx512_bf16_vnni():
+        _reason = "this CPU lacks AVX512-BF16 or AVX512-VNNI"
     else:
         try:
             _build()

@@ -1,4 +1,4 @@
-// Batch-1 decode kernels for x86 CPUs with AVX512-BF16: one token's matrix-vector products, which read every
+// Batch-1 decode kernels for x86 CPUs with AVX512-BF16 and AVX512-VNNI: one token's matrix-vector products, which read every
 // weight once and are bound by memory bandwidth.
 //
 // Why our own: PyTorch's bf16 GEMV (torch.mv -> MKL) reads the large expert matrices at ~90% of the bandwidth
@@ -60,36 +60,78 @@ void dot_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t r0, int64_
   }
 }
 
-// int8 weights (weight-only quantization, one scale per row): y[r] = scale[r] * dot(Q[r, :], x) in float32 for
-// rows [r0, r1); x is given in float32 (K % 16 == 0). Each 16 weights: sign-extend, convert, fused multiply-add;
-// 8 rows at a time, a cache line (64 weights) of each per step, prefetched 512 bytes ahead (measured best of
-// 4 or 8 rows and 512 or 1024 bytes: ~1.1x over 4 rows, ~1.4x over torch._weight_int8pack_mm at one row).
-inline __m512 fma_i8(const int8_t* q, const float* x, __m512 acc) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_loadu_ps(x), acc);
+// int8 weights (weight-only quantization, one scale per row) times a bf16 x, with integer dot products.
+//
+// Converting each weight to float32 for an FMA costs ~3 instructions per 16 weights, which made the int8 GEMV
+// compute-bound at half the bandwidth. Instead x is written once per product as 15-bit fixed point,
+// x ~= t * (128 * hi + lo) with t a power of two, hi in [-128, 127] and lo in [0, 127], and each row's
+// sum(q * x) is two `vpdpbusd` (64 byte products each) per 64 weights. `vpdpbusd` multiplies unsigned by signed
+// bytes, so the weights are read as q + 128 (a flip of the top bit) and 128 * sum(hi) and 128 * sum(lo) are
+// subtracted once. The integer sums are exact; the only rounding is x's: an element within ~2^7 of the largest
+// |x| is exact (bf16 has 8 significant bits) and a smaller one is off by at most t / 2 = max|x| * 2^-15, far
+// below the bf16 rounding of the output. y[r] = scale[r] * t * sum(q * (128 hi + lo)), rounded once.
+struct Fixed {
+  std::vector<int8_t> hi, lo;  // padded with zeros to a multiple of 64
+  int64_t hi_sum = 0, lo_sum = 0;
+  double step = 1.0;  // t
+
+  Fixed() = default;
+  Fixed(const uint16_t* x, int64_t K) : hi((K + 63) / 64 * 64, 0), lo((K + 63) / 64 * 64, 0) {
+    float top = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(bf16_to_float(x[k]));
+      finite = finite && std::isfinite(a);
+      top = std::max(top, a);
+    }
+    if (!finite) {  // inf or NaN in x: the result is NaN (float32 arithmetic would give NaN or inf)
+      step = std::nan("");
+      return;
+    }
+    if (top == 0.0f) return;
+    int e;
+    std::frexp(top, &e);  // top < 2^e, so |x| / t < 2^14 with t = 2^(e - 14)
+    step = std::ldexp(1.0, e - 14);
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(bf16_to_float(x[k]) / step));
+      hi[k] = static_cast<int8_t>(v >> 7);  // floor division: lo = v - 128 hi is in [0, 127]
+      lo[k] = static_cast<int8_t>(v & 127);
+      hi_sum += hi[k];
+      lo_sum += lo[k];
+    }
+  }
+};
+
+// sum_k Q[k] * (128 hi[k] + lo[k]) for one row of K int8 weights, exactly.
+inline int64_t dot_i8(const int8_t* q, const Fixed& x, int64_t K) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q + 128 as an unsigned byte
+  __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+  const int8_t *hi = x.hi.data(), *lo = x.lo.data();
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(q + k), flip);
+    const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(q + k + 64), flip);
+    h0 = _mm512_dpbusd_epi32(h0, u0, _mm512_loadu_si512(hi + k));
+    l0 = _mm512_dpbusd_epi32(l0, u0, _mm512_loadu_si512(lo + k));
+    h1 = _mm512_dpbusd_epi32(h1, u1, _mm512_loadu_si512(hi + k + 64));
+    l1 = _mm512_dpbusd_epi32(l1, u1, _mm512_loadu_si512(lo + k + 64));
+  }
+  for (; k < K; k += 64) {  // x's padding is zero, so the weights past K (read as 0 + 128) add nothing
+    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k), flip);
+    h0 = _mm512_dpbusd_epi32(h0, u, _mm512_loadu_si512(hi + k));
+    l0 = _mm512_dpbusd_epi32(l0, u, _mm512_loadu_si512(lo + k));
+  }
+  // |sum| <= 255 * 128 * K: int32 holds it for K up to ~65k
+  const int64_t dh = _mm512_reduce_add_epi32(_mm512_add_epi32(h0, h1)) - 128 * x.hi_sum;
+  const int64_t dl = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1)) - 128 * x.lo_sum;
+  return 128 * dh + dl;
 }
 
-void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const float* x, float* y, int64_t r0, int64_t r1, int64_t K) {
-  int64_t r = r0;
-  const int64_t K64 = K / 64 * 64;
-  for (; r + kRows <= r1; r += kRows) {
-    const int8_t* q = Q + r * K;
-    __m512 acc[kRows];
-    for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K64; k += 64) {
-      for (int i = 0; i < kRows; ++i) _mm_prefetch(reinterpret_cast<const char*>(q + i * K + k + 512), _MM_HINT_T0);
-      for (int64_t u = k; u < k + 64; u += 16)
-        for (int i = 0; i < kRows; ++i) acc[i] = fma_i8(q + i * K + u, x + u, acc[i]);
-    }
-    for (int64_t k = K64; k < K; k += 16)
-      for (int i = 0; i < kRows; ++i) acc[i] = fma_i8(q + i * K + k, x + k, acc[i]);
-    for (int i = 0; i < kRows; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]) * bf16_to_float(scale[r + i]);
-  }
-  for (; r < r1; ++r) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) acc = fma_i8(Q + r * K + k, x + k, acc);
-    y[r] = _mm512_reduce_add_ps(acc) * bf16_to_float(scale[r]);
-  }
+// y[r] = scale[r] * dot(Q[r, :], x) for rows [r0, r1), each row one sequential read.
+void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* y, int64_t r0, int64_t r1, int64_t K) {
+  for (int64_t r = r0; r < r1; ++r)
+    y[r] = static_cast<float>(static_cast<double>(dot_i8(Q + r * K, x, K)) * x.step * bf16_to_float(scale[r]));
 }
 
 // A matrix-vector product's weights: bf16 [N, K], or int8 [N, K] with bf16 scales [N].
@@ -99,15 +141,12 @@ struct Weights {
   int64_t N, K;
 };
 
-// x for a product: bf16 as given, and in float32 for int8 weights.
+// x for a product: bf16 as given, and in fixed point for int8 weights.
 struct Vector {
   const uint16_t* bf16;
-  std::vector<float> f32;
-  Vector(const uint16_t* x, int64_t K, bool need_f32) : bf16(x) {
-    if (need_f32) {
-      f32.resize(K);
-      for (int64_t k = 0; k < K; ++k) f32[k] = bf16_to_float(x[k]);
-    }
+  Fixed fixed;
+  Vector(const uint16_t* x, int64_t K, bool int8) : bf16(x) {
+    if (int8) fixed = Fixed(x, K);
   }
 };
 
@@ -121,7 +160,7 @@ void gemv_rows(const Weights& W, const Vector& x, float* y, Each each) {
     if (W.scale == nullptr)
       dot_rows(static_cast<const uint16_t*>(W.data), x.bf16, y, r0, r1, K);
     else
-      dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.f32.data(), y, r0, r1, K);
+      dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.fixed, y, r0, r1, K);
     each(r0, r1);
   });
 }
@@ -160,14 +199,13 @@ void check_int8(const torch::Tensor& q, const torch::Tensor& scale, int64_t dims
   TORCH_CHECK(scale.sizes() == q.sizes().slice(0, dims - 1), "scales ", scale.sizes(), " for int8 weights ", q.sizes());
 }
 
-// int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, as torch._weight_int8pack_mm computes it (float32,
-// rounded once). K must be a multiple of 16.
+// int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
+// (with x in 15-bit fixed point, see `Fixed`; rounded once).
 torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
   check_int8(Q, scale, 2);
   check_weight(x, "x", 1);
   const int64_t N = Q.size(0), K = Q.size(1);
-  TORCH_CHECK(x.size(0) == K && K % 16 == 0, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(),
-              " need x of Q's columns, a multiple of 16");
+  TORCH_CHECK(x.size(0) == K, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(), " need x of Q's columns");
   auto out = torch::empty({N}, x.options());
   std::vector<float> y(N);
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
@@ -259,7 +297,7 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
       for (auto [w, sc, out] : {std::tuple{&w1, s1, h1.data()}, std::tuple{&w3, s3, h3.data()}}) {
         const Weights m = expert(*w, sc, ids[j]);
         if (int8)
-          dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, xv.f32.data(), out + j * F, r0, r1, D);
+          dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, xv.fixed, out + j * F, r0, r1, D);
         else
           dot_rows(static_cast<const uint16_t*>(m.data), xv.bf16, out + j * F, r0, r1, D);
       }
@@ -281,7 +319,7 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
       const Weights m = expert(w2, s2, ids[j]);
       float* yj = y.data() + j * D;
       if (int8)
-        dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, hv[j].f32.data(), yj, r0, r1, F);
+        dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, hv[j].fixed, yj, r0, r1, F);
       else
         dot_rows(static_cast<const uint16_t*>(m.data), hv[j].bf16, yj, r0, r1, F);
       for (int64_t r = r0; r < r1; ++r) acc[r] += round_bf16(yj[r]) * wt[j];
