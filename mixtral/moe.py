@@ -123,13 +123,17 @@ def experts_decode(
 
     The chosen ids are read on the host (one small read per layer: on a CPU that is no device sync).
     Scaling and the sum over the K experts happen in float32, rounded once, as in the other paths.
-    bf16 experts on a CPU with the AVX512-BF16 kernels run as one fused call per token (`cpu_decode.cpp`:
-    the same roundings, its matrix-vector products at the memory bandwidth)."""
+    bf16, int8 and int4 experts on a CPU with the AVX-512 kernels run as one fused call per token
+    (`cpu_decode.cpp`: the same roundings, its matrix-vector products at the memory bandwidth)."""
     if x_TD.shape[0] == 1 and _fused_cpu(x_TD, w1_EFD, w2_EDF, w3_EFD):
-        if isinstance(w1_EFD, QuantizedWeight):
+        ops = cpu_kernels.ops()
+        if not isinstance(w1_EFD, QuantizedWeight):
+            return ops.experts(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+        if w1_EFD.mode == "int8":
             int8 = [t for w in (w1_EFD, w2_EDF, w3_EFD) for t in (w.q, w.scale)]
-            return cpu_kernels.ops().experts_int8(x_TD, *int8, weights_TK, idx_TK)
-        return cpu_kernels.ops().experts(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+            return ops.experts_int8(x_TD, *int8, weights_TK, idx_TK)
+        int4 = [t for w in (w1_EFD, w2_EDF, w3_EFD) for t in (w.packed, w.scales_zeros)]
+        return ops.experts_int4(x_TD, *int4, weights_TK, idx_TK, w1_EFD.group_size)
     chosen = idx_TK.tolist()
     out_TD = torch.empty((x_TD.shape[0], x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     for t, experts in enumerate(chosen):
@@ -143,18 +147,21 @@ def experts_decode(
 
 
 def _fused_cpu(x_TD: torch.Tensor, *weights: torch.Tensor | QuantizedWeight) -> bool:
-    """Whether the CPU decode kernel can run these experts: plain bf16 tensors or int8 quantized weights
-    (bf16 scales), on the CPU, dims multiples of 32."""
+    """Whether the CPU decode kernel can run these experts: plain bf16 tensors, or int8 or int4 quantized
+    weights (bf16 scales) of one group size, on the CPU, dims multiples of 32 (int4: of 64)."""
     plain = all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype == torch.bfloat16 for w in weights)
-    int8 = all(isinstance(w, QuantizedWeight) and w.mode == "int8" and w.dtype == torch.bfloat16 for w in weights)
-    tensors = [t for w in weights for t in ((w.q, w.scale) if int8 else (w,))]
+    quantized = all(isinstance(w, QuantizedWeight) and w.dtype == torch.bfloat16 for w in weights)
+    if quantized and len({(w.mode, w.group_size) for w in weights}) > 1:
+        return False
+    tensors = [t for w in weights for t in (w.buffers() if quantized else (w,))]
+    multiple = 64 if quantized and weights[0].mode == "int4" else 32
     return (
-        (plain or int8)
+        (plain or quantized)
         and x_TD.device.type == "cpu"
         and x_TD.dtype == torch.bfloat16
         and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-        and x_TD.shape[1] % 32 == 0
-        and weights[0].shape[1] % 32 == 0
+        and x_TD.shape[1] % multiple == 0
+        and weights[0].shape[1] % multiple == 0
         and cpu_kernels.ops() is not None
     )
 

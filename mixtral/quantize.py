@@ -143,8 +143,8 @@ class QuantizedWeight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.view_all().linear(x)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.view_all().dequantize()
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.view_all().dequantize(dtype)
 
     def extra_repr(self) -> str:
         shape = tuple(self.shape)
@@ -171,28 +171,32 @@ class QuantizedView:
             # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
             # Not for int4: unpacking nibbles costs more than the int4 kernel's own slowness.
             return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
-        if self.mode == "int8" and x2.shape[0] == 1 and x2.dtype == torch.bfloat16:
-            ops = cpu_kernels.ops()  # one row: our AVX-512 kernel reads int8 ~1.5x faster, the same numbers
-            if ops is not None and x2.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
-                return ops.gemv_int8(a, b, x2.reshape(-1).contiguous()).view(*x.shape[:-1], -1).to(x.dtype)
+        if x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
+            # One row: our AVX-512 kernels (integer dot products) read int8 ~1.6x and int4 ~4x faster than
+            # ATen's, for the same function.
+            ops = cpu_kernels.ops()
+            if ops is not None and a.is_contiguous() and b.is_contiguous():
+                x1 = x2.reshape(-1).contiguous()
+                y = ops.gemv_int8(a, b, x1) if self.mode == "int8" else ops.gemv_int4(a, b, x1, self.group_size)
+                return y.view(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.contiguous(), a, b)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), a, self.group_size, b)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight these numbers stand for, [N, K] in the scales' dtype (computed in float32)."""
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight these numbers stand for, [N, K] in `dtype` (default: the scales'), computed in float32."""
         a, b = self.tensors
         if self.mode == "int8":
             # |q| <= 127 is exact in bf16 and the product is rounded once: the same as in float32
-            return a.to(b.dtype) * b[..., None]
+            return a.to(b.dtype) * b[..., None] if dtype in (None, b.dtype) else a.to(dtype) * b[..., None].to(dtype)
         q = unpack_int4(a).float()  # [..., N, K]
         sz = b.float().transpose(-2, -3)  # [..., N, G, 2]
         G = sz.shape[-2]
         qg = q.reshape(*q.shape[:-1], G, -1)
         w = (qg - 8.0) * sz[..., 0:1] + sz[..., 1:2]
-        return w.reshape(q.shape).to(b.dtype)
+        return w.reshape(q.shape).to(dtype or b.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:

@@ -163,17 +163,56 @@ def test_int8_gemv_passes_nan_and_zero_through():
 
 
 @needs_kernels
-def test_int8_experts_equal_the_reference_on_dequantized_weights():
+@pytest.mark.parametrize(("mode", "group"), [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_quantized_experts_equal_the_reference_on_dequantized_weights(mode, group):
     torch.manual_seed(4)
-    E, F, D = 8, 96, 64
-    w1, w3 = (QuantizedWeight.from_float(torch.randn(E, F, D, dtype=torch.bfloat16) / 8, "int8") for _ in range(2))
-    w2 = QuantizedWeight.from_float(torch.randn(E, D, F, dtype=torch.bfloat16) / 8, "int8")
+    E, F, D = 8, 192, 128
+
+    def q(*shape):
+        return QuantizedWeight.from_float(torch.randn(*shape, dtype=torch.bfloat16) / 8, mode, group)
+
+    w1, w3, w2 = q(E, F, D), q(E, F, D), q(E, D, F)
     x = torch.randn(1, D, dtype=torch.bfloat16)
     weights, idx = torch.softmax(torch.randn(1, 2), -1), torch.tensor([[5, 2]])
     with torch.no_grad():
         fast = experts_decode(x, w1, w2, w3, weights, idx)
         with cpu_kernels.disabled():
-            plain = experts_decode(x, w1, w2, w3, weights, idx)  # torch's int8 kernel
+            plain = experts_decode(x, w1, w2, w3, weights, idx)  # torch's int8 / int4 kernel
         ref = experts_reference(x, w1, w2, w3, weights, idx)  # dequantized weights
     torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(fast, ref, rtol=2e-2, atol=2e-2)
+    # the reference runs on weights dequantized to bf16 (int4 values rounded), the kernels on exact ones
+    assert _max_err(fast, ref.float()) <= 1.5 * _max_err(plain, ref.float()) + 1e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("shape", "group"), [((3584, 1024), 64), ((1024, 3584), 32), ((128, 256), 128), ((64, 64), 64)]
+)
+@pytest.mark.parametrize("outliers", [False, True])
+def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
+    torch.manual_seed(6)
+    qw = QuantizedWeight.from_float(torch.randn(shape, dtype=torch.bfloat16), "int4", group)
+    x = torch.randn(shape[1], dtype=torch.bfloat16)
+    if outliers:
+        x[:: max(shape[1] // 3, 1)] *= 1000
+    y = cpu_kernels.ops().gemv_int4(qw.packed, qw.scales_zeros, x, group)
+    ref = torch._weight_int4pack_mm_for_cpu(x[None], qw.packed, group, qw.scales_zeros)[0]
+    w = qw.dequantize(torch.float32)
+    exact = w @ x.float()
+    fixed_err = (w.abs() @ torch.ones(shape[1])) * x.float().abs().max() * 2**-14
+    assert ((y.float() - exact).abs() <= (exact.abs() + fixed_err) * 2**-8 + fixed_err + 1e-3).all()
+    assert _max_err(y, exact) <= 1.5 * _max_err(ref, exact) + fixed_err.max() + 1e-3
+    with torch.no_grad():  # and through the quantized weight's own call
+        torch.testing.assert_close(qw(x[None]), y[None], rtol=0, atol=0)
+        with cpu_kernels.disabled():
+            torch.testing.assert_close(qw(x[None]), ref[None], rtol=0, atol=0)
+
+
+@needs_kernels
+def test_int4_kernel_refuses_a_layout_it_cannot_read():
+    qw = QuantizedWeight.from_float(torch.randn(64, 128, dtype=torch.bfloat16), "int4", 64)
+    x = torch.randn(128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="group size 48 do not fit"):
+        cpu_kernels.ops().gemv_int4(qw.packed, qw.scales_zeros, x, 48)
+    with pytest.raises(RuntimeError, match="must be a contiguous uint8"):
+        cpu_kernels.ops().gemv_int4(qw.packed.view(torch.int8), qw.scales_zeros, x, 64)

@@ -1,7 +1,7 @@
 """The CPU decode kernels of `cpu_decode.cpp`, built on first use with torch.utils.cpp_extension.
 
 `ops()` returns the loaded ops (`torch.ops.mixtral_cpu`), or None where they cannot run: a CPU without
-AVX512-BF16 and AVX512-VNNI, no C++ compiler, a failed build, or `MIXTRAL_CPU_KERNELS=0` in the environment.
+AVX512-BF16, -VNNI and -VBMI, no C++ compiler, a failed build, or `MIXTRAL_CPU_KERNELS=0` in the environment.
 Callers then use the plain PyTorch path, which computes the same function (see `quantize.linear` and
 `moe.experts_decode`); `status()` says which path is in use and why, and a failed build is reported once on stderr.
 
@@ -23,20 +23,30 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # -fopenmp: ATen's parallel_for is inline OpenMP; without the flag it runs on one thread.
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"]
+FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vnni",
+    "-mavx512vbmi",
+    "-mfma",
+]
 
 _ops: Any = None
 _reason: str | None = None  # why the kernels are not in use; None before the first try
 
 
-def cpu_has_avx512_bf16_vnni() -> bool:
+def cpu_has_avx512_features() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("avx512_bf16", "avx512bw", "avx512vl", "avx512_vnni"))
+    return all(f" {flag}" in flags for flag in ("avx512_bf16", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"))
 
 
 def ops() -> Any:
@@ -46,8 +56,8 @@ def ops() -> Any:
         return _ops
     if os.environ.get("MIXTRAL_CPU_KERNELS", "1") == "0":
         _reason = "turned off by MIXTRAL_CPU_KERNELS=0"
-    elif not cpu_has_avx512_bf16_vnni():
-        _reason = "this CPU lacks AVX512-BF16 or AVX512-VNNI"
+    elif not cpu_has_avx512_features():
+        _reason = "this CPU lacks AVX512-BF16, AVX512-VNNI or AVX512-VBMI"
     else:
         try:
             _build()
@@ -102,6 +112,14 @@ def _build() -> None:
     @torch.library.register_fake("mixtral_cpu::gemv_int8")
     def _(Q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(Q.shape[0])
+
+    @torch.library.register_fake("mixtral_cpu::gemv_int4")
+    def _(packed: torch.Tensor, scales_zeros: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
+        return x.new_empty(packed.shape[0])
+
+    @torch.library.register_fake("mixtral_cpu::experts_int4")
+    def _(x, p1, sz1, p2, sz2, p3, sz3, weights, idx, group) -> torch.Tensor:
+        return torch.empty_like(x)
 
     @torch.library.register_fake("mixtral_cpu::experts")
     def _(x, w1, w2, w3, weights, idx) -> torch.Tensor:

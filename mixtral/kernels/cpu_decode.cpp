@@ -134,33 +134,124 @@ void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* 
     y[r] = static_cast<float>(static_cast<double>(dot_i8(Q + r * K, x, K)) * x.step * bf16_to_float(scale[r]));
 }
 
-// A matrix-vector product's weights: bf16 [N, K], or int8 [N, K] with bf16 scales [N].
-struct Weights {
-  const void* data;
-  const uint16_t* scale;  // null for bf16
-  int64_t N, K;
-};
+// int4 weights in PyTorch's int4pack layout (what torch._weight_int4pack_mm_for_cpu reads; `quantize.pack_int4`):
+// rows in blocks of 64, and for each block and column k, 32 bytes whose byte j holds row j (low nibble) and row
+// 32 + j (high nibble), values q in [0, 15]; per row and group of `group` columns a bf16 scale and zero, stored
+// [K / group, N, 2], with w = (q - 8) * scale + zero. So for one row
+//   y = sum_g scale_g * sum_{k in g} q_k x_k + (zero_g - 8 scale_g) * sum_{k in g} x_k.
+// The first sum with integer dot products on x's fixed-point bytes (see `Fixed`): for 4 columns of the block, one
+// `vpermi2b` gathers 16 rows' 4 bytes into 16 dwords (twice, for the 32 byte columns), a shift and a mask split the
+// nibbles (64 rows x 4 weights, the unsigned operand of `vpdpbusd`), and 8 `vpdpbusd` multiply them with the 4
+// columns' hi and lo bytes of x. ATen's kernel converts every weight to float32 and reads at ~1/4 of the bandwidth.
+constexpr int64_t kInt4Rows = 64;
 
-// x for a product: bf16 as given, and in fixed point for int8 weights.
-struct Vector {
-  const uint16_t* bf16;
-  Fixed fixed;
-  Vector(const uint16_t* x, int64_t K, bool int8) : bf16(x) {
-    if (int8) fixed = Fixed(x, K);
+struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x 32 bytes; `hi` byte 16 + i
+  __m512i lo, hi;
+  GatherIndex() {
+    alignas(64) uint8_t a[64], b[64];
+    for (int i = 0; i < 16; ++i)
+      for (int c = 0; c < 4; ++c) {
+        a[4 * i + c] = static_cast<uint8_t>(c * 32 + i);
+        b[4 * i + c] = static_cast<uint8_t>(c * 32 + 16 + i);
+      }
+    lo = _mm512_load_si512(a);
+    hi = _mm512_load_si512(b);
   }
 };
 
-// Rows [0, N) in blocks of kRows, the blocks split over ATen's threads; `each(r0, r1)` then runs on the
+// y[64 b .. 64 b + 64) for block b of an int4 matrix P with N rows and K columns; sz its scales and zeros;
+// x_sum[g] the sum of x over group g.
+void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const float* x_sum, int64_t N, int64_t K,
+                  int64_t group, int64_t b, float* y) {
+  static const GatherIndex index;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 step = _mm512_set1_ps(static_cast<float>(x.step)), eight = _mm512_set1_ps(8.0f);
+  const uint8_t* p = P + b * K * (kInt4Rows / 2);
+  const int8_t *hi = x.hi.data(), *lo = x.lo.data();
+  __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    __m512i dh[4], dl[4];
+    for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
+    for (int64_t k = g0; k < g0 + group; k += 4) {
+      const __m512i A = _mm512_loadu_si512(p + k * 32), B = _mm512_loadu_si512(p + k * 32 + 64);
+      const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
+      const __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),  // rows 0-15, 16-31
+                            _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),           // rows 32-47
+                            _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};          // rows 48-63
+      int32_t h4, l4;
+      std::memcpy(&h4, hi + k, 4);
+      std::memcpy(&l4, lo + k, 4);
+      const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
+      for (int v = 0; v < 4; ++v) {
+        dh[v] = _mm512_dpbusd_epi32(dh[v], q[v], xh);
+        dl[v] = _mm512_dpbusd_epi32(dl[v], q[v], xl);
+      }
+    }
+    const int64_t g = g0 / group;
+    const __m512 xs = _mm512_set1_ps(x_sum[g]);
+    for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
+      const __m512i pair = _mm512_loadu_si512(sz + (g * N + b * kInt4Rows + 16 * v) * 2);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
+      // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
+      const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dh[v], 7), dl[v])), step);
+      out[v] = _mm512_fmadd_ps(d, scale, out[v]);
+      out[v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, out[v]);
+    }
+  }
+  for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + b * kInt4Rows + 16 * v, out[v]);
+}
+
+// A matrix-vector product's weights: bf16 [N, K]; int8 [N, K] with bf16 scales [N]; or int4 as above.
+enum class Format { kBF16, kInt8, kInt4 };
+
+struct Weights {
+  Format format;
+  const void* data;
+  const uint16_t* scale;  // int8: [N]; int4: scales and zeros [K / group, N, 2]; bf16: null
+  int64_t N, K, group;
+  int64_t block() const { return format == Format::kInt4 ? kInt4Rows : kRows; }  // rows a thread takes at once
+};
+
+// x for a product: bf16 as given; for int8 and int4 weights also in fixed point (and, for int4, its group sums).
+struct Vector {
+  const uint16_t* bf16;
+  Fixed fixed;
+  std::vector<float> group_sums;
+  Vector(const uint16_t* x, int64_t K, Format format, int64_t group = 0) : bf16(x) {
+    if (format != Format::kBF16) fixed = Fixed(x, K);
+    if (format == Format::kInt4) {
+      group_sums.assign(K / group, 0.0f);
+      for (int64_t k = 0; k < K; ++k) group_sums[k / group] += bf16_to_float(x[k]);
+    }
+  }
+};
+
+// y[r] = dot(W[r, :], x) for rows [r0, r1) (multiples of W.block(), or r1 = N).
+void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1) {
+  switch (W.format) {
+    case Format::kBF16:
+      dot_rows(static_cast<const uint16_t*>(W.data), x.bf16, y, r0, r1, W.K);
+      break;
+    case Format::kInt8:
+      dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.fixed, y, r0, r1, W.K);
+      break;
+    case Format::kInt4:
+      for (int64_t b = r0 / kInt4Rows; b < r1 / kInt4Rows; ++b)
+        dot_block_i4(static_cast<const uint8_t*>(W.data), W.scale, x.fixed, x.group_sums.data(), W.N, W.K, W.group,
+                     b, y);
+      break;
+  }
+}
+
+// Rows [0, N) in blocks of W.block(), the blocks split over ATen's threads; `each(r0, r1)` then runs on the
 // rows a thread computed (e.g. rounding them), while they are still in its cache.
 template <typename Each>
 void gemv_rows(const Weights& W, const Vector& x, float* y, Each each) {
-  const int64_t N = W.N, K = W.K, blocks = (N + kRows - 1) / kRows;
+  const int64_t N = W.N, block = W.block(), blocks = (N + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kRows, r1 = std::min(N, b1 * kRows);
-    if (W.scale == nullptr)
-      dot_rows(static_cast<const uint16_t*>(W.data), x.bf16, y, r0, r1, K);
-    else
-      dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.fixed, y, r0, r1, K);
+    const int64_t r0 = b0 * block, r1 = std::min(N, b1 * block);
+    dot_any(W, x, y, r0, r1);
     each(r0, r1);
   });
 }
@@ -185,7 +276,8 @@ torch::Tensor gemv(const torch::Tensor& W, const torch::Tensor& x) {
   auto out = torch::empty({N}, x.options());
   std::vector<float> y(N);
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  gemv_rows(Weights{W.data_ptr(), nullptr, N, K}, Vector(bf16_data(x), K, false), y.data(), [&](int64_t r0, int64_t r1) {
+  gemv_rows(Weights{Format::kBF16, W.data_ptr(), nullptr, N, K, 0}, Vector(bf16_data(x), K, Format::kBF16), y.data(),
+            [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
   });
   return out;
@@ -209,7 +301,7 @@ torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, cons
   auto out = torch::empty({N}, x.options());
   std::vector<float> y(N);
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  gemv_rows(Weights{Q.data_ptr(), bf16_data(scale), N, K}, Vector(bf16_data(x), K, true), y.data(),
+  gemv_rows(Weights{Format::kInt8, Q.data_ptr(), bf16_data(scale), N, K, 0}, Vector(bf16_data(x), K, Format::kInt8), y.data(),
             [&](int64_t r0, int64_t r1) {
               for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
             });
@@ -248,24 +340,77 @@ torch::Tensor gemv_cat(const std::vector<torch::Tensor>& Ws, const torch::Tensor
   return out;
 }
 
+void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t dims, int64_t group) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kByte && packed.is_contiguous() &&
+                  packed.dim() == dims,
+              "int4 weights must be a contiguous uint8 (int4pack) CPU tensor with ", dims, " dims, got ", packed.sizes(),
+              " ", packed.scalar_type());
+  check_weight(sz, "scales_zeros", dims + 1);
+  const int64_t N = packed.size(-2), K = 2 * packed.size(-1);
+  TORCH_CHECK(group > 0 && group % 4 == 0 && K % group == 0 && N % kInt4Rows == 0 && sz.size(-1) == 2 &&
+                  sz.size(-2) == N && sz.size(-3) == K / group &&
+                  sz.sizes().slice(0, dims - 2) == packed.sizes().slice(0, dims - 2),
+              "int4 weights ", packed.sizes(), " with scales and zeros ", sz.sizes(), " and group size ", group,
+              " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 4)");
+}
+
+// int4 weight-only: the int4pack matrix `packed` [N, K / 2] with scales and zeros [K / group, N, 2] times x [K]
+// -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (x in fixed point, see `Fixed`).
+torch::Tensor gemv_int4(const torch::Tensor& packed, const torch::Tensor& sz, const torch::Tensor& x, int64_t group) {
+  check_int4(packed, sz, 2, group);
+  check_weight(x, "x", 1);
+  const int64_t N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(x.size(0) == K, "gemv_int4: weights of ", K, " columns and x ", x.sizes());
+  auto out = torch::empty({N}, x.options());
+  std::vector<float> y(N);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  gemv_rows(Weights{Format::kInt4, packed.data_ptr(), bf16_data(sz), N, K, group},
+            Vector(bf16_data(x), K, Format::kInt4, group), y.data(), [&](int64_t r0, int64_t r1) {
+              for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
+            });
+  return out;
+}
+
+// A stack of E matrices [E, N, K] (the experts' w1, w2 or w3) in one format; `(e)` is expert e's matrix.
+struct Stack {
+  Format format;
+  const torch::Tensor& w;   // bf16 [E, N, K], int8 [E, N, K] or int4pack [E, N, K / 2]
+  const torch::Tensor* sc;  // int8 scales [E, N]; int4 scales and zeros [E, K / group, N, 2]
+  int64_t group;
+  int64_t N() const { return w.size(1); }
+  int64_t K() const { return format == Format::kInt4 ? 2 * w.size(2) : w.size(2); }
+  Weights operator()(int64_t e) const {
+    const int64_t n = N(), k = K();
+    switch (format) {
+      case Format::kBF16:
+        return Weights{format, bf16_data(w) + e * n * k, nullptr, n, k, 0};
+      case Format::kInt8:
+        return Weights{format, static_cast<const int8_t*>(w.data_ptr()) + e * n * k, bf16_data(*sc) + e * n, n, k, 0};
+      default:
+        return Weights{format, static_cast<const uint8_t*>(w.data_ptr()) + e * n * k / 2, bf16_data(*sc) + e * (k / group) * n * 2,
+                       n, k, group};
+    }
+  }
+};
+
 // One token through its k chosen experts: sum_j weights[j] * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)).
-// x [D] (or [1, D]) bf16; w1, w3 [E, F, D] and w2 [E, D, F], bf16 or int8 with bf16 scales [E, F] / [E, D];
-// weights [k] (or [1, k]) float32; idx likewise, int64 -> x's shape, bf16.
-torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor* s1,
-                          const torch::Tensor& w2, const torch::Tensor* s2, const torch::Tensor& w3,
-                          const torch::Tensor* s3, const torch::Tensor& weights, const torch::Tensor& idx) {
+// x [D] (or [1, D]) bf16; w1, w3 [E, F, D] and w2 [E, D, F] as `Stack`s of one format; weights [k] (or [1, k])
+// float32; idx likewise, int64 -> x's shape, bf16.
+torch::Tensor experts_any(const torch::Tensor& x, const Stack& w1, const Stack& w2, const Stack& w3,
+                          const torch::Tensor& weights, const torch::Tensor& idx) {
   TORCH_CHECK(x.dim() == 1 || (x.dim() == 2 && x.size(0) == 1), "experts: x must be [D] or [1, D], got ", x.sizes());
   check_weight(x, "x", x.dim());
-  const bool int8 = s1 != nullptr;
-  for (auto [w, sc, name] : {std::tuple{&w1, s1, "w1"}, std::tuple{&w2, s2, "w2"}, std::tuple{&w3, s3, "w3"}}) {
-    if (int8)
-      check_int8(*w, *sc, 3);
+  for (auto [m, name] : {std::pair{&w1, "w1"}, std::pair{&w2, "w2"}, std::pair{&w3, "w3"}}) {
+    if (m->format == Format::kBF16)
+      check_weight(m->w, name, 3);
+    else if (m->format == Format::kInt8)
+      check_int8(m->w, *m->sc, 3);
     else
-      check_weight(*w, name, 3);
+      check_int4(m->w, *m->sc, 3, m->group);
   }
-  const int64_t E = w1.size(0), F = w1.size(1), D = w1.size(2);
-  TORCH_CHECK(w3.sizes() == w1.sizes() && w2.size(0) == E && w2.size(1) == D && w2.size(2) == F,
-              "experts: shapes x ", x.sizes(), " w1 ", w1.sizes(), " w2 ", w2.sizes(), " w3 ", w3.sizes(),
+  const int64_t E = w1.w.size(0), F = w1.N(), D = w1.K();
+  TORCH_CHECK(w3.w.sizes() == w1.w.sizes() && w2.w.size(0) == E && w2.N() == D && w2.K() == F,
+              "experts: shapes x ", x.sizes(), " w1 ", w1.w.sizes(), " w2 ", w2.w.sizes(), " w3 ", w3.w.sizes(),
               " do not fit together");
   TORCH_CHECK(x.size(-1) == D, "experts: x ", x.sizes(), " for experts of dim ", D);
   TORCH_CHECK(D % kStep == 0 && F % kStep == 0, "experts: dim ", D, " and hidden dim ", F, " must be multiples of 32");
@@ -274,12 +419,6 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
   TORCH_CHECK(idx64.numel() == wts.numel(), "experts: ", idx64.numel(), " ids for ", wts.numel(), " weights");
   const int64_t* ids = idx64.data_ptr<int64_t>();
   const float* wt = wts.data_ptr<float>();
-  const int64_t elem = int8 ? 1 : 2;  // bytes per weight
-  auto expert = [&](const torch::Tensor& w, const torch::Tensor* sc, int64_t e) {
-    const char* base = static_cast<const char*>(w.data_ptr()) + e * w.size(1) * w.size(2) * elem;
-    return Weights{base, int8 ? bf16_data(*sc) + e * w.size(1) : nullptr, w.size(1), w.size(2)};
-  };
-
   const int64_t k = idx64.numel();
   for (int64_t j = 0; j < k; ++j)
     TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "experts: expert id ", ids[j], " is out of range for ", E, " experts");
@@ -288,19 +427,14 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
   //    with moe.swiglu's bf16 roundings (w1 x, silu, w3 x, the product);
   std::vector<float> h1(k * F), h3(k * F), acc(D, 0.0f);
   std::vector<uint16_t> h(k * F);
-  const Vector xv(bf16_data(x), D, int8);
-  const int64_t up_blocks = (F + kRows - 1) / kRows;
+  const Vector xv(bf16_data(x), D, w1.format, w1.group);
+  const int64_t up_block = w1(0).block(), up_blocks = (F + up_block - 1) / up_block;
   at::parallel_for(0, k * up_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j = b0 / up_blocks; j < k && j * up_blocks < b1; ++j) {  // the experts this range touches
-      const int64_t r0 = std::max(b0 - j * up_blocks, int64_t{0}) * kRows;
-      const int64_t r1 = std::min(F, (b1 - j * up_blocks) * kRows);
-      for (auto [w, sc, out] : {std::tuple{&w1, s1, h1.data()}, std::tuple{&w3, s3, h3.data()}}) {
-        const Weights m = expert(*w, sc, ids[j]);
-        if (int8)
-          dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, xv.fixed, out + j * F, r0, r1, D);
-        else
-          dot_rows(static_cast<const uint16_t*>(m.data), xv.bf16, out + j * F, r0, r1, D);
-      }
+      const int64_t r0 = std::max(b0 - j * up_blocks, int64_t{0}) * up_block;
+      const int64_t r1 = std::min(F, (b1 - j * up_blocks) * up_block);
+      dot_any(w1(ids[j]), xv, h1.data() + j * F, r0, r1);
+      dot_any(w3(ids[j]), xv, h3.data() + j * F, r0, r1);
       for (int64_t r = j * F + r0; r < j * F + r1; ++r) {
         const float g = round_bf16(h1[r]);
         const float s = round_bf16(g / (1.0f + std::exp(-g)));
@@ -311,17 +445,14 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
   // 2. w2 h of every chosen expert, output rows split over the threads; each row's k results rounded to bf16,
   //    weighted and summed in float32 in expert order (as experts_decode does).
   std::vector<Vector> hv;
-  for (int64_t j = 0; j < k; ++j) hv.emplace_back(h.data() + j * F, F, int8);
+  for (int64_t j = 0; j < k; ++j) hv.emplace_back(h.data() + j * F, F, w2.format, w2.group);
   std::vector<float> y(k * D);
-  at::parallel_for(0, (D + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kRows, r1 = std::min(D, b1 * kRows);
+  const int64_t down_block = w2(0).block();
+  at::parallel_for(0, (D + down_block - 1) / down_block, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * down_block, r1 = std::min(D, b1 * down_block);
     for (int64_t j = 0; j < k; ++j) {
-      const Weights m = expert(w2, s2, ids[j]);
       float* yj = y.data() + j * D;
-      if (int8)
-        dot_rows_i8(static_cast<const int8_t*>(m.data), m.scale, hv[j].fixed, yj, r0, r1, F);
-      else
-        dot_rows(static_cast<const uint16_t*>(m.data), hv[j].bf16, yj, r0, r1, F);
+      dot_any(w2(ids[j]), hv[j], yj, r0, r1);
       for (int64_t r = r0; r < r1; ++r) acc[r] += round_bf16(yj[r]) * wt[j];
     }
   });
@@ -333,13 +464,23 @@ torch::Tensor experts_any(const torch::Tensor& x, const torch::Tensor& w1, const
 
 torch::Tensor experts(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2, const torch::Tensor& w3,
                       const torch::Tensor& weights, const torch::Tensor& idx) {
-  return experts_any(x, w1, nullptr, w2, nullptr, w3, nullptr, weights, idx);
+  return experts_any(x, Stack{Format::kBF16, w1, nullptr, 0}, Stack{Format::kBF16, w2, nullptr, 0},
+                     Stack{Format::kBF16, w3, nullptr, 0}, weights, idx);
 }
 
 torch::Tensor experts_int8(const torch::Tensor& x, const torch::Tensor& q1, const torch::Tensor& s1,
                            const torch::Tensor& q2, const torch::Tensor& s2, const torch::Tensor& q3,
                            const torch::Tensor& s3, const torch::Tensor& weights, const torch::Tensor& idx) {
-  return experts_any(x, q1, &s1, q2, &s2, q3, &s3, weights, idx);
+  return experts_any(x, Stack{Format::kInt8, q1, &s1, 0}, Stack{Format::kInt8, q2, &s2, 0},
+                     Stack{Format::kInt8, q3, &s3, 0}, weights, idx);
+}
+
+torch::Tensor experts_int4(const torch::Tensor& x, const torch::Tensor& p1, const torch::Tensor& sz1,
+                           const torch::Tensor& p2, const torch::Tensor& sz2, const torch::Tensor& p3,
+                           const torch::Tensor& sz3, const torch::Tensor& weights, const torch::Tensor& idx,
+                           int64_t group) {
+  return experts_any(x, Stack{Format::kInt4, p1, &sz1, group}, Stack{Format::kInt4, p2, &sz2, group},
+                     Stack{Format::kInt4, p3, &sz3, group}, weights, idx);
 }
 
 // RMSNorm of bf16 rows as `model.RMSNorm` computes it: x / sqrt(mean(x^2) + eps) in float32, rounded to bf16,
@@ -437,6 +578,10 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
+  m.def("gemv_int4(Tensor packed, Tensor scales_zeros, Tensor x, int group) -> Tensor");
+  m.def(
+      "experts_int4(Tensor x, Tensor p1, Tensor sz1, Tensor p2, Tensor sz2, Tensor p3, Tensor sz3, Tensor weights, "
+      "Tensor idx, int group) -> Tensor");
   m.def(
       "experts_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3, Tensor weights, "
       "Tensor idx) -> Tensor");
@@ -450,6 +595,8 @@ TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("experts_int8", &experts_int8);
+  m.impl("gemv_int4", &gemv_int4);
+  m.impl("experts_int4", &experts_int4);
   m.impl("experts", &experts);
   m.impl("decode_attention", &decode_attention);
 }
