@@ -216,10 +216,13 @@ def prefill(
     last = torch.empty((len(prompts), model.config.vocab_size), dtype=torch.float32, device=device)
     for start in range(0, longest, chunk_size):
         end = min(start + chunk_size, longest)
-        logits = model(tokens[:, start:end].to(device), positions=positions[:, start:end].to(device), cache=cache)
-        for i, n in enumerate(lengths):
-            if start < n <= end:
-                last[i] = logits[i, n - 1 - start]
+        ending = [(i, n - 1 - start) for i, n in enumerate(lengths) if start < n <= end]  # last tokens here
+        at = torch.tensor(ending, dtype=torch.long, device=device).view(-1, 2)
+        logits = model(
+            tokens[:, start:end].to(device), positions=positions[:, start:end].to(device), cache=cache, logits_at=at
+        )
+        if ending:
+            last[at[:, 0]] = logits.float()
     return last
 
 

@@ -44,8 +44,9 @@ class Steps:
         device = self.model.embed.weight.device
         tokens_1T = torch.tensor([tokens], dtype=torch.long, device=device)
         positions = torch.arange(start, start + len(tokens), dtype=torch.long, device=device)[None]
-        logits = self.model(tokens_1T, positions=positions, cache=self.cache.rows([row]))
-        return logits[0, -1].float()
+        at = torch.tensor([[0, len(tokens) - 1]], device=device)
+        logits = self.model(tokens_1T, positions=positions, cache=self.cache.rows([row]), logits_at=at)
+        return logits[0].float()
 
     def decode(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         """One token for every row (position -1: an idle row); returns logits [B, V] (float32)."""
