@@ -77,6 +77,15 @@ class KVCache:
             raise ValueError(f"batch of {pos_BT.shape[0]} sequences does not fit a cache made for {self.batch_size}")
         return self._update(layer, k_BGTd, v_BGTd, pos_BT, None)
 
+    def decode_slot(self, layer: int, pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """For one token of a one-row cache at position >= 0 (decode at batch 1), what `update` would use, for a
+        caller that writes and attends itself (the fused CPU decode kernel): this layer's key and value buffers
+        [1, G, slots, d], the slot the token goes to, and the mask [1, 1, 1, S] over slots 0..S-1 once it is there."""
+        if layer == 0:
+            self._step = self._plan(pos_BT, None)
+        _, _, slot, mask, _, _ = self._step
+        return self.k[layer], self.v[layer], slot, mask
+
     def _plan(self, pos_BT: torch.Tensor, rows: torch.Tensor | None) -> tuple:
         """Which new tokens go to which slots, and which key positions the attention looks at."""
         T = pos_BT.shape[1]

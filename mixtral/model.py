@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache as KVCacheImpl
 from .cache import attention_mask
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
 from .moe import MOE_IMPLS, MoE
-from .quantize import gemv_cat, linear
+from .quantize import QuantizedWeight, gemv_cat, linear
 
 
 class KVCache(Protocol):
@@ -84,6 +85,30 @@ def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mas
             )
     gqa = q_BHTd.shape[1] != k_BGSd.shape[1]
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_B1TS, enable_gqa=gqa)
+
+
+def _kernel_tensors(m: nn.Module | torch.Tensor) -> list[torch.Tensor] | None:
+    """A weight as the CPU kernels take it: [w] for plain bf16 (an nn.Linear without hooks, or a tensor),
+    [q, scale] for int8, [packed, scales_zeros] for int4 (bf16 scales); None for anything else."""
+    if isinstance(m, QuantizedWeight):
+        if m.dtype != torch.bfloat16:
+            return None
+        tensors = [m.q, m.scale] if m.mode == "int8" else [m.packed, m.scales_zeros]
+    elif type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
+        tensors = [m.weight]
+    elif type(m) in (torch.Tensor, nn.Parameter):
+        tensors = [m]
+    else:
+        return None
+    if len(tensors) == 1 and tensors[0].dtype != torch.bfloat16:
+        return None
+    return tensors if all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) else None
+
+
+def _int4_dims(block: nn.Module) -> tuple[int, ...]:
+    """Rows and columns of a block's matrices (int4 kernels take multiples of 64)."""
+    a = block.attn
+    return (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, block.moe.w1.shape[1], block.moe.w1.shape[2])
 
 
 def _proj(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +179,61 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        one = x.device.type == "cpu" and x.shape[0] * x.shape[1] == 1 and type(cache) is KVCacheImpl
+        if one and int(pos_BT) >= 0:
+            fused = self._decode_fused(x, pos_BT, rope, cache)
+            if fused is not None:
+                return fused
         h = x + self.attn(self.attn_norm(x), pos_BT, rope, cache)
         moe_out, router_logits = self.moe(self.ffn_norm(h))
         return h + moe_out, router_logits
+
+    def _decode_fused(
+        self, x: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCacheImpl
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole block for one token in one call to the CPU kernel `decode_layer` (the same roundings as the
+        code above, which stays the reference: `tests/test_cpu_kernels.py` compares the two), or None where it
+        cannot run: not bf16 on a CPU, gradients on, the kernels unavailable, or modules it does not know
+        (tensor/expert parallelism's hooks, the reference MoE path, router jitter in training)."""
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return None
+        ops = cpu_kernels.ops()
+        args = self._fused_args() if ops is not None else None
+        if args is None:
+            return None
+        k_buf, v_buf, slot, mask = cache.decode_slot(self.attn.layer, pos_BT)
+        norms, attn, moe, group = args
+        cos, sin = (t.reshape(-1) for t in rope)
+        out, router_logits = ops.decode_layer(
+            x.contiguous(), *norms, *attn, cos, sin, k_buf, v_buf, slot, mask.contiguous(), *moe, group
+        )
+        return out, router_logits
+
+    def _fused_args(self) -> tuple | None:
+        moe = self.moe
+        if moe.dispatch_hook is not None or moe.impl == "reference" or (moe.training and moe.router_jitter > 0):
+            return None
+        mats = [_kernel_tensors(m) for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo)]
+        experts = [_kernel_tensors(w) for w in (moe.w1, moe.w2, moe.w3)]
+        router = _kernel_tensors(moe.gate)
+        norms = (self.attn_norm.weight, self.ffn_norm.weight)
+        if any(m is None for m in (*mats, *experts, router)) or len(router) != 1:
+            return None
+        if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
+            return None
+        groups = {
+            m.group_size
+            for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo, moe.w1, moe.w2, moe.w3)
+            if isinstance(m, QuantizedWeight) and m.mode == "int4"
+        }
+        if len(groups) > 1 or self.attn.head_dim % 32 or (groups and any(n % 64 for n in _int4_dims(self))):
+            return None
+        return (
+            (*norms, self.attn_norm.eps),
+            mats,
+            (router[0], *experts, moe.top_k),
+            groups.pop() if groups else 0,
+        )
 
 
 class Transformer(nn.Module):

@@ -166,10 +166,11 @@ class QuantizedView:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != b.dtype:
             x2 = x2.to(b.dtype)
-        if self.mode == "int8" and x2.shape[0] >= DEQUANT_ROWS:
+        if self.mode == "int8" and (x2.shape[0] >= DEQUANT_ROWS or x2.shape[1] % 16):
             # Many rows (a prefill) are compute-bound: the int8 kernel multiplies at about a third of the
             # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
             # Not for int4: unpacking nibbles costs more than the int4 kernel's own slowness.
+            # torch._weight_int8pack_mm (2.13) also gives wrong sums when K is not a multiple of 16.
             return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
         if x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
             # One row: our AVX-512 kernels (integer dot products) read int8 ~1.6x and int4 ~4x faster than

@@ -14,11 +14,12 @@ import torch
 import mixtral
 from mixtral import cli
 from mixtral.cache import KVCache
+from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
-from mixtral.model import attend
+from mixtral.model import Block, Transformer, attend
 from mixtral.moe import experts_decode, experts_reference
-from mixtral.quantize import QuantizedWeight, linear, quantize_int8
+from mixtral.quantize import QuantizedWeight, linear, quantize_int8, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -134,7 +135,7 @@ def test_turned_off_by_the_environment_falls_back_to_torch_mv():
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(3584, 1024), (1024, 3584), (37, 64), (5, 16), (9, 200)])
+@pytest.mark.parametrize("shape", [(3584, 1024), (1024, 3584), (37, 64), (5, 16), (9, 208)])
 @pytest.mark.parametrize("outliers", [False, True])
 def test_int8_gemv_equals_torch_int8pack_mm(shape, outliers):
     torch.manual_seed(3)
@@ -216,3 +217,42 @@ def test_int4_kernel_refuses_a_layout_it_cannot_read():
         cpu_kernels.ops().gemv_int4(qw.packed, qw.scales_zeros, x, 48)
     with pytest.raises(RuntimeError, match="must be a contiguous uint8"):
         cpu_kernels.ops().gemv_int4(qw.packed.view(torch.int8), qw.scales_zeros, x, 64)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("window", [None, 8])
+def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
+    """`decode_layer` (a whole block for one token in one kernel call) against the block's own code with the
+    single-op kernels: the same roundings, so the same logits bit for bit (rolling cache included)."""
+    config = ModelConfig(
+        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4,
+        max_seq_len=64, sliding_window=window,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    model = Transformer(config)
+    model.init_weights(std=0.05)
+    model = model.to(torch.bfloat16).eval()
+    if mode != "bf16":
+        quantize_model(model, mode, group_size=32)
+    fused_calls = []
+    original = Block._decode_fused
+
+    def counted(self, *args):
+        out = original(self, *args)
+        fused_calls.append(out is not None)
+        return out
+
+    def steps() -> torch.Tensor:
+        cache = KVCache(config, 1, 40, dtype=torch.bfloat16)
+        logits = [prefill(model, cache, [[1, 5, 9, 200, 33]])]
+        for i in range(20):
+            logits.append(decode_step(model, cache, torch.tensor([(37 * i) % 500 + 3]), torch.tensor([5 + i])))
+        return torch.cat(logits)
+
+    monkeypatch.setattr(Block, "_decode_fused", counted)
+    fast = steps()
+    assert len(fused_calls) == 2 * 20 and all(fused_calls)
+    monkeypatch.setattr(Block, "_decode_fused", lambda self, *args: None)
+    plain = steps()
+    assert torch.equal(fast, plain)

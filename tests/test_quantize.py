@@ -3,6 +3,7 @@ models against their dequantized reference path, and quantized checkpoints round
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import mixtral
 from mixtral.checkpoint import CheckpointError
 from mixtral.config import ModelConfig
+from mixtral.kernels import cpu as cpu_kernels
 from mixtral.quantize import (
     QuantizedWeight,
     active_weight_bytes,
@@ -86,6 +88,19 @@ def test_quantized_matmul_equals_dequantized_reference(mode, dtype, rows):
     assert torch.equal(qw.dequantize(), torch.stack([qw[e].dequantize() for e in range(3)]))
     rel = (qw.dequantize().float() - w.float()).norm() / w.float().norm()
     assert rel < (0.01 if mode == "int8" else 0.12)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_matmul_with_columns_not_a_multiple_of_16(rows):
+    # torch._weight_int8pack_mm sums wrongly for such K; the plain path must not use it there
+    torch.manual_seed(1)
+    qw = QuantizedWeight.from_float(torch.randn(16, 200, dtype=torch.bfloat16), "int8")
+    x = torch.randn(rows, 200, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), qw.dequantize().float())
+    for kernels in (True, False):
+        with contextlib.nullcontext() if kernels else cpu_kernels.disabled():
+            got = qw(x).float()
+        assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max()), kernels
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

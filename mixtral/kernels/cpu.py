@@ -121,6 +121,10 @@ def _build() -> None:
     def _(x, p1, sz1, p2, sz2, p3, sz3, weights, idx, group) -> torch.Tensor:
         return torch.empty_like(x)
 
+    @torch.library.register_fake("mixtral_cpu::decode_layer")
+    def _(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, slot, mask, router, *rest):
+        return torch.empty_like(x), x.new_empty((1, router.shape[0]))
+
     @torch.library.register_fake("mixtral_cpu::experts")
     def _(x, w1, w2, w3, weights, idx) -> torch.Tensor:
         return torch.empty_like(x)

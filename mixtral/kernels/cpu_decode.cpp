@@ -1,10 +1,15 @@
-// Batch-1 decode kernels for x86 CPUs with AVX512-BF16 and AVX512-VNNI: one token's matrix-vector products, which read every
-// weight once and are bound by memory bandwidth.
+// Batch-1 decode kernels for x86 CPUs with AVX512-BF16, -VNNI and -VBMI: one token's matrix-vector products, which
+// read every weight once and are bound by memory bandwidth.
 //
 // Why our own: PyTorch's bf16 GEMV (torch.mv -> MKL) reads the large expert matrices at ~90% of the bandwidth
 // but pays ~40 us per call, so the small attention matrices run at 8-13 GB/s; torch.compile lowers a GEMV to a
 // single-accumulator loop at 0.6-0.7x torch.mv. Here each thread reads its share of the rows as one
 // sequential stream with `vdpbf16ps` (bf16 pairs multiplied and added into float32).
+//
+// What is here: bf16 GEMV (`dot_rows`); int8 and int4 weight-only GEMV with integer dot products (`Fixed`,
+// `dot_i8`, `dot_block_i4`); one token's chosen experts in one call (`experts_row`); attention of one query row
+// (`attend_head`); and a whole decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small
+// PyTorch ops per layer. Each has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
 //
 // Numerics follow the eager PyTorch path: products accumulate in float32 and each linear's output is
 // rounded to bf16 once; the expert block rounds where `moe.swiglu` does (w1 x, w3 x, silu, the product,
@@ -14,9 +19,10 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -244,43 +250,13 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
   }
 }
 
-// Rows [0, N) in blocks of W.block(), the blocks split over ATen's threads; `each(r0, r1)` then runs on the
-// rows a thread computed (e.g. rounding them), while they are still in its cache.
-template <typename Each>
-void gemv_rows(const Weights& W, const Vector& x, float* y, Each each) {
-  const int64_t N = W.N, block = W.block(), blocks = (N + block - 1) / block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * block, r1 = std::min(N, b1 * block);
-    dot_any(W, x, y, r0, r1);
-    each(r0, r1);
-  });
-}
-
 const uint16_t* bf16_data(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+uint16_t* bf16_out(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
 
 void check_weight(const torch::Tensor& w, const char* name, int64_t dims) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.dim() == dims,
               name, " must be a contiguous bfloat16 CPU tensor with ", dims, " dims, got ", w.sizes(), " ",
               w.scalar_type());
-}
-
-}  // namespace
-
-// W [N, K] @ x [K] -> [N], bf16 (float32 accumulation, rounded once). K must be a multiple of 32.
-torch::Tensor gemv(const torch::Tensor& W, const torch::Tensor& x) {
-  check_weight(W, "W", 2);
-  check_weight(x, "x", 1);
-  const int64_t N = W.size(0), K = W.size(1);
-  TORCH_CHECK(x.size(0) == K && K % kStep == 0, "gemv: W ", W.sizes(), " and x ", x.sizes(),
-              " need x of W's columns, a multiple of 32");
-  auto out = torch::empty({N}, x.options());
-  std::vector<float> y(N);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  gemv_rows(Weights{Format::kBF16, W.data_ptr(), nullptr, N, K, 0}, Vector(bf16_data(x), K, Format::kBF16), y.data(),
-            [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
-  });
-  return out;
 }
 
 void check_int8(const torch::Tensor& q, const torch::Tensor& scale, int64_t dims) {
@@ -291,60 +267,11 @@ void check_int8(const torch::Tensor& q, const torch::Tensor& scale, int64_t dims
   TORCH_CHECK(scale.sizes() == q.sizes().slice(0, dims - 1), "scales ", scale.sizes(), " for int8 weights ", q.sizes());
 }
 
-// int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
-// (with x in 15-bit fixed point, see `Fixed`; rounded once).
-torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
-  check_int8(Q, scale, 2);
-  check_weight(x, "x", 1);
-  const int64_t N = Q.size(0), K = Q.size(1);
-  TORCH_CHECK(x.size(0) == K, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(), " need x of Q's columns");
-  auto out = torch::empty({N}, x.options());
-  std::vector<float> y(N);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  gemv_rows(Weights{Format::kInt8, Q.data_ptr(), bf16_data(scale), N, K, 0}, Vector(bf16_data(x), K, Format::kInt8), y.data(),
-            [&](int64_t r0, int64_t r1) {
-              for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
-            });
-  return out;
-}
-
-// [W_0; W_1; ...] @ x: one call for several matrices of K columns (e.g. wq, wk, wv), their rows split over the
-// threads together; -> [sum N_i] bf16.
-torch::Tensor gemv_cat(const std::vector<torch::Tensor>& Ws, const torch::Tensor& x) {
-  check_weight(x, "x", 1);
-  const int64_t K = x.size(0);
-  TORCH_CHECK(K % kStep == 0, "gemv_cat: x has ", K, " elements, not a multiple of 32");
-  std::vector<int64_t> first_block{0};  // block index where each matrix starts
-  int64_t N = 0;
-  for (const auto& W : Ws) {
-    check_weight(W, "W", 2);
-    TORCH_CHECK(W.size(1) == K, "gemv_cat: a matrix of ", W.sizes(), " for x of ", K, " elements");
-    N += W.size(0);
-    first_block.push_back(first_block.back() + (W.size(0) + kRows - 1) / kRows);
-  }
-  auto out = torch::empty({N}, x.options());
-  std::vector<float> y(N);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  std::vector<int64_t> offset{0};
-  for (const auto& W : Ws) offset.push_back(offset.back() + W.size(0));
-  at::parallel_for(0, first_block.back(), 1, [&](int64_t b0, int64_t b1) {
-    for (size_t m = 0; m < Ws.size(); ++m) {  // the part of [b0, b1) inside matrix m
-      const int64_t lo = std::max(b0, first_block[m]) - first_block[m], hi = std::min(b1, first_block[m + 1]) - first_block[m];
-      if (lo >= hi) continue;
-      const int64_t n = Ws[m].size(0), r0 = lo * kRows, r1 = std::min(n, hi * kRows);
-      float* ym = y.data() + offset[m];
-      dot_rows(bf16_data(Ws[m]), bf16_data(x), ym, r0, r1, K);
-      for (int64_t r = r0; r < r1; ++r) o[offset[m] + r] = float_to_bf16(ym[r]);
-    }
-  });
-  return out;
-}
-
 void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t dims, int64_t group) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kByte && packed.is_contiguous() &&
                   packed.dim() == dims,
-              "int4 weights must be a contiguous uint8 (int4pack) CPU tensor with ", dims, " dims, got ", packed.sizes(),
-              " ", packed.scalar_type());
+              "int4 weights must be a contiguous uint8 (int4pack) CPU tensor with ", dims, " dims, got ",
+              packed.sizes(), " ", packed.scalar_type());
   check_weight(sz, "scales_zeros", dims + 1);
   const int64_t N = packed.size(-2), K = 2 * packed.size(-1);
   TORCH_CHECK(group > 0 && group % 4 == 0 && K % group == 0 && N % kInt4Rows == 0 && sz.size(-1) == 2 &&
@@ -354,21 +281,85 @@ void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t di
               " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 4)");
 }
 
-// int4 weight-only: the int4pack matrix `packed` [N, K / 2] with scales and zeros [K / group, N, 2] times x [K]
-// -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (x in fixed point, see `Fixed`).
-torch::Tensor gemv_int4(const torch::Tensor& packed, const torch::Tensor& sz, const torch::Tensor& x, int64_t group) {
-  check_int4(packed, sz, 2, group);
-  check_weight(x, "x", 1);
-  const int64_t N = packed.size(0), K = 2 * packed.size(1);
-  TORCH_CHECK(x.size(0) == K, "gemv_int4: weights of ", K, " columns and x ", x.sizes());
-  auto out = torch::empty({N}, x.options());
-  std::vector<float> y(N);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  gemv_rows(Weights{Format::kInt4, packed.data_ptr(), bf16_data(sz), N, K, group},
-            Vector(bf16_data(x), K, Format::kInt4, group), y.data(), [&](int64_t r0, int64_t r1) {
-              for (int64_t r = r0; r < r1; ++r) o[r] = float_to_bf16(y[r]);
-            });
-  return out;
+// A matrix given to an op as its tensors: [W] bf16 [N, K]; [Q, scale] int8; [packed, scales_zeros] int4.
+Weights matrix(const std::vector<torch::Tensor>& ts, int64_t group, const char* name) {
+  TORCH_CHECK(ts.size() == 1 || ts.size() == 2, name,
+              ": one tensor (bf16) or two (int8 weights and scales, or int4pack weights and scales and zeros), got ",
+              ts.size());
+  if (ts.size() == 1) {
+    check_weight(ts[0], name, 2);
+    return Weights{Format::kBF16, ts[0].data_ptr(), nullptr, ts[0].size(0), ts[0].size(1), 0};
+  }
+  if (ts[0].scalar_type() == torch::kChar) {
+    check_int8(ts[0], ts[1], 2);
+    return Weights{Format::kInt8, ts[0].data_ptr(), bf16_data(ts[1]), ts[0].size(0), ts[0].size(1), 0};
+  }
+  check_int4(ts[0], ts[1], 2, group);
+  return Weights{Format::kInt4, ts[0].data_ptr(), bf16_data(ts[1]), ts[0].size(0), 2 * ts[0].size(1), group};
+}
+
+// [W_0; W_1; ...] x for matrices of one format and K columns, their row blocks split over the threads together
+// (one parallel region for e.g. wq, wk and wv); out [sum N_i] bf16, each output rounded once.
+void project(const std::vector<Weights>& Ws, const Vector& x, uint16_t* out) {
+  std::vector<int64_t> first_block{0}, offset{0};  // where each matrix starts: block index, output row
+  for (const auto& W : Ws) {
+    first_block.push_back(first_block.back() + (W.N + W.block() - 1) / W.block());
+    offset.push_back(offset.back() + W.N);
+  }
+  std::vector<float> y(offset.back());
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t b0, int64_t b1) {
+    for (size_t m = 0; m < Ws.size(); ++m) {  // the part of [b0, b1) inside matrix m
+      const int64_t lo = std::max(b0, first_block[m]) - first_block[m];
+      const int64_t hi = std::min(b1, first_block[m + 1]) - first_block[m];
+      if (lo >= hi) continue;
+      const int64_t block = Ws[m].block(), r0 = lo * block, r1 = std::min(Ws[m].N, hi * block);
+      float* ym = y.data() + offset[m];
+      dot_any(Ws[m], x, ym, r0, r1);
+      for (int64_t r = r0; r < r1; ++r) out[offset[m] + r] = float_to_bf16(ym[r]);
+    }
+  });
+}
+
+// RMSNorm of one bf16 row as `model.RMSNorm` computes it: x / sqrt(mean(x^2) + eps) in float32, rounded to bf16,
+// times the bf16 weight (the product rounded to bf16).
+void rms_row(const uint16_t* x, const uint16_t* w, int64_t D, float eps, uint16_t* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < D; ++i) ss += bf16_to_float(x[i]) * bf16_to_float(x[i]);
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < D; ++i) out[i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(x[i]) * inv));
+}
+
+// One query head over S cached keys and values (rows `k_stride` and `v_stride` elements apart): scores q.k
+// (bf16 products, float32 sums) times `scale`, softmax and the weighted sum of values in float32, rounded to bf16 once.
+// `allowed[s]` false: slot s is not attended to; a head with no slot allowed gives zeros.
+void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t k_stride, int64_t v_stride,
+                 const bool* allowed, int64_t S, int64_t d, float scale, float* score, float* acc, uint16_t* out) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!allowed[s]) continue;
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += kStep)
+      dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(k + s * k_stride + c),
+                             (__m512bh)_mm512_loadu_si512(q + c));
+    score[s] = _mm512_reduce_add_ps(dot) * scale;
+    top = std::max(top, score[s]);
+  }
+  std::fill(acc, acc + d, 0.0f);
+  float total = 0.0f;
+  for (int64_t s = 0; s < S && top > -INFINITY; ++s) {
+    if (!allowed[s]) continue;
+    const float p = std::exp(score[s] - top);
+    total += p;
+    const __m512 pv = _mm512_set1_ps(p);
+    const uint16_t* vr = v + s * v_stride;
+    for (int64_t c = 0; c < d; c += 16) {  // bf16 -> float32 is a 16-bit shift
+      const __m512 x = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + c))), 16));
+      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(pv, x, _mm512_loadu_ps(acc + c)));
+    }
+  }
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int64_t c = 0; c < d; ++c) out[c] = float_to_bf16(acc[c] * inv);
 }
 
 // A stack of E matrices [E, N, K] (the experts' w1, w2 or w3) in one format; `(e)` is expert e's matrix.
@@ -377,6 +368,21 @@ struct Stack {
   const torch::Tensor& w;   // bf16 [E, N, K], int8 [E, N, K] or int4pack [E, N, K / 2]
   const torch::Tensor* sc;  // int8 scales [E, N]; int4 scales and zeros [E, K / group, N, 2]
   int64_t group;
+
+  // From an op's tensors: [w] bf16, [q, scale] int8 or [packed, scales_zeros] int4.
+  static Stack of(const std::vector<torch::Tensor>& ts, int64_t group, const char* name) {
+    TORCH_CHECK(ts.size() == 1 || ts.size() == 2, name, ": one tensor (bf16) or two (quantized), got ", ts.size());
+    if (ts.size() == 1) return Stack{Format::kBF16, ts[0], nullptr, 0};
+    return Stack{ts[0].scalar_type() == torch::kChar ? Format::kInt8 : Format::kInt4, ts[0], &ts[1], group};
+  }
+  void check(const char* name) const {
+    if (format == Format::kBF16)
+      check_weight(w, name, 3);
+    else if (format == Format::kInt8)
+      check_int8(w, *sc, 3);
+    else
+      check_int4(w, *sc, 3, group);
+  }
   int64_t N() const { return w.size(1); }
   int64_t K() const { return format == Format::kInt4 ? 2 * w.size(2) : w.size(2); }
   Weights operator()(int64_t e) const {
@@ -387,39 +393,29 @@ struct Stack {
       case Format::kInt8:
         return Weights{format, static_cast<const int8_t*>(w.data_ptr()) + e * n * k, bf16_data(*sc) + e * n, n, k, 0};
       default:
-        return Weights{format, static_cast<const uint8_t*>(w.data_ptr()) + e * n * k / 2, bf16_data(*sc) + e * (k / group) * n * 2,
-                       n, k, group};
+        return Weights{format, static_cast<const uint8_t*>(w.data_ptr()) + e * n * k / 2,
+                       bf16_data(*sc) + e * (k / group) * n * 2, n, k, group};
     }
   }
 };
 
-// One token through its k chosen experts: sum_j weights[j] * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)).
-// x [D] (or [1, D]) bf16; w1, w3 [E, F, D] and w2 [E, D, F] as `Stack`s of one format; weights [k] (or [1, k])
-// float32; idx likewise, int64 -> x's shape, bf16.
-torch::Tensor experts_any(const torch::Tensor& x, const Stack& w1, const Stack& w2, const Stack& w3,
-                          const torch::Tensor& weights, const torch::Tensor& idx) {
-  TORCH_CHECK(x.dim() == 1 || (x.dim() == 2 && x.size(0) == 1), "experts: x must be [D] or [1, D], got ", x.sizes());
-  check_weight(x, "x", x.dim());
-  for (auto [m, name] : {std::pair{&w1, "w1"}, std::pair{&w2, "w2"}, std::pair{&w3, "w3"}}) {
-    if (m->format == Format::kBF16)
-      check_weight(m->w, name, 3);
-    else if (m->format == Format::kInt8)
-      check_int8(m->w, *m->sc, 3);
-    else
-      check_int4(m->w, *m->sc, 3, m->group);
-  }
-  const int64_t E = w1.w.size(0), F = w1.N(), D = w1.K();
-  TORCH_CHECK(w3.w.sizes() == w1.w.sizes() && w2.w.size(0) == E && w2.N() == D && w2.K() == F,
-              "experts: shapes x ", x.sizes(), " w1 ", w1.w.sizes(), " w2 ", w2.w.sizes(), " w3 ", w3.w.sizes(),
-              " do not fit together");
-  TORCH_CHECK(x.size(-1) == D, "experts: x ", x.sizes(), " for experts of dim ", D);
+// Checks that w1, w3 [E, F, D] and w2 [E, D, F] fit together and D and F are multiples of 32.
+void check_experts(const Stack& w1, const Stack& w2, const Stack& w3, int64_t D) {
+  w1.check("w1");
+  w2.check("w2");
+  w3.check("w3");
+  const int64_t E = w1.w.size(0), F = w1.N();
+  TORCH_CHECK(w2.format == w1.format && w3.format == w1.format && w3.w.sizes() == w1.w.sizes() &&
+                  w2.w.size(0) == E && w1.K() == D && w2.N() == D && w2.K() == F,
+              "experts: w1 ", w1.w.sizes(), ", w2 ", w2.w.sizes(), " and w3 ", w3.w.sizes(),
+              " do not fit together and with x of ", D, " elements");
   TORCH_CHECK(D % kStep == 0 && F % kStep == 0, "experts: dim ", D, " and hidden dim ", F, " must be multiples of 32");
-  auto idx64 = idx.to(torch::kLong).contiguous();
-  auto wts = weights.to(torch::kFloat).contiguous();
-  TORCH_CHECK(idx64.numel() == wts.numel(), "experts: ", idx64.numel(), " ids for ", wts.numel(), " weights");
-  const int64_t* ids = idx64.data_ptr<int64_t>();
-  const float* wt = wts.data_ptr<float>();
-  const int64_t k = idx64.numel();
+}
+
+// One token through its k chosen experts: out = sum_j wt[j] * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)), bf16 [D].
+void experts_row(const uint16_t* x, const Stack& w1, const Stack& w2, const Stack& w3, const float* wt,
+                 const int64_t* ids, int64_t k, uint16_t* out) {
+  const int64_t F = w1.N(), D = w1.K(), E = w1.w.size(0);
   for (int64_t j = 0; j < k; ++j)
     TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "experts: expert id ", ids[j], " is out of range for ", E, " experts");
   // Two parallel regions for all k experts (a region per product would cost a thread barrier each):
@@ -427,7 +423,7 @@ torch::Tensor experts_any(const torch::Tensor& x, const Stack& w1, const Stack& 
   //    with moe.swiglu's bf16 roundings (w1 x, silu, w3 x, the product);
   std::vector<float> h1(k * F), h3(k * F), acc(D, 0.0f);
   std::vector<uint16_t> h(k * F);
-  const Vector xv(bf16_data(x), D, w1.format, w1.group);
+  const Vector xv(x, D, w1.format, w1.group);
   const int64_t up_block = w1(0).block(), up_blocks = (F + up_block - 1) / up_block;
   at::parallel_for(0, k * up_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j = b0 / up_blocks; j < k && j * up_blocks < b1; ++j) {  // the experts this range touches
@@ -456,9 +452,89 @@ torch::Tensor experts_any(const torch::Tensor& x, const Stack& w1, const Stack& 
       for (int64_t r = r0; r < r1; ++r) acc[r] += round_bf16(yj[r]) * wt[j];
     }
   });
+  for (int64_t r = 0; r < D; ++r) out[r] = float_to_bf16(acc[r]);
+}
+
+// `rope.apply_rope` on one head of d elements, in place: x * cos + rotate_half(x) * sin with bf16 roundings after
+// each product and the sum, as the eager bf16 ops round.
+void rope_head(uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = bf16_to_float(x[i]), b = bf16_to_float(x[i + half]);
+    x[i] = float_to_bf16(round_bf16(a * bf16_to_float(cos[i])) + round_bf16(-b * bf16_to_float(sin[i])));
+    x[i + half] =
+        float_to_bf16(round_bf16(b * bf16_to_float(cos[i + half])) + round_bf16(a * bf16_to_float(sin[i + half])));
+  }
+}
+
+}  // namespace
+
+// W [N, K] @ x [K] -> [N], bf16 (float32 accumulation, rounded once). K must be a multiple of 32.
+torch::Tensor gemv(const torch::Tensor& W, const torch::Tensor& x) {
+  check_weight(W, "W", 2);
+  check_weight(x, "x", 1);
+  const int64_t N = W.size(0), K = W.size(1);
+  TORCH_CHECK(x.size(0) == K && K % kStep == 0, "gemv: W ", W.sizes(), " and x ", x.sizes(),
+              " need x of W's columns, a multiple of 32");
+  auto out = torch::empty({N}, x.options());
+  project({matrix({W}, 0, "W")}, Vector(bf16_data(x), K, Format::kBF16), bf16_out(out));
+  return out;
+}
+
+// int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
+// (with x in 15-bit fixed point, see `Fixed`; rounded once).
+torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
+  const Weights W = matrix({Q, scale}, 0, "Q");
+  check_weight(x, "x", 1);
+  TORCH_CHECK(x.size(0) == W.K, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(), " need x of Q's columns");
+  auto out = torch::empty({W.N}, x.options());
+  project({W}, Vector(bf16_data(x), W.K, Format::kInt8), bf16_out(out));
+  return out;
+}
+
+// int4 weight-only: the int4pack matrix `packed` [N, K / 2] with scales and zeros [K / group, N, 2] times x [K]
+// -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (x in fixed point, see `Fixed`).
+torch::Tensor gemv_int4(const torch::Tensor& packed, const torch::Tensor& sz, const torch::Tensor& x, int64_t group) {
+  check_int4(packed, sz, 2, group);
+  const Weights W = matrix({packed, sz}, group, "packed");
+  check_weight(x, "x", 1);
+  TORCH_CHECK(x.size(0) == W.K, "gemv_int4: weights of ", W.K, " columns and x ", x.sizes());
+  auto out = torch::empty({W.N}, x.options());
+  project({W}, Vector(bf16_data(x), W.K, Format::kInt4, group), bf16_out(out));
+  return out;
+}
+
+// [W_0; W_1; ...] @ x: one call for several bf16 matrices of K columns (e.g. wq, wk, wv), their rows split over
+// the threads together; -> [sum N_i] bf16.
+torch::Tensor gemv_cat(const std::vector<torch::Tensor>& Ws, const torch::Tensor& x) {
+  check_weight(x, "x", 1);
+  const int64_t K = x.size(0);
+  TORCH_CHECK(K % kStep == 0, "gemv_cat: x has ", K, " elements, not a multiple of 32");
+  std::vector<Weights> ms;
+  for (const auto& W : Ws) {
+    ms.push_back(matrix({W}, 0, "W"));
+    TORCH_CHECK(W.size(1) == K, "gemv_cat: a matrix of ", W.sizes(), " for x of ", K, " elements");
+  }
+  auto out = torch::empty({ms.empty() ? 0 : std::accumulate(ms.begin(), ms.end(), int64_t{0},
+                                                            [](int64_t n, const Weights& W) { return n + W.N; })},
+                          x.options());
+  project(ms, Vector(bf16_data(x), K, Format::kBF16), bf16_out(out));
+  return out;
+}
+
+// One token through its k chosen experts: sum_j weights[j] * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)).
+// x [D] (or [1, D]) bf16; w1, w3 [E, F, D] and w2 [E, D, F] as `Stack`s of one format; weights [k] (or [1, k])
+// float32; idx likewise, int64 -> x's shape, bf16.
+torch::Tensor experts_any(const torch::Tensor& x, const Stack& w1, const Stack& w2, const Stack& w3,
+                          const torch::Tensor& weights, const torch::Tensor& idx) {
+  TORCH_CHECK(x.dim() == 1 || (x.dim() == 2 && x.size(0) == 1), "experts: x must be [D] or [1, D], got ", x.sizes());
+  check_weight(x, "x", x.dim());
+  check_experts(w1, w2, w3, x.size(-1));
+  auto idx64 = idx.to(torch::kLong).contiguous();
+  auto wts = weights.to(torch::kFloat).contiguous();
+  TORCH_CHECK(idx64.numel() == wts.numel(), "experts: ", idx64.numel(), " ids for ", wts.numel(), " weights");
   auto out = torch::empty(x.sizes(), x.options());
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t r = 0; r < D; ++r) o[r] = float_to_bf16(acc[r]);
+  experts_row(bf16_data(x), w1, w2, w3, wts.data_ptr<float>(), idx64.data_ptr<int64_t>(), idx64.numel(), bf16_out(out));
   return out;
 }
 
@@ -483,27 +559,18 @@ torch::Tensor experts_int4(const torch::Tensor& x, const torch::Tensor& p1, cons
                      Stack{Format::kInt4, p3, &sz3, group}, weights, idx);
 }
 
-// RMSNorm of bf16 rows as `model.RMSNorm` computes it: x / sqrt(mean(x^2) + eps) in float32, rounded to bf16,
-// times the bf16 weight (the product rounded to bf16). x [..., D] contiguous, weight [D] -> x's shape.
+// RMSNorm of bf16 rows (see `rms_row`). x [..., D] contiguous, weight [D] -> x's shape.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   check_weight(weight, "weight", 1);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.dim() >= 1 &&
                   x.size(-1) == weight.size(0),
-              "rms_norm: x must be contiguous bfloat16 [..., ", weight.size(0), "], got ", x.sizes(), " ", x.scalar_type());
+              "rms_norm: x must be contiguous bfloat16 [..., ", weight.size(0), "], got ", x.sizes(), " ",
+              x.scalar_type());
   const int64_t D = weight.size(0), rows = D ? x.numel() / D : 0;
   auto out = torch::empty_like(x);
-  const uint16_t* xs = bf16_data(x);
-  const uint16_t* w = bf16_data(weight);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t* xr = xs + r * D;
-      float ss = 0.0f;
-      for (int64_t i = 0; i < D; ++i) ss += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i)
-        o[r * D + i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(xr[i]) * inv));
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      rms_row(bf16_data(x) + r * D, bf16_data(weight), D, static_cast<float>(eps), bf16_out(out) + r * D);
   });
   return out;
 }
@@ -511,17 +578,18 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // Attention of one new token per sequence over its cached keys and values (decode):
 // q [B, H, 1, d] bf16; k, v [B, G, S, d] bf16 (views of the cache: any strides but a contiguous last dim);
 // mask [B, 1, 1, S] bool (true: attend) -> [B, H, 1, d] bf16. Query head h reads key/value head h / (H / G).
-// Scores q.k (bf16 products, float32 sums) times `scale`, softmax and the weighted sum of values in float32,
-// rounded to bf16 once. PyTorch's CPU flash attention pays ~250 us a call at one query row (its blocking is made
-// for long queries); this is a few microseconds per head. A row with no key allowed gives zeros.
+// PyTorch's CPU flash attention pays ~250 us a call at one query row (its blocking is made for long
+// queries); this is a few microseconds per head.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& mask, double scale) {
   for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
-                "decode_attention: ", name, " must be a bfloat16 CPU tensor [B, heads, T, d] with contiguous rows, got ",
-                t->sizes(), " ", t->scalar_type());
+                "decode_attention: ", name,
+                " must be a bfloat16 CPU tensor [B, heads, T, d] with contiguous rows, got ", t->sizes(), " ",
+                t->scalar_type());
   const int64_t B = q.size(0), H = q.size(1), d = q.size(3), G = k.size(1), S = k.size(2);
-  TORCH_CHECK(q.size(2) == 1 && q.is_contiguous(), "decode_attention: q must be contiguous [B, H, 1, d], got ", q.sizes());
+  TORCH_CHECK(q.size(2) == 1 && q.is_contiguous(), "decode_attention: q must be contiguous [B, H, 1, d], got ",
+              q.sizes());
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && G > 0 && H % G == 0 && d % kStep == 0,
               "decode_attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
               " do not fit (heads a multiple of key/value heads, head dim a multiple of 32)");
@@ -530,47 +598,102 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
               "decode_attention: mask must be contiguous bool [", B, ", 1, 1, ", S, "], got ", mask.sizes(), " ",
               mask.scalar_type());
   auto out = torch::empty_like(q);
-  const uint16_t *qs = bf16_data(q), *ks = bf16_data(k), *vs = bf16_data(v);
   const bool* allowed = mask.data_ptr<bool>();
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t per_kv = H / G;
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> score(S), acc(d);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, g = (i % H) / per_kv;
-      const uint16_t* qi = qs + i * d;
-      const uint16_t* kb = ks + b * k.stride(0) + g * k.stride(1);
-      const uint16_t* vb = vs + b * v.stride(0) + g * v.stride(1);
-      const bool* m = allowed + b * S;
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        if (!m[s]) continue;
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t c = 0; c < d; c += kStep)
-          dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(kb + s * k.stride(2) + c),
-                                 (__m512bh)_mm512_loadu_si512(qi + c));
-        score[s] = _mm512_reduce_add_ps(dot) * static_cast<float>(scale);
-        top = std::max(top, score[s]);
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float total = 0.0f;
-      for (int64_t s = 0; s < S && top > -INFINITY; ++s) {
-        if (!m[s]) continue;
-        const float p = std::exp(score[s] - top);
-        total += p;
-        const __m512 pv = _mm512_set1_ps(p);
-        const uint16_t* vr = vb + s * v.stride(2);
-        for (int64_t c = 0; c < d; c += 16) {  // bf16 -> float32 is a 16-bit shift
-          const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + c))), 16));
-          _mm512_storeu_ps(acc.data() + c, _mm512_fmadd_ps(pv, x, _mm512_loadu_ps(acc.data() + c)));
-        }
-      }
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t c = 0; c < d; ++c) o[i * d + c] = float_to_bf16(acc[c] * inv);
+      const int64_t b = i / H, g = (i % H) / (H / G);
+      attend_head(bf16_data(q) + i * d, bf16_data(k) + b * k.stride(0) + g * k.stride(1),
+                  bf16_data(v) + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2), allowed + b * S, S, d,
+                  static_cast<float>(scale), score.data(), acc.data(), bf16_out(out) + i * d);
     }
   });
   return out;
+}
+
+// One decoder layer for one token of one sequence (decode at batch 1), `model.Block` in one call:
+//   h = x + wo attention(rope(wq n), rope(wk n), wv n),  n = attn_norm(x), with k and v written to cache slot `slot`
+//       and the attention over slots [0, S) where mask [1, 1, 1, S] allows;
+//   out = h + experts(ffn_norm(h)) over the top_k experts of router(ffn_norm(h)) (softmax over the chosen logits).
+// The same roundings as the eager bf16 ops and the kernels above; the point is to skip ~40 small PyTorch ops per
+// layer, whose dispatch cost ~2-3 ms a token on the 791M benchmark model. Matrices are given as their tensors (see
+// `matrix`); cos and sin [d] bf16 for this position; cache_k and cache_v [1, G, slots, d]. -> (out [1, 1, D],
+// router logits [1, E]).
+std::tuple<torch::Tensor, torch::Tensor> decode_layer(
+    const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
+    const std::vector<torch::Tensor>& wq, const std::vector<torch::Tensor>& wk, const std::vector<torch::Tensor>& wv,
+    const std::vector<torch::Tensor>& wo, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& cache_k,
+    torch::Tensor& cache_v, int64_t slot, const torch::Tensor& mask, const torch::Tensor& router,
+    const std::vector<torch::Tensor>& w1, const std::vector<torch::Tensor>& w2, const std::vector<torch::Tensor>& w3,
+    int64_t top_k, int64_t group) {
+  check_weight(x, "x", 3);
+  const int64_t D = x.size(2);
+  TORCH_CHECK(x.size(0) == 1 && x.size(1) == 1, "decode_layer: x must be [1, 1, D], got ", x.sizes());
+  check_weight(attn_norm, "attn_norm", 1);
+  check_weight(ffn_norm, "ffn_norm", 1);
+  check_weight(cos, "cos", 1);
+  check_weight(sin, "sin", 1);
+  check_weight(cache_k, "cache_k", 4);
+  check_weight(cache_v, "cache_v", 4);
+  check_weight(router, "router", 2);
+  const Weights q = matrix(wq, group, "wq"), k = matrix(wk, group, "wk"), v = matrix(wv, group, "wv");
+  const Weights o = matrix(wo, group, "wo");
+  const int64_t d = cos.size(0), G = cache_k.size(1), slots = cache_k.size(2), H = q.N / std::max(d, int64_t{1});
+  const int64_t S = mask.size(-1), E = router.size(0);
+  TORCH_CHECK(attn_norm.size(0) == D && ffn_norm.size(0) == D && sin.size(0) == d && d % kStep == 0 &&
+                  q.format == k.format && k.format == v.format && q.K == D && k.K == D && v.K == D && q.N == H * d &&
+                  k.N == G * d && v.N == G * d && o.K == H * d && o.N == D && G > 0 && H % G == 0 &&
+                  cache_k.sizes() == cache_v.sizes() && cache_k.size(0) == 1 && cache_k.size(3) == d &&
+                  router.size(1) == D && top_k >= 1 && top_k <= E,
+              "decode_layer: shapes do not fit: x ", x.sizes(), ", wq/wk/wv/wo ", q.N, "x", q.K, "/", k.N, "x", k.K,
+              "/", v.N, "x", v.K, "/", o.N, "x", o.K, ", cos ", cos.sizes(), ", cache ", cache_k.sizes(), ", router ",
+              router.sizes(), ", top_k ", top_k);
+  TORCH_CHECK(slot >= 0 && slot < slots && S <= slots && mask.scalar_type() == torch::kBool && mask.is_contiguous() &&
+                  mask.numel() == S,
+              "decode_layer: slot ", slot, " and mask ", mask.sizes(), " for a cache of ", slots, " slots");
+  const Stack s1 = Stack::of(w1, group, "w1"), s2 = Stack::of(w2, group, "w2"), s3 = Stack::of(w3, group, "w3");
+  check_experts(s1, s2, s3, D);
+
+  const uint16_t* xs = bf16_data(x);
+  std::vector<uint16_t> n(D), qkv((H + 2 * G) * d), att(H * d), attn_out(D), f(D), moe(D);
+  rms_row(xs, bf16_data(attn_norm), D, static_cast<float>(eps), n.data());
+  project({q, k, v}, Vector(n.data(), D, q.format, q.group), qkv.data());
+  for (int64_t j = 0; j < H + G; ++j) rope_head(qkv.data() + j * d, bf16_data(cos), bf16_data(sin), d);
+  uint16_t *ck = bf16_out(cache_k), *cv = bf16_out(cache_v);
+  for (int64_t g = 0; g < G; ++g) {
+    std::memcpy(ck + (g * slots + slot) * d, qkv.data() + (H + g) * d, d * sizeof(uint16_t));
+    std::memcpy(cv + (g * slots + slot) * d, qkv.data() + (H + G + g) * d, d * sizeof(uint16_t));
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> score(S), acc(d);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t base = (h / (H / G)) * slots * d;
+      attend_head(qkv.data() + h * d, ck + base, cv + base, d, d, mask.data_ptr<bool>(), S, d, scale, score.data(),
+                  acc.data(), att.data() + h * d);
+    }
+  });
+  project({o}, Vector(att.data(), H * d, o.format, o.group), attn_out.data());
+  auto out = torch::empty_like(x);
+  uint16_t* h = bf16_out(out);  // h first, then out in place
+  for (int64_t i = 0; i < D; ++i) h[i] = float_to_bf16(bf16_to_float(xs[i]) + bf16_to_float(attn_out[i]));
+  rms_row(h, bf16_data(ffn_norm), D, static_cast<float>(eps), f.data());
+
+  auto logits = torch::empty({1, E}, x.options());
+  project({matrix({router}, 0, "router")}, Vector(f.data(), D, Format::kBF16), bf16_out(logits));
+  // top_k of the logits (larger first, ties to the lower id), softmax over them in float32 (moe.route)
+  std::vector<int64_t> ids(E);
+  std::iota(ids.begin(), ids.end(), 0);
+  const uint16_t* lg = bf16_data(logits);
+  std::stable_sort(ids.begin(), ids.end(),
+                   [&](int64_t a, int64_t b) { return bf16_to_float(lg[a]) > bf16_to_float(lg[b]); });
+  std::vector<float> wt(top_k);
+  float total = 0.0f;
+  for (int64_t j = 0; j < top_k; ++j) total += wt[j] = std::exp(bf16_to_float(lg[ids[j]]) - bf16_to_float(lg[ids[0]]));
+  for (int64_t j = 0; j < top_k; ++j) wt[j] /= total;
+  experts_row(f.data(), s1, s2, s3, wt.data(), ids.data(), top_k, moe.data());
+  for (int64_t i = 0; i < D; ++i) h[i] = float_to_bf16(bf16_to_float(h[i]) + bf16_to_float(moe[i]));
+  return {out, logits};
 }
 
 TORCH_LIBRARY(mixtral_cpu, m) {
@@ -579,14 +702,18 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
   m.def("gemv_int4(Tensor packed, Tensor scales_zeros, Tensor x, int group) -> Tensor");
-  m.def(
-      "experts_int4(Tensor x, Tensor p1, Tensor sz1, Tensor p2, Tensor sz2, Tensor p3, Tensor sz3, Tensor weights, "
-      "Tensor idx, int group) -> Tensor");
+  m.def("experts(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor weights, Tensor idx) -> Tensor");
   m.def(
       "experts_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3, Tensor weights, "
       "Tensor idx) -> Tensor");
+  m.def(
+      "experts_int4(Tensor x, Tensor p1, Tensor sz1, Tensor p2, Tensor sz2, Tensor p3, Tensor sz3, Tensor weights, "
+      "Tensor idx, int group) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("experts(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor weights, Tensor idx) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] wq, Tensor[] wk, Tensor[] wv, "
+      "Tensor[] wo, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int slot, Tensor mask, "
+      "Tensor router, Tensor[] w1, Tensor[] w2, Tensor[] w3, int top_k, int group) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
@@ -594,9 +721,10 @@ TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemv_cat", &gemv_cat);
   m.impl("rms_norm", &rms_norm);
   m.impl("gemv_int8", &gemv_int8);
-  m.impl("experts_int8", &experts_int8);
   m.impl("gemv_int4", &gemv_int4);
-  m.impl("experts_int4", &experts_int4);
   m.impl("experts", &experts);
+  m.impl("experts_int8", &experts_int8);
+  m.impl("experts_int4", &experts_int4);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_layer", &decode_layer);
 }
