@@ -6,11 +6,14 @@ Decode at batch 1 reads every active weight once per token, so its limit is
 each batch-1 decode is reported as a fraction of that limit.
 
 Every configuration runs in a fresh subprocess (`python -m mixtral.bench --child ...`) that loads the
-weights, times `runs` rounds of [prefill a batch of prompts, then greedy-decode new tokens] and reports
+weights, times `runs` runs of [prefill a batch of prompts, then greedy-decode new tokens] and reports
 the medians and its peak RSS (VmHWM from /proc/self/status). Quantized weights are prepared once by the
-parent and read by the child from a quantized checkpoint, as a user would run them.
+parent and read by the child from a quantized checkpoint, as a user would run them. With `--rounds R` the
+whole list of configurations runs R times, interleaved, with a bandwidth probe before each child; rows are
+medians over rounds and the bandwidth limit uses the median probe.
 
-    mixtral bench [--preset bench-791m | --checkpoint DIR] [--batch 1 8] [--runs 3] [--json out.json] [--plot out.png]
+    mixtral bench [--preset bench-791m | --checkpoint DIR] [--batch 1 8] [--runs 3] [--rounds 3] [--json out.json]
+                  [--plot out.png]
 """
 
 from __future__ import annotations
@@ -288,29 +291,57 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         del model, quantized
 
         impls = [m for m in args.modes if m in paths] + ([] if args.no_transformers else ["transformers"])
-        for batch in args.batch:
-            for impl in impls:
-                path, active, wbytes = paths["bf16" if impl == "transformers" else impl]
-                spec = {
-                    "impl": impl,
-                    "path": path,
-                    "batch": batch,
-                    "prompt_len": args.prompt_len,
-                    "new_tokens": args.new_tokens,
-                    "runs": args.runs,
-                    "threads": args.threads,
-                    "compile": args.compile,
-                }
-                r = _run_child(spec)
-                r.update(impl=impl, batch=batch, active_bytes=active, weight_bytes=wbytes)
-                if batch == 1:
-                    r["bandwidth_fraction"] = active * r["decode_tok_s"] / (bandwidth * 1e9)
-                results["rows"].append(r)
-                print(_row_line(r), flush=True)
+        # Rounds interleave the configurations (and a bandwidth probe before each), so that a noisy stretch
+        # of a shared machine is spread over all of them rather than landing on one.
+        per_config: dict[tuple[str, int], list[dict]] = {}
+        probes = [bandwidth]
+        for rnd in range(args.rounds):
+            for batch in args.batch:
+                for impl in impls:
+                    path, active, wbytes = paths["bf16" if impl == "transformers" else impl]
+                    spec = {
+                        "impl": impl,
+                        "path": path,
+                        "batch": batch,
+                        "prompt_len": args.prompt_len,
+                        "new_tokens": args.new_tokens,
+                        "runs": args.runs,
+                        "threads": args.threads,
+                        "compile": args.compile,
+                    }
+                    if rnd or batch != args.batch[0] or impl != impls[0]:
+                        probes.append(memory_bandwidth_gbs())
+                    r = _run_child(spec)
+                    r.update(impl=impl, batch=batch, active_bytes=active, weight_bytes=wbytes)
+                    per_config.setdefault((impl, batch), []).append(r)
+                    print(("" if args.rounds == 1 else f"round {rnd + 1}: ") + _row_line(r), flush=True)
+    bandwidth = statistics.median(probes)
+    results["bandwidth_gbs"], results["bandwidth_probes_gbs"] = bandwidth, probes
+    if len(probes) > 1:
+        print(
+            f"memory read bandwidth over the run: median {bandwidth:.1f} GB/s of {len(probes)} probes "
+            f"(range {min(probes):.1f}-{max(probes):.1f}); the limits below use the median",
+            flush=True,
+        )
+    for rs in per_config.values():
+        results["rows"].append(_merge_rounds(rs, bandwidth))
     _add_ratios(results)
     print()
     print(markdown_table(results))
     return results
+
+
+def _merge_rounds(rs: list[dict], bandwidth: float) -> dict:
+    """One configuration's rounds as one row: medians of the speeds, the largest peak RSS."""
+    r = dict(rs[0])
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        r[key] = statistics.median(x[key] for x in rs)
+    r["decode_tok_s_runs"] = [v for x in rs for v in x["decode_tok_s_runs"]]
+    r["peak_rss"] = max(x["peak_rss"] for x in rs)
+    r["rounds"] = len(rs)
+    if r["batch"] == 1:
+        r["bandwidth_fraction"] = r["active_bytes"] * r["decode_tok_s"] / (bandwidth * 1e9)
+    return r
 
 
 def _row_line(r: dict) -> str:
@@ -403,7 +434,14 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per sequence (default: 128)")
-    p.add_argument("--runs", type=int, default=3, help="timed rounds per configuration; medians (default: 3)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per configuration and round (default: 3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds over all configurations, interleaved, each in fresh processes with a bandwidth probe "
+        "before each; the table gives medians over rounds (default: 1)",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument(

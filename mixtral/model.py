@@ -184,6 +184,12 @@ class Block(nn.Module):
             fused = self._decode_fused(x, pos_BT, rope, cache)
             if fused is not None:
                 return fused
+        return self.ops(x, pos_BT, rope, cache)
+
+    def ops(
+        self, x: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block op by op (what `generate.compile_model` compiles): attention and MoE with residuals."""
         h = x + self.attn(self.attn_norm(x), pos_BT, rope, cache)
         moe_out, router_logits = self.moe(self.ffn_norm(h))
         return h + moe_out, router_logits
