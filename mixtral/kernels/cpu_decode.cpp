@@ -681,12 +681,16 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
 
   auto logits = torch::empty({1, E}, x.options());
   project({matrix({router}, 0, "router")}, Vector(f.data(), D, Format::kBF16), bf16_out(logits));
-  // top_k of the logits (larger first, ties to the lower id), softmax over them in float32 (moe.route)
+  // top_k of the logits (larger first, ties to the lower id, NaN first as torch.topk puts it), softmax over them in
+  // float32 (moe.route)
   std::vector<int64_t> ids(E);
   std::iota(ids.begin(), ids.end(), 0);
   const uint16_t* lg = bf16_data(logits);
-  std::stable_sort(ids.begin(), ids.end(),
-                   [&](int64_t a, int64_t b) { return bf16_to_float(lg[a]) > bf16_to_float(lg[b]); });
+  auto key = [&](int64_t e) {
+    const float v = bf16_to_float(lg[e]);
+    return std::isnan(v) ? INFINITY : v;
+  };
+  std::stable_sort(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return key(a) > key(b); });
   std::vector<float> wt(top_k);
   float total = 0.0f;
   for (int64_t j = 0; j < top_k; ++j) total += wt[j] = std::exp(bf16_to_float(lg[ids[j]]) - bf16_to_float(lg[ids[0]]));
