@@ -294,7 +294,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         # Rounds interleave the configurations (and a bandwidth probe before each), so that a noisy stretch
         # of a shared machine is spread over all of them rather than landing on one.
         per_config: dict[tuple[str, int], list[dict]] = {}
-        probes = [bandwidth]
+        probes = []
         for rnd in range(args.rounds):
             for batch in args.batch:
                 for impl in impls:
@@ -309,8 +309,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         "threads": args.threads,
                         "compile": args.compile,
                     }
-                    if rnd or batch != args.batch[0] or impl != impls[0]:
-                        probes.append(memory_bandwidth_gbs())
+                    probes.append(memory_bandwidth_gbs())
                     r = _run_child(spec)
                     r.update(impl=impl, batch=batch, active_bytes=active, weight_bytes=wbytes)
                     per_config.setdefault((impl, batch), []).append(r)

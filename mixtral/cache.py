@@ -81,10 +81,14 @@ class KVCache:
         """For one token of a one-row cache at position >= 0 (decode at batch 1), what `update` would use, for a
         caller that writes and attends itself (the fused CPU decode kernel): this layer's key and value buffers
         [1, G, slots, d], the slot the token goes to, and the mask [1, 1, 1, S] over slots 0..S-1 once it is there."""
-        if layer == 0:
-            self._step = self._plan(pos_BT, None)
-        _, _, slot, mask, _, _ = self._step
+        _, _, slot, mask, _, _ = self._step_of(layer, pos_BT, None)
         return self.k[layer], self.v[layer], slot, mask
+
+    def _step_of(self, layer: int, pos_BT: torch.Tensor, rows: torch.Tensor | None) -> tuple:
+        """This step's plan: made by layer 0 and reused by the others (every layer writes the same slots)."""
+        if layer == 0:
+            self._step = self._plan(pos_BT, rows)
+        return self._step
 
     def _plan(self, pos_BT: torch.Tensor, rows: torch.Tensor | None) -> tuple:
         """Which new tokens go to which slots, and which key positions the attention looks at."""
@@ -126,9 +130,7 @@ class KVCache:
         pos_BT: torch.Tensor,
         rows: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if layer == 0:
-            self._step = self._plan(pos_BT, rows)
-        b, t, slots, mask, concat, n_used = self._step
+        b, t, slots, mask, concat, n_used = self._step_of(layer, pos_BT, rows)
         ck, cv = self.k[layer], self.v[layer]
         if rows is not None:
             ck, cv = ck[rows], cv[rows]  # copies: written back below

@@ -21,7 +21,7 @@ from .cache import attention_mask
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
 from .moe import MOE_IMPLS, MoE
-from .quantize import QuantizedWeight, gemv_cat, linear
+from .quantize import QuantizedWeight, gemv_cat, kernel_tensors, linear
 
 
 class KVCache(Protocol):
@@ -87,24 +87,6 @@ def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mas
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_B1TS, enable_gqa=gqa)
 
 
-def _kernel_tensors(m: nn.Module | torch.Tensor) -> list[torch.Tensor] | None:
-    """A weight as the CPU kernels take it: [w] for plain bf16 (an nn.Linear without hooks, or a tensor),
-    [q, scale] for int8, [packed, scales_zeros] for int4 (bf16 scales); None for anything else."""
-    if isinstance(m, QuantizedWeight):
-        if m.dtype != torch.bfloat16:
-            return None
-        tensors = [m.q, m.scale] if m.mode == "int8" else [m.packed, m.scales_zeros]
-    elif type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
-        tensors = [m.weight]
-    elif type(m) in (torch.Tensor, nn.Parameter):
-        tensors = [m]
-    else:
-        return None
-    if len(tensors) == 1 and tensors[0].dtype != torch.bfloat16:
-        return None
-    return tensors if all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) else None
-
-
 def _int4_dims(block: nn.Module) -> tuple[int, ...]:
     """Rows and columns of a block's matrices (int4 kernels take multiples of 64)."""
     a = block.attn
@@ -158,10 +140,10 @@ class Attention(nn.Module):
 
     def _qkv_one_row(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """[q; k; v] of a single token from one CPU kernel call, or None (then one projection each)."""
-        projections = (self.wq, self.wk, self.wv)
-        if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in projections):
+        weights = [kernel_tensors(m) for m in (self.wq, self.wk, self.wv)]
+        if any(w is None or len(w) != 1 for w in weights):  # bf16 nn.Linear without hooks only
             return None
-        return gemv_cat([m.weight for m in projections], x_BTD)
+        return gemv_cat([w[0] for w in weights], x_BTD)
 
 
 class Block(nn.Module):
@@ -201,7 +183,7 @@ class Block(nn.Module):
         code above, which stays the reference: `tests/test_cpu_kernels.py` compares the two), or None where it
         cannot run: not bf16 on a CPU, gradients on, the kernels unavailable, or modules it does not know
         (tensor/expert parallelism's hooks, the reference MoE path, router jitter in training)."""
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        if x.dtype != torch.bfloat16 or torch.is_grad_enabled():  # (Block.forward checked: one token, CPU)
             return None
         ops = cpu_kernels.ops()
         args = self._fused_args() if ops is not None else None
@@ -219,9 +201,9 @@ class Block(nn.Module):
         moe = self.moe
         if moe.dispatch_hook is not None or moe.impl == "reference" or (moe.training and moe.router_jitter > 0):
             return None
-        mats = [_kernel_tensors(m) for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo)]
-        experts = [_kernel_tensors(w) for w in (moe.w1, moe.w2, moe.w3)]
-        router = _kernel_tensors(moe.gate)
+        mats = [kernel_tensors(m) for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo)]
+        experts = [kernel_tensors(w) for w in (moe.w1, moe.w2, moe.w3)]
+        router = kernel_tensors(moe.gate)
         norms = (self.attn_norm.weight, self.ffn_norm.weight)
         if any(m is None for m in (*mats, *experts, router)) or len(router) != 1:
             return None

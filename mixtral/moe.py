@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
-from .quantize import QuantizedWeight, dequantized, linear
+from .quantize import QuantizedWeight, dequantized, kernel_tensors, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
 
@@ -125,15 +125,14 @@ def experts_decode(
     Scaling and the sum over the K experts happen in float32, rounded once, as in the other paths.
     bf16, int8 and int4 experts on a CPU with the AVX-512 kernels run as one fused call per token
     (`cpu_decode.cpp`: the same roundings, its matrix-vector products at the memory bandwidth)."""
-    if x_TD.shape[0] == 1 and _fused_cpu(x_TD, w1_EFD, w2_EDF, w3_EFD):
-        ops = cpu_kernels.ops()
+    fused = _fused_cpu(x_TD, w1_EFD, w2_EDF, w3_EFD) if x_TD.shape[0] == 1 else None
+    if fused is not None:
+        ops, tensors = cpu_kernels.ops(), [t for ts in fused for t in ts]
         if not isinstance(w1_EFD, QuantizedWeight):
-            return ops.experts(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+            return ops.experts(x_TD, *tensors, weights_TK, idx_TK)
         if w1_EFD.mode == "int8":
-            int8 = [t for w in (w1_EFD, w2_EDF, w3_EFD) for t in (w.q, w.scale)]
-            return ops.experts_int8(x_TD, *int8, weights_TK, idx_TK)
-        int4 = [t for w in (w1_EFD, w2_EDF, w3_EFD) for t in (w.packed, w.scales_zeros)]
-        return ops.experts_int4(x_TD, *int4, weights_TK, idx_TK, w1_EFD.group_size)
+            return ops.experts_int8(x_TD, *tensors, weights_TK, idx_TK)
+        return ops.experts_int4(x_TD, *tensors, weights_TK, idx_TK, w1_EFD.group_size)
     chosen = idx_TK.tolist()
     out_TD = torch.empty((x_TD.shape[0], x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     for t, experts in enumerate(chosen):
@@ -146,24 +145,22 @@ def experts_decode(
     return out_TD.to(x_TD.dtype)
 
 
-def _fused_cpu(x_TD: torch.Tensor, *weights: torch.Tensor | QuantizedWeight) -> bool:
-    """Whether the CPU decode kernel can run these experts: plain bf16 tensors, or int8 or int4 quantized
-    weights (bf16 scales) of one group size, on the CPU, dims multiples of 32 (int4: of 64)."""
-    plain = all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype == torch.bfloat16 for w in weights)
-    quantized = all(isinstance(w, QuantizedWeight) and w.dtype == torch.bfloat16 for w in weights)
-    if quantized and len({(w.mode, w.group_size) for w in weights}) > 1:
-        return False
-    tensors = [t for w in weights for t in (w.buffers() if quantized else (w,))]
-    multiple = 64 if quantized and weights[0].mode == "int4" else 32
-    return (
-        (plain or quantized)
-        and x_TD.device.type == "cpu"
-        and x_TD.dtype == torch.bfloat16
-        and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-        and x_TD.shape[1] % multiple == 0
-        and weights[0].shape[1] % multiple == 0
-        and cpu_kernels.ops() is not None
-    )
+def _fused_cpu(x_TD: torch.Tensor, *weights: torch.Tensor | QuantizedWeight) -> list[list[torch.Tensor]] | None:
+    """The experts' tensors as the CPU decode kernel takes them (`quantize.kernel_tensors`), or None where it
+    cannot run: the kernels unavailable, x not bf16 on the CPU, weights of mixed formats or int4 group sizes,
+    dims not multiples of 32 (int4: of 64)."""
+    if x_TD.device.type != "cpu" or x_TD.dtype != torch.bfloat16 or cpu_kernels.ops() is None:
+        return None
+    tensors = [kernel_tensors(w) for w in weights]
+    if any(ts is None for ts in tensors):
+        return None
+    kinds = {(w.mode, w.group_size) if isinstance(w, QuantizedWeight) else "bf16" for w in weights}
+    if len(kinds) > 1:
+        return None
+    multiple = 64 if isinstance(weights[0], QuantizedWeight) and weights[0].mode == "int4" else 32
+    if x_TD.shape[1] % multiple or weights[0].shape[1] % multiple:
+        return None
+    return tensors
 
 
 def experts_triton(

@@ -232,10 +232,29 @@ def gemv_cat(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
     cannot run (then call `linear` for each)."""
     if x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 32 == 0 and not torch.is_grad_enabled():
         ops = cpu_kernels.ops()
-        plain = all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype == torch.bfloat16 for w in ws)
-        if ops is not None and x.device.type == "cpu" and plain and all(w.is_contiguous() for w in ws):
+        plain = all((ts := kernel_tensors(w)) is not None and len(ts) == 1 for w in ws)  # bf16 tensors
+        if ops is not None and x.device.type == "cpu" and plain:
             return ops.gemv_cat(ws, x.reshape(-1))
     return None
+
+
+def kernel_tensors(w: nn.Module | torch.Tensor) -> list[torch.Tensor] | None:
+    """A weight as the CPU decode kernels take it: [w] for plain bf16 (a tensor, or an nn.Linear without hooks),
+    [q, scale] for int8, [packed, scales_zeros] for int4 (bf16 scales), all contiguous on the CPU; None for
+    anything else (the caller then takes the PyTorch path)."""
+    if isinstance(w, QuantizedWeight):
+        if w.dtype != torch.bfloat16:
+            return None
+        tensors = [w.q, w.scale] if w.mode == "int8" else [w.packed, w.scales_zeros]
+    elif type(w) is nn.Linear and not (w._forward_hooks or w._forward_pre_hooks):
+        tensors = [w.weight]
+    elif type(w) in (torch.Tensor, nn.Parameter):
+        tensors = [w]
+    else:
+        return None
+    if len(tensors) == 1 and tensors[0].dtype != torch.bfloat16:
+        return None
+    return tensors if all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) else None
 
 
 def dequantized(w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:

@@ -27,7 +27,7 @@
 
 namespace {
 
-constexpr int64_t kRows = 8;           // rows per block of work handed to a thread (int8: read together)
+constexpr int64_t kRows = 8;           // rows per block of work handed to a thread (bf16, int8)
 constexpr int64_t kStep = 32;          // bf16 elements per 512-bit register
 
 inline float bf16_to_float(uint16_t b) {
@@ -484,7 +484,8 @@ torch::Tensor gemv(const torch::Tensor& W, const torch::Tensor& x) {
 // int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
 // (with x in 15-bit fixed point, see `Fixed`; rounded once).
 torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
-  const Weights W = matrix({Q, scale}, 0, "Q");
+  check_int8(Q, scale, 2);  // (not `matrix`: it would take non-int8 weights for another format)
+  const Weights W{Format::kInt8, Q.data_ptr(), bf16_data(scale), Q.size(0), Q.size(1), 0};
   check_weight(x, "x", 1);
   TORCH_CHECK(x.size(0) == W.K, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(), " need x of Q's columns");
   auto out = torch::empty({W.N}, x.options());
@@ -496,7 +497,7 @@ torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, cons
 // -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (x in fixed point, see `Fixed`).
 torch::Tensor gemv_int4(const torch::Tensor& packed, const torch::Tensor& sz, const torch::Tensor& x, int64_t group) {
   check_int4(packed, sz, 2, group);
-  const Weights W = matrix({packed, sz}, group, "packed");
+  const Weights W{Format::kInt4, packed.data_ptr(), bf16_data(sz), packed.size(0), 2 * packed.size(1), group};
   check_weight(x, "x", 1);
   TORCH_CHECK(x.size(0) == W.K, "gemv_int4: weights of ", W.K, " columns and x ", x.sizes());
   auto out = torch::empty({W.N}, x.options());
@@ -515,9 +516,9 @@ torch::Tensor gemv_cat(const std::vector<torch::Tensor>& Ws, const torch::Tensor
     ms.push_back(matrix({W}, 0, "W"));
     TORCH_CHECK(W.size(1) == K, "gemv_cat: a matrix of ", W.sizes(), " for x of ", K, " elements");
   }
-  auto out = torch::empty({ms.empty() ? 0 : std::accumulate(ms.begin(), ms.end(), int64_t{0},
-                                                            [](int64_t n, const Weights& W) { return n + W.N; })},
-                          x.options());
+  const int64_t N =
+      std::accumulate(ms.begin(), ms.end(), int64_t{0}, [](int64_t n, const Weights& W) { return n + W.N; });
+  auto out = torch::empty({N}, x.options());
   project(ms, Vector(bf16_data(x), K, Format::kBF16), bf16_out(out));
   return out;
 }
@@ -635,16 +636,16 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   check_weight(sin, "sin", 1);
   check_weight(cache_k, "cache_k", 4);
   check_weight(cache_v, "cache_v", 4);
-  check_weight(router, "router", 2);
   const Weights q = matrix(wq, group, "wq"), k = matrix(wk, group, "wk"), v = matrix(wv, group, "wv");
+  const Weights gate = matrix({router}, 0, "router");
   const Weights o = matrix(wo, group, "wo");
   const int64_t d = cos.size(0), G = cache_k.size(1), slots = cache_k.size(2), H = q.N / std::max(d, int64_t{1});
-  const int64_t S = mask.size(-1), E = router.size(0);
+  const int64_t S = mask.size(-1), E = gate.N;
   TORCH_CHECK(attn_norm.size(0) == D && ffn_norm.size(0) == D && sin.size(0) == d && d % kStep == 0 &&
                   q.format == k.format && k.format == v.format && q.K == D && k.K == D && v.K == D && q.N == H * d &&
                   k.N == G * d && v.N == G * d && o.K == H * d && o.N == D && G > 0 && H % G == 0 &&
                   cache_k.sizes() == cache_v.sizes() && cache_k.size(0) == 1 && cache_k.size(3) == d &&
-                  router.size(1) == D && top_k >= 1 && top_k <= E,
+                  gate.K == D && top_k >= 1 && top_k <= E,
               "decode_layer: shapes do not fit: x ", x.sizes(), ", wq/wk/wv/wo ", q.N, "x", q.K, "/", k.N, "x", k.K,
               "/", v.N, "x", v.K, "/", o.N, "x", o.K, ", cos ", cos.sizes(), ", cache ", cache_k.sizes(), ", router ",
               router.sizes(), ", top_k ", top_k);
@@ -680,7 +681,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   rms_row(h, bf16_data(ffn_norm), D, static_cast<float>(eps), f.data());
 
   auto logits = torch::empty({1, E}, x.options());
-  project({matrix({router}, 0, "router")}, Vector(f.data(), D, Format::kBF16), bf16_out(logits));
+  project({gate}, Vector(f.data(), D, Format::kBF16), bf16_out(logits));
   // top_k of the logits (larger first, ties to the lower id, NaN first as torch.topk puts it), softmax over them in
   // float32 (moe.route)
   std::vector<int64_t> ids(E);
