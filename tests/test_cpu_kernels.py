@@ -19,7 +19,7 @@ from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Block, Transformer, attend
 from mixtral.moe import experts_decode, experts_reference
-from mixtral.quantize import QuantizedWeight, linear, quantize_int8, quantize_model
+from mixtral.quantize import FEW_ROWS, QuantizedWeight, linear, quantize_int8, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -51,6 +51,37 @@ def test_linear_uses_the_kernel_for_one_bf16_row_and_agrees_with_f_linear():
             plain = linear(x, W)
     exact = x.float() @ W.float().T
     assert fast.shape == plain.shape == (1, 1, 384)
+    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize(("M", "N", "K"), [(2, 3584, 1024), (13, 1024, 3584), (96, 37, 64), (7, 5, 96), (6, 4, 32)])
+def test_gemm_of_a_few_rows_is_as_close_to_float32_as_f_linear(M, N, K):
+    # Row counts around the 6-row tiles (full tiles, a remainder, one tile) and column counts around the 4-row blocks.
+    torch.manual_seed(3)
+    W, x = torch.randn(N, K, dtype=torch.bfloat16), torch.randn(M, K, dtype=torch.bfloat16)
+    exact = x.float() @ W.float().T
+    y = cpu_kernels.ops().gemm(x, W)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    assert (y.float() - exact).abs().le(exact.abs() * 2**-8 + 1e-4 * K**0.5).all()
+    assert _max_err(y, exact) <= 1.5 * _max_err(torch.nn.functional.linear(x, W), exact) + 1e-3
+
+
+@needs_kernels
+def test_linear_uses_the_gemm_kernel_for_a_few_rows_and_agrees_with_f_linear(monkeypatch):
+    torch.manual_seed(4)
+    W, x = torch.randn(384, 256, dtype=torch.bfloat16), torch.randn(2, 5, 256, dtype=torch.bfloat16)
+    calls = []
+    real = cpu_kernels.ops().gemm
+    monkeypatch.setattr(torch.ops.mixtral_cpu, "gemm", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+    with torch.no_grad():
+        fast = linear(x, W)
+        with cpu_kernels.disabled():
+            plain = linear(x, W)
+        many = linear(torch.randn(FEW_ROWS + 1, 256, dtype=torch.bfloat16), W)  # oneDNN
+    assert calls == [(10, 256)] and many.shape == (FEW_ROWS + 1, 384)
+    exact = x.float() @ W.float().T
+    assert fast.shape == plain.shape == (2, 5, 384)
     assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
 
 

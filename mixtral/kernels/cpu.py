@@ -101,6 +101,10 @@ def _build() -> None:
     def _(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(W.shape[0])
 
+    @torch.library.register_fake("mixtral_cpu::gemm")
+    def _(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], W.shape[0]))
+
     @torch.library.register_fake("mixtral_cpu::gemv_cat")
     def _(Ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(sum(W.shape[0] for W in Ws))
