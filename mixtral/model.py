@@ -10,6 +10,7 @@ D model dim, V vocab.
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
@@ -198,12 +199,33 @@ class Block(nn.Module):
         return out, router_logits
 
     def _fused_args(self) -> tuple | None:
-        moe = self.moe
+        """`decode_layer`'s arguments for this block, or None where it cannot run. Derived once and cached (it
+        walks ~40 module attributes, ~50 us a layer per token); the cache is dropped when any module, parameter
+        or buffer is assigned (quantization, parallelism, LoRA, loading) or the block is converted (`.to()`),
+        and checked at each use for what can change without that: forward hooks on the projections, the
+        MoE's dispatch hook, path and training-time router jitter."""
+        cached = _fused_cache.get(self)
+        if cached is None:
+            cached = _fused_cache[self] = (self._derive_fused_args(), self.moe, self._projections())
+        args, moe, projections = cached
         if moe.dispatch_hook is not None or moe.impl == "reference" or (moe.training and moe.router_jitter > 0):
             return None
-        mats = [kernel_tensors(m) for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo)]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in projections):
+            return None
+        return args
+
+    def _projections(self) -> tuple[nn.Module, ...]:
+        """The modules the op-by-op code calls (so their hooks run there): attention projections and router."""
+        return (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo, self.moe.gate)
+
+    def _derive_fused_args(self) -> tuple | None:
+        def tensors(m: nn.Module) -> list[torch.Tensor] | None:  # (a Linear's hooks are checked at each use)
+            return kernel_tensors(m.weight) if type(m) is nn.Linear else kernel_tensors(m)
+
+        moe = self.moe
+        mats = [tensors(m) for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo)]
         experts = [kernel_tensors(w) for w in (moe.w1, moe.w2, moe.w3)]
-        router = kernel_tensors(moe.gate)
+        router = kernel_tensors(moe.gate.weight) if type(moe.gate) is nn.Linear else None
         norms = (self.attn_norm.weight, self.ffn_norm.weight)
         if any(m is None for m in (*mats, *experts, router)) or len(router) != 1:
             return None
@@ -222,6 +244,25 @@ class Block(nn.Module):
             (router[0], *experts, moe.top_k),
             groups.pop() if groups else 0,
         )
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: tensors may change in place
+        _fused_cache.pop(self, None)
+        return super()._apply(fn, recurse)
+
+
+# Each block's cached `decode_layer` arguments (outside the module, so copies and pickles of a model never carry
+# them). A module, parameter or buffer assigned anywhere drops them all (PyTorch's global registration hooks):
+# a stale entry never outlives a change nor holds replaced weights alive.
+_fused_cache: weakref.WeakKeyDictionary[Block, tuple] = weakref.WeakKeyDictionary()
+
+
+def _drop_fused_caches(module: nn.Module, name: str, value: object) -> None:
+    _fused_cache.clear()
+
+
+nn.modules.module.register_module_module_registration_hook(_drop_fused_caches)
+nn.modules.module.register_module_parameter_registration_hook(_drop_fused_caches)
+nn.modules.module.register_module_buffer_registration_hook(_drop_fused_caches)
 
 
 class Transformer(nn.Module):

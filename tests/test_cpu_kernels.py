@@ -287,3 +287,50 @@ def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
     monkeypatch.setattr(Block, "_decode_fused", lambda self, *args: None)
     plain = steps()
     assert torch.equal(fast, plain)
+
+
+@needs_kernels
+def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypatch):
+    """`Block._fused_args` is cached: quantizing in place, a forward hook on a projection and a conversion to
+    float32 after fused decoding must each be seen by the next step (decoded as their op-by-op code does)."""
+    config = ModelConfig(
+        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4, max_seq_len=64
+    )
+    torch.manual_seed(8)
+    model = Transformer(config)
+    model.init_weights(std=0.05)
+    model = model.to(torch.bfloat16).eval()
+
+    def steps(dtype=torch.bfloat16) -> torch.Tensor:
+        cache = KVCache(config, 1, 16, dtype=dtype)
+        logits = [prefill(model, cache, [[1, 5, 9]])]
+        for i in range(4):
+            logits.append(decode_step(model, cache, torch.tensor([7 * i + 3]), torch.tensor([3 + i])))
+        return torch.cat(logits)
+
+    def plain(dtype=torch.bfloat16) -> torch.Tensor:
+        with monkeypatch.context() as m:
+            m.setattr(Block, "_decode_fused", lambda self, *args: None)
+            return steps(dtype)
+
+    derived = []
+    derive = Block._derive_fused_args
+    monkeypatch.setattr(Block, "_derive_fused_args", lambda self: derived.append(self) or derive(self))
+    bf16 = steps()
+    assert len(derived) == 2  # once per block for all 4 decode steps
+    assert torch.equal(bf16, plain())
+    quantize_model(model, "int8")
+    int8 = steps()
+    assert torch.equal(int8, plain()) and not torch.equal(int8, bf16)
+
+    seen = []
+    handle = model.layers[1].attn.wq.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert torch.equal(steps(), int8) and len(seen) == 5  # the prefill and 4 decode steps, op by op
+    handle.remove()
+
+    model = Transformer(config)
+    model.init_weights(std=0.05)
+    model = model.to(torch.bfloat16).eval()
+    steps()
+    model.float()  # tensors converted in place: the cached bf16 arguments must not be used
+    assert torch.equal(steps(torch.float32), plain(torch.float32))
