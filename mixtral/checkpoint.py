@@ -36,8 +36,8 @@ from .model import Transformer
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
-# 16 MiB: peak RSS while loading the 791M benchmark model 1.75 GiB (64 MiB: 1.80; 1.70 once loaded, imports included), no
-# slower. A tensor larger than this is one chunk of its own.
+# 16 MiB: peak RSS while loading the 791M benchmark model 1.75 GiB (64 MiB: 1.80; 1.70 once loaded, imports
+# included), no slower. A tensor larger than this is one chunk of its own.
 _REMAP_BYTES = 16 << 20
 _PROGRESS_MIN_BYTES = 512 << 20
 
