@@ -185,6 +185,23 @@ def test_int8_gemv_equals_torch_int8pack_mm(shape, outliers):
 
 
 @needs_kernels
+@pytest.mark.parametrize("K", [200, 1000, 37])
+@pytest.mark.parametrize("magnitude", [1.0, 2.0**-118, 2.0**100])
+def test_int8_gemv_of_any_length_and_magnitude_is_exact_up_to_the_fixed_point(K, magnitude):
+    # x's fixed-point copy is made 16 elements at a time with a scalar tail (K % 16), and by the scalar loop alone
+    # where 1/t is not a float32 (|x| below ~2^-113); every case is within the same bound of the exact sums.
+    torch.manual_seed(5)
+    q, scale = quantize_int8(torch.randn(48, K, dtype=torch.bfloat16))
+    x = (torch.randn(K, dtype=torch.float64) * magnitude).to(torch.bfloat16)
+    y = cpu_kernels.ops().gemv_int8(q, scale, x)
+    exact = (q.double() @ x.double()) * scale.double()
+    fixed_err = (q.double().abs() @ torch.ones(K, dtype=torch.float64)) * scale.double() * x.double().abs().max()
+    fixed_err = fixed_err * 2**-14
+    assert y.isfinite().all() and (y != 0).any()
+    assert ((y.double() - exact).abs() <= (exact.abs() + fixed_err) * 2**-8 + fixed_err).all()
+
+
+@needs_kernels
 def test_int8_gemv_passes_nan_and_zero_through():
     q, scale = quantize_int8(torch.randn(64, 128, dtype=torch.bfloat16))
     zero = cpu_kernels.ops().gemv_int8(q, scale, torch.zeros(128, dtype=torch.bfloat16))

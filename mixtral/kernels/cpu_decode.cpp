@@ -162,22 +162,43 @@ struct Fixed {
 
   Fixed() = default;
   Fixed(const uint16_t* x, int64_t K) : hi((K + 63) / 64 * 64, 0), lo((K + 63) / 64 * 64, 0) {
-    float top = 0.0f;
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = std::fabs(bf16_to_float(x[k]));
-      finite = finite && std::isfinite(a);
-      top = std::max(top, a);
-    }
-    if (!finite) {  // inf or NaN in x: the result is NaN (float32 arithmetic would give NaN or inf)
+    // The largest |x| from the bits: a bf16's magnitude orders as its low 15 bits do; 0x7f80 and up is inf or NaN.
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff);
+    __m512i top16 = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+      top16 = _mm512_max_epu16(top16, _mm512_and_si512(_mm512_loadu_si512(x + k), magnitude));
+    alignas(64) uint16_t lanes[32];
+    _mm512_store_si512(lanes, top16);
+    uint16_t top_bits = *std::max_element(lanes, lanes + 32);
+    for (; k < K; ++k) top_bits = std::max<uint16_t>(top_bits, x[k] & 0x7fff);
+    if (top_bits >= 0x7f80) {  // inf or NaN in x: the result is NaN (float32 arithmetic would give NaN or inf)
       step = std::nan("");
       return;
     }
-    if (top == 0.0f) return;
+    if (top_bits == 0) return;
     int e;
-    std::frexp(top, &e);  // top < 2^e, so |x| / t < 2^14 with t = 2^(e - 14)
+    std::frexp(bf16_to_float(top_bits), &e);  // top < 2^e, so |x| / t < 2^14 with t = 2^(e - 14)
     step = std::ldexp(1.0, e - 14);
-    for (int64_t k = 0; k < K; ++k) {
+    k = 0;
+    if (e > -100) {  // 1 / t is a float32 (it is not for |x| below ~2^-113: those take the loop below)
+      // x / t as x * (1 / t): exact (a power of two), rounded to the nearest integer, ties to even (as nearbyint)
+      const __m512 inv = _mm512_set1_ps(static_cast<float>(std::ldexp(1.0, 14 - e)));
+      __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
+      for (; k + 16 <= K; k += 16) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+        const __m512 xf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(xf, inv));
+        const __m512i h = _mm512_srai_epi32(v, 7), l = _mm512_and_si512(v, _mm512_set1_epi32(127));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi.data() + k), _mm512_cvtepi32_epi8(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo.data() + k), _mm512_cvtepi32_epi8(l));
+        hs = _mm512_add_epi32(hs, h);
+        ls = _mm512_add_epi32(ls, l);
+      }
+      hi_sum = _mm512_reduce_add_epi32(hs);
+      lo_sum = _mm512_reduce_add_epi32(ls);
+    }
+    for (; k < K; ++k) {
       const int32_t v = static_cast<int32_t>(std::nearbyint(bf16_to_float(x[k]) / step));
       hi[k] = static_cast<int8_t>(v >> 7);  // floor division: lo = v - 128 hi is in [0, 127]
       lo[k] = static_cast<int8_t>(v & 127);
