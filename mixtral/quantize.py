@@ -203,10 +203,10 @@ class QuantizedView:
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:
     """`F.linear(x, w)` for a plain weight or a quantized one.
 
-    One row on a CPU is a matrix-vector product: `torch.mv(w, x)` streams w at the memory bandwidth (20 GB/s
-    measured on our 2-core Xeon) where `F.linear`'s x @ w.T reads at ~2/3 of it (13.5 GB/s). Both compute
-    the same dot products (rounded differently); `F.linear` stays the path everywhere else (autograd,
-    several rows, GPUs)."""
+    Without gradients on a CPU, one row is a matrix-vector product (`gemv`: our kernel or `torch.mv`, which
+    stream w at the memory bandwidth where `F.linear`'s x @ w.T reads at ~2/3 of it) and 2 to FEW_ROWS rows of
+    bf16 go to our GEMM kernel (`few_rows`). All compute the same dot products in float32, rounded once (in a
+    different order); `F.linear` stays the path everywhere else (autograd, many rows, GPUs)."""
     if isinstance(w, torch.Tensor):
         if x.device.type == "cpu" and w.dim() == 2 and x.shape[-1] and not torch.is_grad_enabled():
             rows = x.numel() // x.shape[-1]
@@ -235,7 +235,7 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # GEMM kernel beats oneDNN's on a CPU: with weights coming from memory (as in a prefill, each expert's matrices
 # read once) 1.2-1.6x at 2-16 rows and 1.1-1.2x at 32 (2-core Zen 4, K and N of 1024 and 3584); the 791M
 # benchmark's prefill of 128 tokens gains 5-15% (limits of 48 / 96 / 128 rows: medians 1.06 / 1.11-1.15 / 1.05x).
-# With the weights already in the cache oneDNN is faster from ~64 rows, and from ~128 rows on it always is.
+# With the weights already in the cache oneDNN is faster from ~64 rows; beyond 96 it is the path.
 FEW_ROWS = 96
 
 

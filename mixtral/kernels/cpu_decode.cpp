@@ -1,15 +1,16 @@
-// Batch-1 decode kernels for x86 CPUs with AVX512-BF16, -VNNI and -VBMI: one token's matrix-vector products, which
-// read every weight once and are bound by memory bandwidth.
+// Decode kernels for x86 CPUs with AVX512-BF16, -VNNI and -VBMI: one token's matrix-vector products, which read
+// every weight once and are bound by memory bandwidth, and products of a few rows.
 //
 // Why our own: PyTorch's bf16 GEMV (torch.mv -> MKL) reads the large expert matrices at ~90% of the bandwidth
 // but pays ~40 us per call, so the small attention matrices run at 8-13 GB/s; torch.compile lowers a GEMV to a
 // single-accumulator loop at 0.6-0.7x torch.mv. Here each thread reads its share of the rows as one
 // sequential stream with `vdpbf16ps` (bf16 pairs multiplied and added into float32).
 //
-// What is here: bf16 GEMV (`dot_rows`); int8 and int4 weight-only GEMV with integer dot products (`Fixed`,
-// `dot_i8`, `dot_block_i4`); one token's chosen experts in one call (`experts_row`); attention of one query row
-// (`attend_head`); and a whole decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small
-// PyTorch ops per layer. Each has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
+// What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
+// oneDNN is slow); int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_block_i4`);
+// one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_head`); and a whole
+// decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
+// has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
 //
 // Numerics follow the eager PyTorch path: products accumulate in float32 and each linear's output is
 // rounded to bf16 once; the expert block rounds where `moe.swiglu` does (w1 x, w3 x, silu, the product,
