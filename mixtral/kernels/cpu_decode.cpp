@@ -81,20 +81,22 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 // A few rows of x times a few rows of W (a GEMM of a handful of tokens: prefill of short prompts, the tokens of
-// one expert, decode at batch 2-48). y[i, j] = dot(X[i, :], W[j, :]) in float32 for MR rows of X and NR rows of W,
-// both row-major with K columns (K % 32 == 0); y has row stride ldy. Both operands are read along K, so `vdpbf16ps`
-// takes them as stored (no repacking of W) and each of the MR x NR sums is reduced across its lanes at the end.
-// oneDNN's bf16 matmul runs at ~1/2-3/4 of the machine's peak below ~48 rows and at ~1/3 of the bandwidth for
-// under ~8 rows; this reads W once per MR rows of X, at the bandwidth for a few rows (measured on our Zen 4).
+// one expert, decode at batch 2-96). y[i, j] = dot(X[i, :], W[j, :]) in float32 for MR rows of X and NR rows of W,
+// both row-major with K columns (K % 32 == 0); y has row stride ldy; `next` is the next `next_rows` rows of W, to
+// prefetch. Both operands are read along K, so `vdpbf16ps` takes them as stored (no repacking of W) and each of the
+// MR x NR sums is reduced across its lanes at the end. oneDNN's bf16 matmul runs at ~1/3-1/2 of the machine's peak
+// below ~48 rows and reads W at ~1/2 of the bandwidth for under ~8 rows; this reads W once per MR rows of X, near
+// the bandwidth for a few rows (measured on our Zen 4).
 template <int MR, int NR>
-void gemm_tile(const uint16_t* X, const uint16_t* W, float* y, int64_t K, int64_t ldy) {
+void gemm_tile(const uint16_t* X, const uint16_t* W, const uint16_t* next, int next_rows, float* y, int64_t K,
+               int64_t ldy) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += kStep) {
-    // The next block of W (the rows after these NR, where the caller goes next), a step ahead of its first use:
-    // without it each tile waits on NR interleaved streams from memory (1.3x slower at 16-32 rows, cold W).
-    for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(W + (NR + j) * K + k), _MM_HINT_T0);
+    // The next block of W (where the caller goes next), a step ahead of its first use: without it each tile
+    // waits on NR interleaved streams from memory (1.3x slower at 16-32 rows, cold W).
+    for (int j = 0; j < next_rows; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
     __m512bh x[MR];
     for (int i = 0; i < MR; ++i) x[i] = (__m512bh)_mm512_loadu_si512(X + i * K + k);
     for (int j = 0; j < NR; ++j) {
@@ -113,19 +115,21 @@ void gemm_tile(const uint16_t* X, const uint16_t* W, float* y, int64_t K, int64_
 constexpr int kTileRows = 6;  // rows of x per tile: 6 x 4 accumulators + 6 x rows + 1 W row in 32 registers
 constexpr int kTileCols = 4;  // rows of W per tile (the output columns a thread takes at once)
 
-// y[i, j] = dot(X[i, :], W[n0 + j, :]) for all M rows of X and the NR rows of W from n0; y is [M, ldy].
+// y[i, j] = dot(X[i, :], W[j, :]) for all M rows of X and the NR rows of W; y is [M, ldy]; next as in gemm_tile.
 template <int NR>
-void gemm_cols(const uint16_t* X, int64_t M, const uint16_t* W, int64_t K, float* y, int64_t ldy) {
+void gemm_cols(const uint16_t* X, int64_t M, const uint16_t* W, const uint16_t* next, int next_rows, int64_t K,
+               float* y, int64_t ldy) {
   int64_t i = 0;
-  for (; i + kTileRows <= M; i += kTileRows) gemm_tile<kTileRows, NR>(X + i * K, W, y + i * ldy, K, ldy);
+  for (; i + kTileRows <= M; i += kTileRows)
+    gemm_tile<kTileRows, NR>(X + i * K, W, next, next_rows, y + i * ldy, K, ldy);
   const uint16_t* x = X + i * K;
   float* yi = y + i * ldy;
   switch (M - i) {  // the last rows: one smaller tile
-    case 5: gemm_tile<5, NR>(x, W, yi, K, ldy); break;
-    case 4: gemm_tile<4, NR>(x, W, yi, K, ldy); break;
-    case 3: gemm_tile<3, NR>(x, W, yi, K, ldy); break;
-    case 2: gemm_tile<2, NR>(x, W, yi, K, ldy); break;
-    case 1: gemm_tile<1, NR>(x, W, yi, K, ldy); break;
+    case 5: gemm_tile<5, NR>(x, W, next, next_rows, yi, K, ldy); break;
+    case 4: gemm_tile<4, NR>(x, W, next, next_rows, yi, K, ldy); break;
+    case 3: gemm_tile<3, NR>(x, W, next, next_rows, yi, K, ldy); break;
+    case 2: gemm_tile<2, NR>(x, W, next, next_rows, yi, K, ldy); break;
+    case 1: gemm_tile<1, NR>(x, W, next, next_rows, yi, K, ldy); break;
     default: break;
   }
 }
@@ -136,10 +140,12 @@ void gemm_bf16(const uint16_t* X, int64_t M, const uint16_t* W, int64_t N, int64
     std::vector<float> y(M * kTileCols);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
+      const int next_rows = static_cast<int>(std::clamp<int64_t>(N - n0 - kTileCols, 0, kTileCols));
+      const uint16_t* next = W + (n0 + (next_rows ? kTileCols : 0)) * K;  // (in bounds: no rows when there is none)
       if (cols == kTileCols)
-        gemm_cols<kTileCols>(X, M, W + n0 * K, K, y.data(), kTileCols);
+        gemm_cols<kTileCols>(X, M, W + n0 * K, next, next_rows, K, y.data(), kTileCols);
       else
-        for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, W + (n0 + j) * K, K, y.data() + j, kTileCols);
+        for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, W + (n0 + j) * K, W, 0, K, y.data() + j, kTileCols);
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < cols; ++j) Y[i * N + n0 + j] = float_to_bf16(y[i * kTileCols + j]);
     }
