@@ -225,7 +225,7 @@ class Block(nn.Module):
         moe = self.moe
         mats = [tensors(m) for m in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo)]
         experts = [kernel_tensors(w) for w in (moe.w1, moe.w2, moe.w3)]
-        router = kernel_tensors(moe.gate.weight) if type(moe.gate) is nn.Linear else None
+        router = tensors(moe.gate)
         norms = (self.attn_norm.weight, self.ffn_norm.weight)
         if any(m is None for m in (*mats, *experts, router)) or len(router) != 1:
             return None

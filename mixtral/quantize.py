@@ -203,32 +203,25 @@ class QuantizedView:
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:
     """`F.linear(x, w)` for a plain weight or a quantized one.
 
-    Without gradients on a CPU, one row is a matrix-vector product (`gemv`: our kernel or `torch.mv`, which
-    stream w at the memory bandwidth where `F.linear`'s x @ w.T reads at ~2/3 of it) and 2 to FEW_ROWS rows of
-    bf16 go to our GEMM kernel (`few_rows`). All compute the same dot products in float32, rounded once (in a
-    different order); `F.linear` stays the path everywhere else (autograd, many rows, GPUs)."""
+    Without gradients on a CPU, bf16 rows go to our kernels (`kernels/cpu_decode.cpp`): one row to the
+    matrix-vector product, which streams w at the memory bandwidth (also the small attention matrices), where
+    `F.linear`'s x @ w.T reads at ~2/3 of it; 2 to FEW_ROWS rows to the GEMM of a few rows. Without them one row
+    is `torch.mv`. All compute the same dot products in float32, rounded once (in a different order); `F.linear`
+    stays the path everywhere else (autograd, many rows, GPUs)."""
     if isinstance(w, torch.Tensor):
         if x.device.type == "cpu" and w.dim() == 2 and x.shape[-1] and not torch.is_grad_enabled():
             rows = x.numel() // x.shape[-1]
-            if rows == 1:
-                return gemv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
-            if 1 < rows <= FEW_ROWS and (y := few_rows(w, x.reshape(rows, -1))) is not None:
+            ops = cpu_kernels.ops() if w.dtype == x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 else None
+            if ops is not None and 0 < rows <= FEW_ROWS and w.is_contiguous():
+                x2 = x.reshape(rows, -1).contiguous()
+                y = ops.gemv(w, x2.view(-1)) if rows == 1 else ops.gemm(x2, w)
                 return y.view(*x.shape[:-1], w.shape[0])
+            if rows == 1:  # torch.mv pays ~40 us a call but streams w faster than F.linear at one row
+                return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w)
     if isinstance(w, QuantizedWeight):
         return w(x)
     return w.linear(x)
-
-
-def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w [N, K] @ x [K] on a CPU: the AVX512-BF16 kernel (`kernels/cpu_decode.cpp`) for bf16 where it is
-    built, which also reads the small attention matrices at the bandwidth (torch.mv pays ~40 us a call);
-    `torch.mv` otherwise. Both accumulate in float32 and round the output once."""
-    if w.dtype == x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and w.is_contiguous() and x.is_contiguous():
-        ops = cpu_kernels.ops()
-        if ops is not None:
-            return ops.gemv(w, x)
-    return torch.mv(w, x)
 
 
 # Up to this many rows (the tokens of one expert in a prefill, a short prompt, decode at batch <= 96), our bf16
@@ -237,16 +230,6 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # benchmark's prefill of 128 tokens gains 5-15% (limits of 48 / 96 / 128 rows: medians 1.06 / 1.11-1.15 / 1.05x).
 # With the weights already in the cache oneDNN is faster from ~64 rows; beyond 96 it is the path.
 FEW_ROWS = 96
-
-
-def few_rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """x [M, K] @ w [N, K].T for a few bf16 rows on a CPU with the AVX512-BF16 kernel, or None where it cannot
-    run (then `F.linear`, which computes the same sums in float32, rounded once)."""
-    if w.dtype == x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and w.is_contiguous():
-        ops = cpu_kernels.ops()
-        if ops is not None:
-            return ops.gemm(x.contiguous(), w)
-    return None
 
 
 def gemv_cat(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
