@@ -388,21 +388,39 @@ void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t di
               " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 4)");
 }
 
-// A matrix given to an op as its tensors: [W] bf16 [N, K]; [Q, scale] int8; [packed, scales_zeros] int4.
-Weights matrix(const std::vector<torch::Tensor>& ts, int64_t group, const char* name) {
+// The format of a weight given to an op as its tensors: [W] bf16; [Q, scale] int8; [packed, scales_zeros] int4.
+Format format_of(const std::vector<torch::Tensor>& ts, const char* name) {
   TORCH_CHECK(ts.size() == 1 || ts.size() == 2, name,
               ": one tensor (bf16) or two (int8 weights and scales, or int4pack weights and scales and zeros), got ",
               ts.size());
-  if (ts.size() == 1) {
-    check_weight(ts[0], name, 2);
-    return Weights{Format::kBF16, ts[0].data_ptr(), nullptr, ts[0].size(0), ts[0].size(1), 0};
+  if (ts.size() == 1) return Format::kBF16;
+  return ts[0].scalar_type() == torch::kChar ? Format::kInt8 : Format::kInt4;
+}
+
+// Checks a weight of `dims` dims (a matrix: 2; a stack of experts: 3) and its scales against its format.
+void check_format(Format format, const torch::Tensor& w, const torch::Tensor* sc, int64_t dims, int64_t group,
+                  const char* name) {
+  if (format == Format::kBF16)
+    check_weight(w, name, dims);
+  else if (format == Format::kInt8)
+    check_int8(w, *sc, dims);
+  else
+    check_int4(w, *sc, dims, group);
+}
+
+// A matrix given to an op as its tensors (see `format_of`): bf16 [N, K], int8 [N, K] or int4pack [N, K / 2].
+Weights matrix(const std::vector<torch::Tensor>& ts, int64_t group, const char* name) {
+  const Format format = format_of(ts, name);
+  check_format(format, ts[0], ts.size() > 1 ? &ts[1] : nullptr, 2, group, name);
+  const int64_t N = ts[0].size(0), K = ts[0].size(1);
+  switch (format) {
+    case Format::kBF16:
+      return Weights{format, ts[0].data_ptr(), nullptr, N, K, 0};
+    case Format::kInt8:
+      return Weights{format, ts[0].data_ptr(), bf16_data(ts[1]), N, K, 0};
+    default:
+      return Weights{format, ts[0].data_ptr(), bf16_data(ts[1]), N, 2 * K, group};
   }
-  if (ts[0].scalar_type() == torch::kChar) {
-    check_int8(ts[0], ts[1], 2);
-    return Weights{Format::kInt8, ts[0].data_ptr(), bf16_data(ts[1]), ts[0].size(0), ts[0].size(1), 0};
-  }
-  check_int4(ts[0], ts[1], 2, group);
-  return Weights{Format::kInt4, ts[0].data_ptr(), bf16_data(ts[1]), ts[0].size(0), 2 * ts[0].size(1), group};
 }
 
 // [W_0; W_1; ...] x for matrices of one format and K columns, their row blocks split over the threads together
@@ -476,20 +494,12 @@ struct Stack {
   const torch::Tensor* sc;  // int8 scales [E, N]; int4 scales and zeros [E, K / group, N, 2]
   int64_t group;
 
-  // From an op's tensors: [w] bf16, [q, scale] int8 or [packed, scales_zeros] int4.
+  // From an op's tensors (see `format_of`).
   static Stack of(const std::vector<torch::Tensor>& ts, int64_t group, const char* name) {
-    TORCH_CHECK(ts.size() == 1 || ts.size() == 2, name, ": one tensor (bf16) or two (quantized), got ", ts.size());
-    if (ts.size() == 1) return Stack{Format::kBF16, ts[0], nullptr, 0};
-    return Stack{ts[0].scalar_type() == torch::kChar ? Format::kInt8 : Format::kInt4, ts[0], &ts[1], group};
+    const Format format = format_of(ts, name);
+    return Stack{format, ts[0], ts.size() > 1 ? &ts[1] : nullptr, format == Format::kInt4 ? group : 0};
   }
-  void check(const char* name) const {
-    if (format == Format::kBF16)
-      check_weight(w, name, 3);
-    else if (format == Format::kInt8)
-      check_int8(w, *sc, 3);
-    else
-      check_int4(w, *sc, 3, group);
-  }
+  void check(const char* name) const { check_format(format, w, sc, 3, group, name); }
   int64_t N() const { return w.size(1); }
   int64_t K() const { return format == Format::kInt4 ? 2 * w.size(2) : w.size(2); }
   Weights operator()(int64_t e) const {
