@@ -282,7 +282,7 @@ void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const fl
   const uint8_t* p = P + b * K * (kInt4Rows / 2);
   const int8_t *hi = x.hi.data(), *lo = x.lo.data();
   __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t g0 = 0; g0 < K; g0 += group) {
+  for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
     __m512i dh[4], dl[4];
     for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
     for (int64_t k = g0; k < g0 + group; k += 4) {
@@ -300,7 +300,6 @@ void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const fl
         dl[v] = _mm512_dpbusd_epi32(dl[v], q[v], xl);
       }
     }
-    const int64_t g = g0 / group;
     const __m512 xs = _mm512_set1_ps(x_sum[g]);
     for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
       const __m512i pair = _mm512_loadu_si512(sz + (g * N + b * kInt4Rows + 16 * v) * 2);
@@ -334,8 +333,15 @@ struct Vector {
   Vector(const uint16_t* x, int64_t K, Format format, int64_t group = 0) : bf16(x) {
     if (format != Format::kBF16) fixed = Fixed(x, K);
     if (format == Format::kInt4) {
-      group_sums.assign(K / group, 0.0f);
-      for (int64_t k = 0; k < K; ++k) group_sums[k / group] += bf16_to_float(x[k]);
+      group_sums.assign(K / group, 0.0f);  // groups are multiples of 16 columns (`check_int4`)
+      for (int64_t g = 0; g < K / group; ++g) {
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 16)
+          s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))),
+                                   16)));
+        group_sums[g] = _mm512_reduce_add_ps(s);
+      }
     }
   }
 };
@@ -381,11 +387,11 @@ void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t di
               packed.sizes(), " ", packed.scalar_type());
   check_weight(sz, "scales_zeros", dims + 1);
   const int64_t N = packed.size(-2), K = 2 * packed.size(-1);
-  TORCH_CHECK(group > 0 && group % 4 == 0 && K % group == 0 && N % kInt4Rows == 0 && sz.size(-1) == 2 &&
+  TORCH_CHECK(group > 0 && group % 16 == 0 && K % group == 0 && N % kInt4Rows == 0 && sz.size(-1) == 2 &&
                   sz.size(-2) == N && sz.size(-3) == K / group &&
                   sz.sizes().slice(0, dims - 2) == packed.sizes().slice(0, dims - 2),
               "int4 weights ", packed.sizes(), " with scales and zeros ", sz.sizes(), " and group size ", group,
-              " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 4)");
+              " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 16)");
 }
 
 // The format of a weight given to an op as its tensors: [W] bf16; [Q, scale] int8; [packed, scales_zeros] int4.
