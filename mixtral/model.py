@@ -253,7 +253,26 @@ class Block(nn.Module):
 # Each block's cached `decode_layer` arguments (outside the module, so copies and pickles of a model never carry
 # them). A module, parameter or buffer assigned anywhere drops them all (PyTorch's global registration hooks):
 # a stale entry never outlives a change nor holds replaced weights alive.
-_fused_cache: weakref.WeakKeyDictionary[Block, tuple] = weakref.WeakKeyDictionary()
+_fused_cache: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _stack_fused_args(per_layer: list[tuple]) -> tuple | None:
+    """The blocks' `decode_layer` arguments as `decode_layers` takes them (lists over the layers), or None where
+    the layers differ in what one call must share (norm eps, experts per token, int4 group size)."""
+    if len({(a[0][2], a[2][4], a[3]) for a in per_layer}) != 1:
+        return None
+    norms = [w for a in per_layer for w in a[0][:2]]
+    attn = [[t for a in per_layer for t in a[1][i]] for i in range(4)]  # wq, wk, wv, wo
+    router = [a[2][0] for a in per_layer]
+    experts = [[t for a in per_layer for t in a[2][i]] for i in (1, 2, 3)]  # w1, w2, w3
+    first = per_layer[0]
+    return norms, first[0][2], attn, (router, *experts, first[2][4]), first[3]
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks registered for every module are set (the fused step would skip them)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def _drop_fused_caches(module: nn.Module, name: str, value: object) -> None:
@@ -314,6 +333,34 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.moe.impl = impl
 
+    def _decode_fused(
+        self, x: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every layer for one token in one call to the CPU kernel `decode_layers` (each block's `decode_layer`,
+        one after another, without coming back to Python in between), or None where any block cannot take its
+        fused path or would run hooks (then each block decides for itself). -> (x, router logits [L, 1, E])."""
+        if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and type(cache) is KVCacheImpl):
+            return None
+        if torch.is_grad_enabled() or int(pos_BT) < 0 or _global_hooks():
+            return None
+        ops = cpu_kernels.ops()
+        if ops is None or any(type(b) is not Block or b._forward_hooks or b._forward_pre_hooks for b in self.layers):
+            return None
+        per_layer = [b._fused_args() for b in self.layers]
+        if any(a is None for a in per_layer):
+            return None
+        cached = _fused_cache.get(self)
+        if cached is None or any(a is not b for a, b in zip(cached[0], per_layer, strict=True)):
+            cached = _fused_cache[self] = (per_layer, _stack_fused_args(per_layer))
+        if cached[1] is None:
+            return None
+        norms, eps, attn, moe, group = cached[1]
+        _, _, slot, mask = cache.decode_slot(0, pos_BT)  # the same slot and mask for every layer
+        cos, sin = (t.reshape(-1) for t in rope)
+        return ops.decode_layers(
+            x.contiguous(), norms, eps, *attn, cos, sin, cache.k, cache.v, slot, mask.contiguous(), *moe, group
+        )
+
     def forward(
         self,
         tokens_BT: torch.Tensor,
@@ -339,10 +386,16 @@ class Transformer(nn.Module):
         x = self.embed(tokens_BT)
         rope = rope_cos_sin(pos_BT.clamp(min=0), self.config.head_dim, self.config.rope_theta, x.dtype)
         self.router_logits = []
-        for layer in self.layers:
-            x, router_logits = layer(x, pos_BT, rope, cache)
+        fused = self._decode_fused(x, pos_BT, rope, cache) if B * T == 1 else None
+        if fused is not None:
+            x, router_LBE = fused
             if self.keep_router_logits:
-                self.router_logits.append(router_logits)
+                self.router_logits = list(router_LBE.unbind(0))
+        else:
+            for layer in self.layers:
+                x, router_logits = layer(x, pos_BT, rope, cache)
+                if self.keep_router_logits:
+                    self.router_logits.append(router_logits)
         if logits_at is not None:
             if logits_at.shape[0] == 0:
                 return x.new_empty((0, self.config.vocab_size))

@@ -271,8 +271,9 @@ def test_int4_kernel_refuses_a_layout_it_cannot_read():
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("window", [None, 8])
 def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
-    """`decode_layer` (a whole block for one token in one kernel call) against the block's own code with the
-    single-op kernels: the same roundings, so the same logits bit for bit (rolling cache included)."""
+    """`decode_layers` (every layer for one token in one kernel call) and `decode_layer` (one block per call)
+    against the blocks' own code with the single-op kernels: the same roundings, so the same logits and router
+    logits bit for bit (rolling cache included)."""
     config = ModelConfig(
         dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4,
         max_seq_len=64, sliding_window=window,
@@ -283,27 +284,70 @@ def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
     model = model.to(torch.bfloat16).eval()
     if mode != "bf16":
         quantize_model(model, mode, group_size=32)
-    fused_calls = []
-    original = Block._decode_fused
+    model.keep_router_logits = True
+    calls = {"model": [], "block": []}
 
-    def counted(self, *args):
-        out = original(self, *args)
-        fused_calls.append(out is not None)
-        return out
+    def counted(cls, kind):
+        original = cls._decode_fused
 
-    def steps() -> torch.Tensor:
+        def run(self, *args):
+            out = original(self, *args)
+            calls[kind].append(out is not None)
+            return out
+
+        monkeypatch.setattr(cls, "_decode_fused", run)
+
+    def steps() -> tuple[torch.Tensor, torch.Tensor]:
         cache = KVCache(config, 1, 40, dtype=torch.bfloat16)
         logits = [prefill(model, cache, [[1, 5, 9, 200, 33]])]
+        router = []
         for i in range(20):
             logits.append(decode_step(model, cache, torch.tensor([(37 * i) % 500 + 3]), torch.tensor([5 + i])))
-        return torch.cat(logits)
+            router.append(torch.cat(model.router_logits))
+        return torch.cat(logits), torch.stack(router)
 
-    monkeypatch.setattr(Block, "_decode_fused", counted)
-    fast = steps()
-    assert len(fused_calls) == 2 * 20 and all(fused_calls)
+    counted(Transformer, "model")
+    counted(Block, "block")
+    layers = steps()
+    assert calls["model"] == [True] * 20 and calls["block"] == []
+    monkeypatch.setattr(Transformer, "_decode_fused", lambda self, *args: None)
+    per_block = steps()
+    assert calls["block"] == [True] * (2 * 20)
     monkeypatch.setattr(Block, "_decode_fused", lambda self, *args: None)
     plain = steps()
-    assert torch.equal(fast, plain)
+    for fast in (layers, per_block):
+        assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
+
+
+@needs_kernels
+def test_the_fused_step_runs_hooks_on_blocks_op_by_op(monkeypatch):
+    """A forward hook on a block, or one registered for every module, is not skipped by the one-call step: such a
+    step runs block by block (and gives the same logits)."""
+    config = ModelConfig(
+        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4, max_seq_len=64
+    )
+    torch.manual_seed(9)
+    model = Transformer(config)
+    model.init_weights(std=0.05)
+    model = model.to(torch.bfloat16).eval()
+
+    def steps() -> torch.Tensor:
+        cache = KVCache(config, 1, 16, dtype=torch.bfloat16)
+        logits = [prefill(model, cache, [[1, 5, 9]])]
+        for i in range(3):
+            logits.append(decode_step(model, cache, torch.tensor([7 * i + 3]), torch.tensor([3 + i])))
+        return torch.cat(logits)
+
+    fast = steps()
+    seen = []
+    with model.layers[1].register_forward_hook(lambda mod, args, out: seen.append(1)):
+        assert torch.equal(steps(), fast) and len(seen) == 4  # the prefill and 3 decode steps
+    with torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append(2)):
+        assert torch.equal(steps(), fast) and seen.count(2) > 4 * 2
+    ran = []
+    original = Transformer._decode_fused
+    monkeypatch.setattr(Transformer, "_decode_fused", lambda self, *a: ran.append(original(self, *a)) or ran[-1])
+    assert torch.equal(steps(), fast) and len(ran) == 3 and all(r is not None for r in ran)
 
 
 @needs_kernels
@@ -328,6 +372,7 @@ def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypat
     def plain(dtype=torch.bfloat16) -> torch.Tensor:
         with monkeypatch.context() as m:
             m.setattr(Block, "_decode_fused", lambda self, *args: None)
+            m.setattr(Transformer, "_decode_fused", lambda self, *args: None)
             return steps(dtype)
 
     derived = []
