@@ -127,10 +127,15 @@ def test_the_builtin_model_decodes_the_same_with_and_without_the_kernels():
 
 
 @needs_kernels
-@pytest.mark.parametrize(("B", "H", "G", "S", "d"), [(1, 16, 4, 200, 64), (3, 8, 8, 37, 32), (2, 4, 1, 5, 128)])
-def test_decode_attention_equals_sdpa(B, H, G, S, d):
+@pytest.mark.parametrize(
+    ("B", "H", "G", "S", "d", "peak"),
+    [(1, 16, 4, 200, 64, 1), (3, 8, 8, 37, 32, 1), (2, 4, 1, 5, 128, 1), (1, 12, 2, 50, 64, 1), (2, 6, 2, 33, 32, 20)],
+)
+def test_decode_attention_equals_sdpa(B, H, G, S, d, peak):
+    """Query heads per key/value head of 4, 1, 4, 6 (4 + 2 at once) and 3; `peak` scales q for scores far apart
+    (probabilities down to e^-100 and below: the kernel's exponential over its whole range)."""
     torch.manual_seed(5)
-    q = torch.randn(B, H, 1, d, dtype=torch.bfloat16)
+    q = torch.randn(B, H, 1, d, dtype=torch.bfloat16) * peak
     # k and v as the cache hands them over: the first S of more slots (strided views)
     k, v = (torch.randn(B, G, S + 7, d, dtype=torch.bfloat16)[:, :, :S] for _ in range(2))
     mask = torch.rand(B, 1, 1, S) < 0.7

@@ -8,7 +8,7 @@
 //
 // What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
 // oneDNN is slow); int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_block_i4`);
-// one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_head`); and a whole
+// one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
 // has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
 //
@@ -478,37 +478,95 @@ void rms_row(const uint16_t* x, const uint16_t* w, int64_t D, float eps, uint16_
   for (int64_t i = 0; i < D; ++i) out[i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(x[i]) * inv));
 }
 
-// One query head over S cached keys and values (rows `k_stride` and `v_stride` elements apart): scores q.k
-// (bf16 products, float32 sums) times `scale`, softmax and the weighted sum of values in float32, rounded to bf16 once.
-// `allowed[s]` false: slot s is not attended to; a head with no slot allowed gives zeros.
-void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t k_stride, int64_t v_stride,
-                 const bool* allowed, int64_t S, int64_t d, float scale, float* score, float* acc, uint16_t* out) {
-  float top = -INFINITY;
+// e^x for 16 floats, within ~2 ulp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 (ln 2 in two
+// parts, so r is exact), e^r by its Taylor polynomial of degree 6 (error < r^7 / 7! ~ 1.2e-7), 2^n applied by
+// vscalefps. x is clamped below at -104 (e^x rounds to 0 there); NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // (the second operand is returned when either is NaN)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// N query heads (q: N rows of d, one after another) that share a key/value head, over S cached keys and values
+// (rows `k_stride` and `v_stride` elements apart): scores q.k (bf16 products, float32 sums) times `scale`, softmax
+// and the weighted sum of values in float32, rounded to bf16 once; out: N rows of d. Each key and value row is read
+// once for the N heads (grouped-query attention), and the value sums stay in registers. `allowed[s]` false: slot s
+// is not attended to; a head with no slot allowed gives zeros. score [N * S] is scratch.
+template <int N>
+void attend_heads(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t k_stride, int64_t v_stride,
+                  const bool* allowed, int64_t S, int64_t d, float scale, float* score, uint16_t* out) {
+  // 1. scores, and each head's largest
+  float top[N];
+  std::fill(top, top + N, -INFINITY);
   for (int64_t s = 0; s < S; ++s) {
     if (!allowed[s]) continue;
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t c = 0; c < d; c += kStep)
-      dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(k + s * k_stride + c),
-                             (__m512bh)_mm512_loadu_si512(q + c));
-    score[s] = _mm512_reduce_add_ps(dot) * scale;
-    top = std::max(top, score[s]);
-  }
-  std::fill(acc, acc + d, 0.0f);
-  float total = 0.0f;
-  for (int64_t s = 0; s < S && top > -INFINITY; ++s) {
-    if (!allowed[s]) continue;
-    const float p = std::exp(score[s] - top);
-    total += p;
-    const __m512 pv = _mm512_set1_ps(p);
-    const uint16_t* vr = v + s * v_stride;
-    for (int64_t c = 0; c < d; c += 16) {  // bf16 -> float32 is a 16-bit shift
-      const __m512 x = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + c))), 16));
-      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(pv, x, _mm512_loadu_ps(acc + c)));
+    __m512 dot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < d; c += kStep) {
+      const __m512bh kc = (__m512bh)_mm512_loadu_si512(k + s * k_stride + c);
+      for (int j = 0; j < N; ++j) dot[j] = _mm512_dpbf16_ps(dot[j], kc, (__m512bh)_mm512_loadu_si512(q + j * d + c));
+    }
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, reduce4(dot[0], dot[1], dot[2], dot[3]));
+    for (int j = 0; j < N; ++j) {
+      score[j * S + s] = sums[j] * scale;
+      top[j] = std::max(top[j], score[j * S + s]);
     }
   }
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  for (int64_t c = 0; c < d; ++c) out[c] = float_to_bf16(acc[c] * inv);
+  // 2. score -> e^(score - top), 0 where not allowed (and for a head without a top), 16 slots at a time
+  float inv[N];
+  for (int j = 0; j < N; ++j) {
+    float* sc = score + j * S;
+    if (!(top[j] > -INFINITY)) {
+      std::fill(sc, sc + S, 0.0f);
+      inv[j] = 0.0f;
+      continue;
+    }
+    const __m512 t = _mm512_set1_ps(top[j]);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 in = S - s >= 16 ? 0xffff : static_cast<__mmask16>((1u << (S - s)) - 1);
+      const __mmask16 live = _mm_mask_cmpneq_epi8_mask(in, _mm_maskz_loadu_epi8(in, allowed + s), _mm_setzero_si128());
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, sc + s), t)));
+      _mm512_mask_storeu_ps(sc + s, in, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const float sum = _mm512_reduce_add_ps(total);
+    inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  // 3. the weighted sums of values, 16 columns at a time for the N heads
+  for (int64_t c = 0; c < d; c += 16) {
+    __m512 acc[N];
+    for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      if (!allowed[s]) continue;
+      const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(  // bf16 -> float32 is a 16-bit shift
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + s * v_stride + c))), 16));
+      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(score[j * S + s]), x, acc[j]);
+    }
+    for (int j = 0; j < N; ++j) {
+      alignas(64) float o[16];
+      _mm512_store_ps(o, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv[j])));
+      for (int i = 0; i < 16; ++i) out[j * d + c + i] = float_to_bf16(o[i]);
+    }
+  }
+}
+
+constexpr int64_t kHeadsAtOnce = 4;
+
+// Attention of one query row for the query heads [h0, h0 + n) (n <= kHeadsAtOnce) of one key/value head; q and out
+// point at head h0; score [kHeadsAtOnce * S] scratch (see `attend_heads`).
+void attend(const uint16_t* q, int64_t n, const uint16_t* k, const uint16_t* v, int64_t k_stride, int64_t v_stride,
+            const bool* allowed, int64_t S, int64_t d, float scale, float* score, uint16_t* out) {
+  switch (n) {
+    case 4: return attend_heads<4>(q, k, v, k_stride, v_stride, allowed, S, d, scale, score, out);
+    case 3: return attend_heads<3>(q, k, v, k_stride, v_stride, allowed, S, d, scale, score, out);
+    case 2: return attend_heads<2>(q, k, v, k_stride, v_stride, allowed, S, d, scale, score, out);
+    default: return attend_heads<1>(q, k, v, k_stride, v_stride, allowed, S, d, scale, score, out);
+  }
 }
 
 // A stack of E matrices [E, N, K] (the experts' w1, w2 or w3) in one format; `(e)` is expert e's matrix.
@@ -753,13 +811,15 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
               mask.scalar_type());
   auto out = torch::empty_like(q);
   const bool* allowed = mask.data_ptr<bool>();
-  parallel(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> score(S), acc(d);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, g = (i % H) / (H / G);
-      attend_head(bf16_data(q) + i * d, bf16_data(k) + b * k.stride(0) + g * k.stride(1),
-                  bf16_data(v) + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2), allowed + b * S, S, d,
-                  static_cast<float>(scale), score.data(), acc.data(), bf16_out(out) + i * d);
+  const int64_t R = H / G, chunks = (R + kHeadsAtOnce - 1) / kHeadsAtOnce;  // query heads per key/value head
+  parallel(0, B * G * chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(kHeadsAtOnce * S);
+    for (int64_t i = i0; i < i1; ++i) {  // heads [h0, h0 + n) of row b, all reading key/value head g
+      const int64_t b = i / (G * chunks), g = i % (G * chunks) / chunks, h0 = g * R + i % chunks * kHeadsAtOnce;
+      attend(bf16_data(q) + (b * H + h0) * d, std::min(kHeadsAtOnce, g * R + R - h0),
+             bf16_data(k) + b * k.stride(0) + g * k.stride(1), bf16_data(v) + b * v.stride(0) + g * v.stride(1),
+             k.stride(2), v.stride(2), allowed + b * S, S, d, static_cast<float>(scale), score.data(),
+             bf16_out(out) + (b * H + h0) * d);
     }
   });
   return out;
@@ -819,12 +879,13 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     std::memcpy(cv + (g * slots + slot) * d, qkv.data() + (H + G + g) * d, d * sizeof(uint16_t));
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  parallel(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> score(S), acc(d);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t base = (h / (H / G)) * slots * d;
-      attend_head(qkv.data() + h * d, ck + base, cv + base, d, d, mask.data_ptr<bool>(), S, d, scale, score.data(),
-                  acc.data(), att.data() + h * d);
+  const int64_t R = H / G, chunks = (R + kHeadsAtOnce - 1) / kHeadsAtOnce;  // query heads per key/value head
+  parallel(0, G * chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(kHeadsAtOnce * S);
+    for (int64_t i = i0; i < i1; ++i) {  // heads [h0, h0 + n), all reading key/value head g
+      const int64_t g = i / chunks, h0 = g * R + i % chunks * kHeadsAtOnce, base = g * slots * d;
+      attend(qkv.data() + h0 * d, std::min(kHeadsAtOnce, g * R + R - h0), ck + base, cv + base, d, d,
+             mask.data_ptr<bool>(), S, d, scale, score.data(), att.data() + h0 * d);
     }
   });
   project({o}, Vector(att.data(), H * d, o.format, o.group), attn_out.data());
