@@ -18,6 +18,10 @@ The int4 kernel wants its weights in a blocked layout ("int4pack"): for each blo
 for each input channel k, 32 bytes whose low nibble is row j and high nibble row j + 32 of the block. We
 pack and unpack that layout ourselves (a test checks it against `_convert_weight_to_int4pack_for_cpu`), so
 the packed tensor is what sits in memory and on disk: no second copy, and saving needs no kernel.
+The int4 scales and zeros are stored block by block, [..., N/64, G, 64, 2] (each block of 64 rows, its groups
+in order): one sequential stream per block for the decode kernel, which reads them at ~1.1x the speed of
+ATen's [..., G, N, 2], where each group of a block sits in another page. ATen's int4 GEMM (prefill) gets its
+order from a copy made per call (1/9 of the packed weights' bytes).
 
 Shape legend: N output channels, K input channels, G groups per row (K / group_size), E experts.
 """
@@ -96,7 +100,8 @@ class QuantizedWeight(nn.Module):
 
     Buffers (what the state dict and a quantized checkpoint hold):
     - int8: `q` int8 [..., N, K], `scale` [..., N];
-    - int4: `packed` uint8 [..., N, K/2] (int4pack layout), `scales_zeros` [..., G, N, 2] (the kernel's order).
+    - int4: `packed` uint8 [..., N, K/2] (int4pack layout), `scales_zeros` [..., N/64, G, 64, 2] (by block of
+      64 rows: see the module's docstring; `aten_scales_zeros` gives ATen's [..., G, N, 2]).
     Calling it on x [..., K] is `F.linear(x, w)` computed by the quantized kernel; `w[e]` is expert e's view.
     """
 
@@ -115,7 +120,7 @@ class QuantizedWeight(nn.Module):
             q, scale = quantize_int8(w_NK, dtype)
             return cls("int8", {"q": q, "scale": scale})
         q, scale, zero = quantize_int4(w_NK, group_size, dtype)
-        scales_zeros = torch.stack((scale, zero), dim=-1).transpose(-2, -3).contiguous()  # [..., G, N, 2]
+        scales_zeros = block_major(torch.stack((scale, zero), dim=-1))  # [..., N, G, 2] -> [..., N/64, G, 64, 2]
         return cls("int4", {"packed": pack_int4(q), "scales_zeros": scales_zeros}, group_size)
 
     @property
@@ -183,7 +188,7 @@ class QuantizedView:
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.contiguous(), a, b)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), a, self.group_size, b)
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), a, self.group_size, aten_scales_zeros(b))
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -193,11 +198,29 @@ class QuantizedView:
             # |q| <= 127 is exact in bf16 and the product is rounded once: the same as in float32
             return a.to(b.dtype) * b[..., None] if dtype in (None, b.dtype) else a.to(dtype) * b[..., None].to(dtype)
         q = unpack_int4(a).float()  # [..., N, K]
-        sz = b.float().transpose(-2, -3)  # [..., N, G, 2]
+        sz = rows_groups(b.float())  # [..., N, G, 2]
         G = sz.shape[-2]
         qg = q.reshape(*q.shape[:-1], G, -1)
         w = (qg - 8.0) * sz[..., 0:1] + sz[..., 1:2]
         return w.reshape(q.shape).to(dtype or b.dtype)
+
+
+def block_major(sz_NG2: torch.Tensor) -> torch.Tensor:
+    """int4 scales and zeros [..., N, G, 2] -> the stored order [..., N/64, G, 64, 2] (contiguous)."""
+    *lead, N, G, _ = sz_NG2.shape
+    return sz_NG2.reshape(*lead, N // INT4_BLOCK, INT4_BLOCK, G, 2).transpose(-3, -2).contiguous()
+
+
+def rows_groups(sz: torch.Tensor) -> torch.Tensor:
+    """Stored int4 scales and zeros [..., N/64, G, 64, 2] -> [..., N, G, 2] (a copy)."""
+    *lead, NB, G, R, _ = sz.shape
+    return sz.transpose(-3, -2).reshape(*lead, NB * R, G, 2)
+
+
+def aten_scales_zeros(sz: torch.Tensor) -> torch.Tensor:
+    """Stored int4 scales and zeros [..., N/64, G, 64, 2] -> ATen's order [..., G, N, 2] (contiguous)."""
+    *lead, NB, G, R, _ = sz.shape
+    return sz.transpose(-4, -3).reshape(*lead, G, NB * R, 2).contiguous()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -> torch.Tensor:
@@ -443,6 +466,9 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     if device is not None and torch.device(device).type != "cpu":
         state = {k: v.to(device) for k, v in state.items()}
     expected = model.state_dict()
+    for k, t in state.items():  # checkpoints written before the block order: [..., G, N, 2]
+        if k.endswith(".scales_zeros") and k in expected and t.dim() == expected[k].dim() - 1:
+            state[k] = block_major(t.transpose(-3, -2))
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise CheckpointError(

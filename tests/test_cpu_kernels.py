@@ -19,7 +19,7 @@ from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Block, Transformer, attend
 from mixtral.moe import experts_decode, experts_reference
-from mixtral.quantize import FEW_ROWS, QuantizedWeight, linear, quantize_int8, quantize_model
+from mixtral.quantize import FEW_ROWS, QuantizedWeight, aten_scales_zeros, linear, quantize_int8, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -250,7 +250,7 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
     if outliers:
         x[:: max(shape[1] // 3, 1)] *= 1000
     y = cpu_kernels.ops().gemv_int4(qw.packed, qw.scales_zeros, x, group)
-    ref = torch._weight_int4pack_mm_for_cpu(x[None], qw.packed, group, qw.scales_zeros)[0]
+    ref = torch._weight_int4pack_mm_for_cpu(x[None], qw.packed, group, aten_scales_zeros(qw.scales_zeros))[0]
     w = qw.dequantize(torch.float32)
     exact = w @ x.float()
     fixed_err = (w.abs() @ torch.ones(shape[1])) * x.float().abs().max() * 2**-14

@@ -17,10 +17,13 @@ from mixtral.kernels import cpu as cpu_kernels
 from mixtral.quantize import (
     QuantizedWeight,
     active_weight_bytes,
+    aten_scales_zeros,
+    block_major,
     pack_int4,
     quantize_int4,
     quantize_int8,
     quantize_model,
+    rows_groups,
     save_quantized,
     unpack_int4,
     weight_bytes,
@@ -45,6 +48,20 @@ def test_int4_packing_is_the_kernels_layout():
     stacked = torch.randint(0, 16, (3, 64, 32), dtype=torch.int32)
     assert torch.equal(unpack_int4(pack_int4(stacked)), stacked)
     assert torch.equal(pack_int4(stacked)[1], pack_int4(stacked[1]))
+
+
+def test_int4_scales_are_stored_by_block_of_64_rows():
+    """[..., N/64, G, 64, 2]: block b, group g, row r is row 64 b + r's (scale, zero) of group g; ATen's order
+    [..., G, N, 2] and the rows' [..., N, G, 2] are the same numbers."""
+    w = torch.randn(2, 128, 96)
+    _, scale, zero = quantize_int4(w, 32)
+    qw = QuantizedWeight.from_float(w, "int4", 32)
+    sz = qw.scales_zeros
+    assert sz.shape == (2, 2, 3, 64, 2) and sz.is_contiguous()
+    assert torch.equal(sz[1, 1, 2, 5], torch.stack((scale[1, 64 + 5, 2], zero[1, 64 + 5, 2])))
+    rows = torch.stack((scale, zero), dim=-1)  # [2, N, G, 2]
+    assert torch.equal(rows_groups(sz), rows) and torch.equal(block_major(rows), sz)
+    assert torch.equal(aten_scales_zeros(sz), rows.transpose(-2, -3))
 
 
 def test_int8_error_is_at_most_half_a_step():
@@ -165,6 +182,22 @@ def test_quantized_checkpoint_round_trips(tmp_path, mode):
         assert torch.equal(m(tokens), loaded(tokens))
     with pytest.raises(CheckpointError, match=r"cannot be loaded as torch\.float32"):
         mixtral.load_model(tmp_path / "q", dtype=torch.float32)
+
+
+def test_a_quantized_checkpoint_with_scales_in_atens_order_loads_the_same(tmp_path):
+    """Checkpoints written before the by-block order hold int4 scales as [..., G, N, 2]: read as the same numbers."""
+    from safetensors.torch import load_file, save_file
+
+    m = quantize_model(model(), "int4", group_size=32)
+    save_quantized(m, tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    state = load_file(f)
+    old = {k: aten_scales_zeros(t) if k.endswith("scales_zeros") else t for k, t in state.items()}
+    assert old["layers.0.moe.w1.scales_zeros"].shape == (4, 4, 128, 2)  # [E, G, N, 2]
+    save_file(old, f)
+    loaded = mixtral.load_model(tmp_path / "q")
+    for k, t in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], t), k
 
 
 def test_quantized_checkpoint_with_a_missing_tensor_is_an_error(tmp_path):

@@ -268,7 +268,9 @@ void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* 
 // int4 weights in PyTorch's int4pack layout (what torch._weight_int4pack_mm_for_cpu reads; `quantize.pack_int4`):
 // rows in blocks of 64, and for each block and column k, 32 bytes whose byte j holds row j (low nibble) and row
 // 32 + j (high nibble), values q in [0, 15]; per row and group of `group` columns a bf16 scale and zero, stored
-// [K / group, N, 2], with w = (q - 8) * scale + zero. So for one row
+// block by block, [N / 64, K / group, 64, 2] (a block's scales are one sequential read; in ATen's order,
+// [K / group, N, 2], each group of a block sits in another page: 1.1x slower), with w = (q - 8) * scale + zero.
+// So for one row
 //   y = sum_g scale_g * sum_{k in g} q_k x_k + (zero_g - 8 scale_g) * sum_{k in g} x_k.
 // The first sum with integer dot products on x's fixed-point bytes (see `Fixed`): for 4 columns of the block, one
 // `vpermi2b` gathers 16 rows' 4 bytes into 16 dwords (twice, for the 32 byte columns), a shift and a mask split the
@@ -320,7 +322,7 @@ void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const fl
     }
     const __m512 xs = _mm512_set1_ps(x_sum[g]);
     for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
-      const __m512i pair = _mm512_loadu_si512(sz + (g * N + b * kInt4Rows + 16 * v) * 2);
+      const __m512i pair = _mm512_loadu_si512(sz + ((b * (K / group) + g) * kInt4Rows + 16 * v) * 2);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
       // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
@@ -338,7 +340,7 @@ enum class Format { kBF16, kInt8, kInt4 };
 struct Weights {
   Format format;
   const void* data;
-  const uint16_t* scale;  // int8: [N]; int4: scales and zeros [K / group, N, 2]; bf16: null
+  const uint16_t* scale;  // int8: [N]; int4: scales and zeros [N / 64, K / group, 64, 2]; bf16: null
   int64_t N, K, group;
   int64_t block() const { return format == Format::kInt4 ? kInt4Rows : kRows; }  // rows a thread takes at once
 };
@@ -403,10 +405,10 @@ void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t di
                   packed.dim() == dims,
               "int4 weights must be a contiguous uint8 (int4pack) CPU tensor with ", dims, " dims, got ",
               packed.sizes(), " ", packed.scalar_type());
-  check_weight(sz, "scales_zeros", dims + 1);
+  check_weight(sz, "scales_zeros", dims + 2);
   const int64_t N = packed.size(-2), K = 2 * packed.size(-1);
   TORCH_CHECK(group > 0 && group % 16 == 0 && K % group == 0 && N % kInt4Rows == 0 && sz.size(-1) == 2 &&
-                  sz.size(-2) == N && sz.size(-3) == K / group &&
+                  sz.size(-2) == kInt4Rows && sz.size(-3) == K / group && sz.size(-4) == N / kInt4Rows &&
                   sz.sizes().slice(0, dims - 2) == packed.sizes().slice(0, dims - 2),
               "int4 weights ", packed.sizes(), " with scales and zeros ", sz.sizes(), " and group size ", group,
               " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 16)");
@@ -573,7 +575,7 @@ void attend(const uint16_t* q, int64_t n, const uint16_t* k, const uint16_t* v, 
 struct Stack {
   Format format;
   const torch::Tensor& w;   // bf16 [E, N, K], int8 [E, N, K] or int4pack [E, N, K / 2]
-  const torch::Tensor* sc;  // int8 scales [E, N]; int4 scales and zeros [E, K / group, N, 2]
+  const torch::Tensor* sc;  // int8 scales [E, N]; int4 scales and zeros [E, N / 64, K / group, 64, 2]
   int64_t group;
 
   // From an op's tensors (see `format_of`).
@@ -704,8 +706,9 @@ torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, cons
   return out;
 }
 
-// int4 weight-only: the int4pack matrix `packed` [N, K / 2] with scales and zeros [K / group, N, 2] times x [K]
-// -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (x in fixed point, see `Fixed`).
+// int4 weight-only: the int4pack matrix `packed` [N, K / 2] with scales and zeros [N / 64, K / group, 64, 2]
+// times x [K] -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (on the scales in its order;
+// x in fixed point, see `Fixed`).
 torch::Tensor gemv_int4(const torch::Tensor& packed, const torch::Tensor& sz, const torch::Tensor& x, int64_t group) {
   check_int4(packed, sz, 2, group);
   const Weights W{Format::kInt4, packed.data_ptr(), bf16_data(sz), packed.size(0), 2 * packed.size(1), group};
