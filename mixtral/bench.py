@@ -12,6 +12,11 @@ parent and read by the child from a quantized checkpoint, as a user would run th
 whole list of configurations runs R times, interleaved, with a bandwidth probe before each child; rows are
 medians over rounds and the bandwidth limit uses the median probe.
 
+On a shared machine whose speed drifts from minute to minute, configurations timed a minute apart can be
+1.5x apart for that reason alone. So the batch-1 decode ratios are also measured in one process
+(`--interleaved R`, default 10): every model loaded together, then R rounds of [prefill, 32 decode steps]
+for each in turn (order reversed every other round); the ratios are medians of the per-round ratios.
+
     mixtral bench [--preset bench-791m | --checkpoint DIR] [--batch 1 8] [--runs 3] [--rounds 3] [--json out.json]
                   [--plot out.png]
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -152,9 +158,73 @@ def _result(times, batch, prompt_len, new_tokens, base, loaded) -> dict:
     }
 
 
+def _decode_stretches(spec: dict) -> dict[str, list[float]]:
+    """Batch-1 decode tok/s of each model in `spec["paths"]` (and transformers on spec["transformers"]), all
+    loaded in this process: per round, each in turn (reversed every other round) prefills the prompt, then
+    times `steps` greedy decode steps after 4 untimed ones."""
+    from .cache import KVCache
+    from .checkpoint import load_model
+    from .generate import decode_step, prefill
+
+    steps = spec["steps"]
+    models = {name: load_model(path) for name, path in spec["paths"].items()}
+    vocab = next(iter(models.values())).config.vocab_size if models else 32000
+    prompt = _prompts(1, spec["prompt_len"], vocab)[0]
+
+    def ours(model) -> float:
+        cache = KVCache(model.config, 1, len(prompt) + steps + 4, dtype=model.embed.weight.dtype)
+        logits = prefill(model, cache, [prompt])
+        pos = torch.full((1,), len(prompt), dtype=torch.long)
+        for i in range(steps + 4):
+            if i == 4:
+                t0 = time.perf_counter()
+            logits = decode_step(model, cache, logits.argmax(-1), pos)
+            pos += 1
+        return steps / (time.perf_counter() - t0)
+
+    runners = {name: functools.partial(ours, model) for name, model in models.items()}
+    if spec.get("transformers"):
+        from transformers import MixtralForCausalLM
+
+        tf = MixtralForCausalLM.from_pretrained(spec["transformers"], dtype=torch.bfloat16).eval()
+
+        @torch.no_grad()
+        def theirs() -> float:
+            out = tf(input_ids=torch.tensor([prompt]), use_cache=True)
+            for i in range(steps + 4):
+                if i == 4:
+                    t0 = time.perf_counter()
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = tf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            return steps / (time.perf_counter() - t0)
+
+        runners["transformers"] = theirs
+    speeds: dict[str, list[float]] = {name: [] for name in runners}
+    for rnd in range(spec["rounds"]):
+        for name in list(runners)[:: 1 if rnd % 2 == 0 else -1]:
+            speeds[name].append(runners[name]())
+    return speeds
+
+
+def interleaved_ratios(speeds: dict[str, list[float]]) -> dict:
+    """Medians of the per-round speeds and of the per-round ratios to transformers and to our bf16."""
+    out: dict = {"tok_s": speeds, "median_tok_s": {k: statistics.median(v) for k, v in speeds.items()}}
+    for base, key in (("transformers", "vs_transformers"), ("bf16", "vs_our_bf16")):
+        if base in speeds:
+            out[key] = {
+                k: statistics.median(a / b for a, b in zip(v, speeds[base], strict=True))
+                for k, v in speeds.items()
+                if k != base and (base != "bf16" or k != "transformers")
+            }
+    return out
+
+
 def child_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     torch.set_num_threads(spec["threads"])
+    if spec["impl"] == "interleaved":
+        print("RESULT " + json.dumps(_decode_stretches(spec)))
+        return
     if spec["impl"] == "transformers":
         res = _time_transformers(spec["path"], spec["batch"], spec["prompt_len"], spec["new_tokens"], spec["runs"])
     else:
@@ -314,6 +384,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     r.update(impl=impl, batch=batch, active_bytes=active, weight_bytes=wbytes)
                     per_config.setdefault((impl, batch), []).append(r)
                     print(("" if args.rounds == 1 else f"round {rnd + 1}: ") + _row_line(r), flush=True)
+        if args.interleaved and 1 in args.batch:
+            spec = {
+                "impl": "interleaved",
+                "paths": {m: paths[m][0] for m in args.modes if m in paths},
+                "transformers": None if args.no_transformers else paths["bf16"][0],
+                "rounds": args.interleaved,
+                "steps": 32,
+                "prompt_len": args.prompt_len,
+                "threads": args.threads,
+            }
+            results["interleaved"] = interleaved_ratios(_run_child(spec))
     bandwidth = statistics.median(probes)
     results["bandwidth_gbs"], results["bandwidth_probes_gbs"] = bandwidth, probes
     if len(probes) > 1:
@@ -380,6 +461,19 @@ def markdown_table(results: dict) -> str:
             f"{f(r, 'decode_vs_our_bf16', '.2f')} | {frac} | {r['peak_rss'] / 1e9:.2f} | "
             f"{r['peak_rss'] / r['weight_bytes']:.2f} |"
         )
+    inter = results.get("interleaved")
+    if inter:
+        n = len(next(iter(inter["tok_s"].values())))
+        lines += [
+            "",
+            f"Batch-1 decode interleaved in one process ({n} rounds of 32 tokens; medians of per-round ratios):",
+            "",
+            "| impl | decode tok/s | decode / transformers | decode / our bf16 |",
+            "|---|---|---|---|",
+        ]
+        for name, v in inter["median_tok_s"].items():
+            ratios = [inter.get(key, {}).get(name) for key in ("vs_transformers", "vs_our_bf16")]
+            lines.append(f"| {name} | {v:.1f} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in ratios) + " |")
     q = results.get("quality_random_prompts")
     if q:
         lines = lines if results["rows"] else []
@@ -440,6 +534,14 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         default=1,
         help="rounds over all configurations, interleaved, each in fresh processes with a bandwidth probe "
         "before each; the table gives medians over rounds (default: 1)",
+    )
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=10,
+        metavar="R",
+        help="also time batch-1 decode of every model in one process, R interleaved rounds of 32 tokens "
+        "(ratios robust to a machine whose speed drifts; 0: off; default: 10)",
     )
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")

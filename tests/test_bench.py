@@ -13,7 +13,8 @@ def test_bench_runs_rounds_and_writes_medians(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable, "-m", "mixtral", "bench", "--preset", "tiny", "--modes", "bf16", "int8", "--batch", "1",
-        "--prompt-len", "8", "--new-tokens", "4", "--runs", "1", "--rounds", "2", "--json", str(out),
+        "--prompt-len", "8", "--new-tokens", "4", "--runs", "1", "--rounds", "2", "--interleaved", "3",
+        "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,3 +29,19 @@ def test_bench_runs_rounds_and_writes_medians(tmp_path):
         assert r["bandwidth_fraction"] > 0 and r["peak_rss"] > 0
     assert rows["int8"]["decode_vs_our_bf16"] == rows["int8"]["decode_tok_s"] / rows["bf16"]["decode_tok_s"]
     assert rows["bf16"]["decode_vs_transformers"] == rows["bf16"]["decode_tok_s"] / rows["transformers"]["decode_tok_s"]
+    # batch-1 decode of all three in one process, 3 interleaved rounds; ratios are medians of per-round ratios
+    inter = res["interleaved"]
+    assert {k: len(v) for k, v in inter["tok_s"].items()} == {"bf16": 3, "int8": 3, "transformers": 3}
+    per_round = sorted(a / b for a, b in zip(inter["tok_s"]["int8"], inter["tok_s"]["bf16"], strict=True))
+    assert inter["vs_our_bf16"] == {"int8": per_round[1]}
+    assert set(inter["vs_transformers"]) == {"bf16", "int8"}
+    assert "interleaved in one process (3 rounds" in done.stdout
+
+
+def test_interleaved_ratios_are_medians_of_per_round_ratios():
+    from mixtral.bench import interleaved_ratios
+
+    r = interleaved_ratios({"bf16": [10.0, 20.0, 10.0], "int4": [30.0, 40.0, 20.0], "transformers": [5.0, 4.0, 5.0]})
+    assert r["median_tok_s"] == {"bf16": 10.0, "int4": 30.0, "transformers": 5.0}
+    assert r["vs_our_bf16"] == {"int4": 2.0}  # rounds: 3.0, 2.0, 2.0 (a ratio of medians would say 3.0)
+    assert r["vs_transformers"] == {"bf16": 2.0, "int4": 6.0}  # rounds: 2, 5, 2 and 6, 10, 4
