@@ -13,9 +13,9 @@ whole list of configurations runs R times, interleaved, with a bandwidth probe b
 medians over rounds and the bandwidth limit uses the median probe.
 
 On a shared machine whose speed drifts from minute to minute, configurations timed a minute apart can be
-1.5x apart for that reason alone. So the batch-1 decode ratios are also measured in one process
-(`--interleaved R`, default 10): every model loaded together, then R rounds of [prefill, 32 decode steps]
-for each in turn (order reversed every other round); the ratios are medians of the per-round ratios.
+1.5x apart for that reason alone. So batch 1 is also measured in one process (`--interleaved R`, default
+10): every model loaded together, then R rounds of [prefill, decode] for each in turn (order reversed every
+other round); the ratios are medians of the per-round ratios.
 
     mixtral bench [--preset bench-791m | --checkpoint DIR] [--batch 1 8] [--runs 3] [--rounds 3] [--json out.json]
                   [--plot out.png]
@@ -158,29 +158,29 @@ def _result(times, batch, prompt_len, new_tokens, base, loaded) -> dict:
     }
 
 
-def _decode_stretches(spec: dict) -> dict[str, list[float]]:
-    """Batch-1 decode tok/s of each model in `spec["paths"]` (and transformers on spec["transformers"]), all
-    loaded in this process: per round, each in turn (reversed every other round) prefills the prompt, then
-    times `steps` greedy decode steps after 4 untimed ones."""
+def _interleaved(spec: dict) -> dict[str, dict[str, list[float]]]:
+    """Batch-1 prefill and decode tok/s of each model in `spec["paths"]` (and transformers on
+    spec["transformers"]), all loaded in this process: per round, each in turn (reversed every other round)
+    prefills the prompt and greedy-decodes `new_tokens` (timed as in the separate runs: the prefill, then
+    new_tokens - 1 decode steps). -> {"prefill": {name: [per round]}, "decode": {...}}"""
     from .cache import KVCache
     from .checkpoint import load_model
     from .generate import decode_step, prefill
 
-    steps = spec["steps"]
     models = {name: load_model(path) for name, path in spec["paths"].items()}
     vocab = next(iter(models.values())).config.vocab_size if models else 32000
     prompt = _prompts(1, spec["prompt_len"], vocab)[0]
 
-    def ours(model) -> float:
-        cache = KVCache(model.config, 1, len(prompt) + steps + 4, dtype=model.embed.weight.dtype)
+    def ours(model, new_tokens: int) -> tuple[float, float]:
+        cache = KVCache(model.config, 1, len(prompt) + new_tokens, dtype=model.embed.weight.dtype)
+        t0 = time.perf_counter()
         logits = prefill(model, cache, [prompt])
+        t1 = time.perf_counter()
         pos = torch.full((1,), len(prompt), dtype=torch.long)
-        for i in range(steps + 4):
-            if i == 4:
-                t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
             logits = decode_step(model, cache, logits.argmax(-1), pos)
             pos += 1
-        return steps / (time.perf_counter() - t0)
+        return len(prompt) / (t1 - t0), (new_tokens - 1) / (time.perf_counter() - t1)
 
     runners = {name: functools.partial(ours, model) for name, model in models.items()}
     if spec.get("transformers"):
@@ -189,20 +189,24 @@ def _decode_stretches(spec: dict) -> dict[str, list[float]]:
         tf = MixtralForCausalLM.from_pretrained(spec["transformers"], dtype=torch.bfloat16).eval()
 
         @torch.no_grad()
-        def theirs() -> float:
+        def theirs(new_tokens: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
             out = tf(input_ids=torch.tensor([prompt]), use_cache=True)
-            for i in range(steps + 4):
-                if i == 4:
-                    t0 = time.perf_counter()
+            t1 = time.perf_counter()
+            for _ in range(new_tokens - 1):
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 out = tf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-            return steps / (time.perf_counter() - t0)
+            return len(prompt) / (t1 - t0), (new_tokens - 1) / (time.perf_counter() - t1)
 
         runners["transformers"] = theirs
-    speeds: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        run(4)  # warm up
+    speeds: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
     for rnd in range(spec["rounds"]):
         for name in list(runners)[:: 1 if rnd % 2 == 0 else -1]:
-            speeds[name].append(runners[name]())
+            p, d = runners[name](spec["new_tokens"])
+            speeds["prefill"].setdefault(name, []).append(p)
+            speeds["decode"].setdefault(name, []).append(d)
     return speeds
 
 
@@ -223,7 +227,7 @@ def child_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     torch.set_num_threads(spec["threads"])
     if spec["impl"] == "interleaved":
-        print("RESULT " + json.dumps(_decode_stretches(spec)))
+        print("RESULT " + json.dumps(_interleaved(spec)))
         return
     if spec["impl"] == "transformers":
         res = _time_transformers(spec["path"], spec["batch"], spec["prompt_len"], spec["new_tokens"], spec["runs"])
@@ -390,11 +394,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "paths": {m: paths[m][0] for m in args.modes if m in paths},
                 "transformers": None if args.no_transformers else paths["bf16"][0],
                 "rounds": args.interleaved,
-                "steps": 32,
                 "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
                 "threads": args.threads,
             }
-            results["interleaved"] = interleaved_ratios(_run_child(spec))
+            results["interleaved"] = {k: interleaved_ratios(v) for k, v in _run_child(spec).items()}
     bandwidth = statistics.median(probes)
     results["bandwidth_gbs"], results["bandwidth_probes_gbs"] = bandwidth, probes
     if len(probes) > 1:
@@ -463,17 +467,28 @@ def markdown_table(results: dict) -> str:
         )
     inter = results.get("interleaved")
     if inter:
-        n = len(next(iter(inter["tok_s"].values())))
+        n = len(next(iter(inter["decode"]["tok_s"].values())))
         lines += [
             "",
-            f"Batch-1 decode interleaved in one process ({n} rounds of 32 tokens; medians of per-round ratios):",
+            f"Batch 1, every model in one process, {n} interleaved rounds (medians; ratios: medians of per-round "
+            "ratios):",
             "",
-            "| impl | decode tok/s | decode / transformers | decode / our bf16 |",
-            "|---|---|---|---|",
+            "| impl | prefill tok/s | decode tok/s | prefill / transformers | decode / transformers | "
+            "decode / our bf16 |",
+            "|---|---|---|---|---|---|",
         ]
-        for name, v in inter["median_tok_s"].items():
-            ratios = [inter.get(key, {}).get(name) for key in ("vs_transformers", "vs_our_bf16")]
-            lines.append(f"| {name} | {v:.1f} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in ratios) + " |")
+        pre, dec = inter["prefill"], inter["decode"]
+
+        def ratio(part: dict, key: str, name: str) -> str:
+            x = part.get(key, {}).get(name)
+            return "-" if x is None else f"{x:.2f}"
+
+        for name in dec["median_tok_s"]:
+            lines.append(
+                f"| {name} | {pre['median_tok_s'][name]:.0f} | {dec['median_tok_s'][name]:.1f} | "
+                f"{ratio(pre, 'vs_transformers', name)} | {ratio(dec, 'vs_transformers', name)} | "
+                f"{ratio(dec, 'vs_our_bf16', name)} |"
+            )
     q = results.get("quality_random_prompts")
     if q:
         lines = lines if results["rows"] else []
@@ -540,7 +555,7 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=10,
         metavar="R",
-        help="also time batch-1 decode of every model in one process, R interleaved rounds of 32 tokens "
+        help="also time batch 1 with every model in one process, R interleaved rounds of [prefill, decode] "
         "(ratios robust to a machine whose speed drifts; 0: off; default: 10)",
     )
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
