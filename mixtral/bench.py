@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -87,10 +86,39 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [[1, *torch.randint(3, vocab, (length - 1,), generator=g).tolist()] for _ in range(batch)]
 
 
-def _time_ours(path: str, batch: int, prompt_len: int, new_tokens: int, runs: int, compile_: bool) -> dict:
+def _run_ours(model, prompts: list[list[int]], n_prompt: int, n_new: int) -> tuple[float, float]:
+    """Seconds of our prefill of the prompts' first `n_prompt` tokens, then of `n_new` - 1 greedy decode steps."""
     from .cache import KVCache
-    from .checkpoint import load_model
     from .generate import decode_step, prefill
+
+    batch = len(prompts)
+    cache = KVCache(model.config, batch, n_prompt + n_new, dtype=model.embed.weight.dtype)
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, [p[:n_prompt] for p in prompts])
+    t1 = time.perf_counter()
+    pos = torch.full((batch,), n_prompt, dtype=torch.long)
+    for _ in range(n_new - 1):
+        logits = decode_step(model, cache, logits.argmax(-1), pos)
+        pos += 1
+    return t1 - t0, time.perf_counter() - t1
+
+
+@torch.no_grad()
+def _run_transformers(model, prompts: list[list[int]], n_prompt: int, n_new: int) -> tuple[float, float]:
+    """The same with a transformers model and its own cache."""
+    ids = torch.tensor(prompts)[:, :n_prompt]
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    t1 = time.perf_counter()
+    pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(n_new - 1):
+        out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+        pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _time_ours(path: str, batch: int, prompt_len: int, new_tokens: int, runs: int, compile_: bool) -> dict:
+    from .checkpoint import load_model
 
     base = _status("VmRSS")
     model = load_model(path)
@@ -100,22 +128,8 @@ def _time_ours(path: str, batch: int, prompt_len: int, new_tokens: int, runs: in
 
         compile_model(model)
     prompts = _prompts(batch, prompt_len, model.config.vocab_size)
-    dtype = model.embed.weight.dtype
-
-    def one(n_prompt: int, n_new: int) -> tuple[float, float]:
-        cache = KVCache(model.config, batch, n_prompt + n_new, dtype=dtype)
-        t0 = time.perf_counter()
-        logits = prefill(model, cache, [p[:n_prompt] for p in prompts])
-        t1 = time.perf_counter()
-        pos = torch.full((batch,), n_prompt, dtype=torch.long)
-        for _ in range(n_new - 1):
-            logits = decode_step(model, cache, logits.argmax(-1), pos)
-            pos += 1
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
-
-    one(min(16, prompt_len), 4)  # warm up (and compile)
-    times = [one(prompt_len, new_tokens) for _ in range(runs)]
+    _run_ours(model, prompts, min(16, prompt_len), 4)  # warm up (and compile)
+    times = [_run_ours(model, prompts, prompt_len, new_tokens) for _ in range(runs)]
     return _result(times, batch, prompt_len, new_tokens, base, loaded)
 
 
@@ -125,22 +139,9 @@ def _time_transformers(path: str, batch: int, prompt_len: int, new_tokens: int, 
     base = _status("VmRSS")
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     loaded = _status("VmRSS")
-    prompts = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
-
-    @torch.no_grad()
-    def one(n_prompt: int, n_new: int) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        out = model(input_ids=prompts[:, :n_prompt], use_cache=True)
-        t1 = time.perf_counter()
-        pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(n_new - 1):
-            out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
-            pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
-
-    one(min(16, prompt_len), 4)
-    times = [one(prompt_len, new_tokens) for _ in range(runs)]
+    prompts = _prompts(batch, prompt_len, model.config.vocab_size)
+    _run_transformers(model, prompts, min(16, prompt_len), 4)
+    times = [_run_transformers(model, prompts, prompt_len, new_tokens) for _ in range(runs)]
     return _result(times, batch, prompt_len, new_tokens, base, loaded)
 
 
@@ -163,50 +164,25 @@ def _interleaved(spec: dict) -> dict[str, dict[str, list[float]]]:
     spec["transformers"]), all loaded in this process: per round, each in turn (reversed every other round)
     prefills the prompt and greedy-decodes `new_tokens` (timed as in the separate runs: the prefill, then
     new_tokens - 1 decode steps). -> {"prefill": {name: [per round]}, "decode": {...}}"""
-    from .cache import KVCache
     from .checkpoint import load_model
-    from .generate import decode_step, prefill
 
-    models = {name: load_model(path) for name, path in spec["paths"].items()}
-    vocab = next(iter(models.values())).config.vocab_size if models else 32000
-    prompt = _prompts(1, spec["prompt_len"], vocab)[0]
-
-    def ours(model, new_tokens: int) -> tuple[float, float]:
-        cache = KVCache(model.config, 1, len(prompt) + new_tokens, dtype=model.embed.weight.dtype)
-        t0 = time.perf_counter()
-        logits = prefill(model, cache, [prompt])
-        t1 = time.perf_counter()
-        pos = torch.full((1,), len(prompt), dtype=torch.long)
-        for _ in range(new_tokens - 1):
-            logits = decode_step(model, cache, logits.argmax(-1), pos)
-            pos += 1
-        return len(prompt) / (t1 - t0), (new_tokens - 1) / (time.perf_counter() - t1)
-
-    runners = {name: functools.partial(ours, model) for name, model in models.items()}
+    models = {name: (_run_ours, load_model(path)) for name, path in spec["paths"].items()}
     if spec.get("transformers"):
         from transformers import MixtralForCausalLM
 
         tf = MixtralForCausalLM.from_pretrained(spec["transformers"], dtype=torch.bfloat16).eval()
-
-        @torch.no_grad()
-        def theirs(new_tokens: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            out = tf(input_ids=torch.tensor([prompt]), use_cache=True)
-            t1 = time.perf_counter()
-            for _ in range(new_tokens - 1):
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = tf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-            return len(prompt) / (t1 - t0), (new_tokens - 1) / (time.perf_counter() - t1)
-
-        runners["transformers"] = theirs
-    for run in runners.values():
-        run(4)  # warm up
+        models["transformers"] = (_run_transformers, tf)
+    n_prompt, n_new = spec["prompt_len"], spec["new_tokens"]
+    prompts = _prompts(1, n_prompt, next(iter(models.values()))[1].config.vocab_size)
+    for run, model in models.values():
+        run(model, prompts, min(16, n_prompt), 4)  # warm up
     speeds: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
     for rnd in range(spec["rounds"]):
-        for name in list(runners)[:: 1 if rnd % 2 == 0 else -1]:
-            p, d = runners[name](spec["new_tokens"])
-            speeds["prefill"].setdefault(name, []).append(p)
-            speeds["decode"].setdefault(name, []).append(d)
+        for name in list(models)[:: 1 if rnd % 2 == 0 else -1]:
+            run, model = models[name]
+            p, d = run(model, prompts, n_prompt, n_new)
+            speeds["prefill"].setdefault(name, []).append(n_prompt / p)
+            speeds["decode"].setdefault(name, []).append((n_new - 1) / d)
     return speeds
 
 
