@@ -162,8 +162,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        one = x.device.type == "cpu" and x.shape[0] * x.shape[1] == 1 and type(cache) is KVCacheImpl
-        if one and int(pos_BT) >= 0:
+        if _fusable(x, pos_BT, cache):
             fused = self._decode_fused(x, pos_BT, rope, cache)
             if fused is not None:
                 return fused
@@ -183,9 +182,8 @@ class Block(nn.Module):
         """The whole block for one token in one call to the CPU kernel `decode_layer` (the same roundings as the
         code above, which stays the reference: `tests/test_cpu_kernels.py` compares the two), or None where it
         cannot run: not bf16 on a CPU, gradients on, the kernels unavailable, or modules it does not know
-        (tensor/expert parallelism's hooks, the reference MoE path, router jitter in training)."""
-        if x.dtype != torch.bfloat16 or torch.is_grad_enabled():  # (Block.forward checked: one token, CPU)
-            return None
+        (tensor/expert parallelism's hooks, the reference MoE path, router jitter in training); Block.forward
+        checked the rest (`_fusable`)."""
         ops = cpu_kernels.ops()
         args = self._fused_args() if ops is not None else None
         if args is None:
@@ -256,17 +254,26 @@ class Block(nn.Module):
 _fused_cache: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
+def _fusable(x: torch.Tensor, pos_BT: torch.Tensor, cache: KVCache | None) -> bool:
+    """Whether a step may take the fused CPU decode kernels: one bf16 token at a position >= 0, on a CPU, with
+    our KV cache, gradients off (the blocks' modules are checked by `Block._fused_args`)."""
+    one = x.device.type == "cpu" and x.shape[0] * x.shape[1] == 1 and type(cache) is KVCacheImpl
+    return one and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and int(pos_BT) >= 0
+
+
 def _stack_fused_args(per_layer: list[tuple]) -> tuple | None:
     """The blocks' `decode_layer` arguments as `decode_layers` takes them (lists over the layers), or None where
     the layers differ in what one call must share (norm eps, experts per token, int4 group size)."""
-    if len({(a[0][2], a[2][4], a[3]) for a in per_layer}) != 1:
+    # each block's: ((attn_norm, ffn_norm, eps), [wq, wk, wv, wo], (router, w1, w2, w3, top_k), group)
+    shared = {(eps, moe[4], group) for (_, _, eps), _, moe, group in per_layer}
+    if len(shared) != 1:
         return None
-    norms = [w for a in per_layer for w in a[0][:2]]
-    attn = [[t for a in per_layer for t in a[1][i]] for i in range(4)]  # wq, wk, wv, wo
-    router = [a[2][0] for a in per_layer]
-    experts = [[t for a in per_layer for t in a[2][i]] for i in (1, 2, 3)]  # w1, w2, w3
-    first = per_layer[0]
-    return norms, first[0][2], attn, (router, *experts, first[2][4]), first[3]
+    (eps, top_k, group), *_ = shared
+    norms = [w for (attn_norm, ffn_norm, _), *_ in per_layer for w in (attn_norm, ffn_norm)]
+    attn = [[t for _, mats, *_ in per_layer for t in mats[i]] for i in range(4)]  # wq, wk, wv, wo
+    router = [moe[0] for _, _, moe, _ in per_layer]
+    experts = [[t for _, _, moe, _ in per_layer for t in moe[i]] for i in (1, 2, 3)]  # w1, w2, w3
+    return norms, eps, attn, (router, *experts, top_k), group
 
 
 def _global_hooks() -> bool:
@@ -339,9 +346,7 @@ class Transformer(nn.Module):
         """Every layer for one token in one call to the CPU kernel `decode_layers` (each block's `decode_layer`,
         one after another, without coming back to Python in between), or None where any block cannot take its
         fused path or would run hooks (then each block decides for itself). -> (x, router logits [L, 1, E])."""
-        if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and type(cache) is KVCacheImpl):
-            return None
-        if torch.is_grad_enabled() or int(pos_BT) < 0 or _global_hooks():
+        if not _fusable(x, pos_BT, cache) or _global_hooks():
             return None
         ops = cpu_kernels.ops()
         if ops is None or any(type(b) is not Block or b._forward_hooks or b._forward_pre_hooks for b in self.layers):
