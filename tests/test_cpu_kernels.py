@@ -272,6 +272,27 @@ def test_int4_kernel_refuses_a_layout_it_cannot_read():
         cpu_kernels.ops().gemv_int4(qw.packed.view(torch.int8), qw.scales_zeros, x, 64)
 
 
+def _small_model(seed: int, window: int | None = None) -> tuple[ModelConfig, Transformer]:
+    """A 2-layer bf16 model for the fused decode tests (weights of std 0.05: routing is decisive)."""
+    config = ModelConfig(
+        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4,
+        max_seq_len=64, sliding_window=window,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights(std=0.05)
+    return config, model.to(torch.bfloat16).eval()
+
+
+def _decode(model: Transformer, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Logits of a 3-token prefill and `steps` decode steps, one row, concatenated."""
+    cache = KVCache(model.config, 1, 16, dtype=dtype)
+    logits = [prefill(model, cache, [[1, 5, 9]])]
+    for i in range(steps):
+        logits.append(decode_step(model, cache, torch.tensor([7 * i + 3]), torch.tensor([3 + i])))
+    return torch.cat(logits)
+
+
 @needs_kernels
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("window", [None, 8])
@@ -279,14 +300,7 @@ def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
     """`decode_layers` (every layer for one token in one kernel call) and `decode_layer` (one block per call)
     against the blocks' own code with the single-op kernels: the same roundings, so the same logits and router
     logits bit for bit (rolling cache included)."""
-    config = ModelConfig(
-        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4,
-        max_seq_len=64, sliding_window=window,
-    )  # fmt: skip
-    torch.manual_seed(7)
-    model = Transformer(config)
-    model.init_weights(std=0.05)
-    model = model.to(torch.bfloat16).eval()
+    config, model = _small_model(7, window)
     if mode != "bf16":
         quantize_model(model, mode, group_size=32)
     model.keep_router_logits = True
@@ -328,20 +342,10 @@ def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
 def test_the_fused_step_runs_hooks_on_blocks_op_by_op(monkeypatch):
     """A forward hook on a block, or one registered for every module, is not skipped by the one-call step: such a
     step runs block by block (and gives the same logits)."""
-    config = ModelConfig(
-        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4, max_seq_len=64
-    )
-    torch.manual_seed(9)
-    model = Transformer(config)
-    model.init_weights(std=0.05)
-    model = model.to(torch.bfloat16).eval()
+    _, model = _small_model(9)
 
     def steps() -> torch.Tensor:
-        cache = KVCache(config, 1, 16, dtype=torch.bfloat16)
-        logits = [prefill(model, cache, [[1, 5, 9]])]
-        for i in range(3):
-            logits.append(decode_step(model, cache, torch.tensor([7 * i + 3]), torch.tensor([3 + i])))
-        return torch.cat(logits)
+        return _decode(model, 3)
 
     fast = steps()
     seen = []
@@ -359,20 +363,10 @@ def test_the_fused_step_runs_hooks_on_blocks_op_by_op(monkeypatch):
 def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypatch):
     """`Block._fused_args` is cached: quantizing in place, a forward hook on a projection and a conversion to
     float32 after fused decoding must each be seen by the next step (decoded as their op-by-op code does)."""
-    config = ModelConfig(
-        dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4, max_seq_len=64
-    )
-    torch.manual_seed(8)
-    model = Transformer(config)
-    model.init_weights(std=0.05)
-    model = model.to(torch.bfloat16).eval()
+    _, model = _small_model(8)
 
     def steps(dtype=torch.bfloat16) -> torch.Tensor:
-        cache = KVCache(config, 1, 16, dtype=dtype)
-        logits = [prefill(model, cache, [[1, 5, 9]])]
-        for i in range(4):
-            logits.append(decode_step(model, cache, torch.tensor([7 * i + 3]), torch.tensor([3 + i])))
-        return torch.cat(logits)
+        return _decode(model, 4, dtype)
 
     def plain(dtype=torch.bfloat16) -> torch.Tensor:
         with monkeypatch.context() as m:
@@ -395,9 +389,7 @@ def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypat
     assert torch.equal(steps(), int8) and len(seen) == 5  # the prefill and 4 decode steps, op by op
     handle.remove()
 
-    model = Transformer(config)
-    model.init_weights(std=0.05)
-    model = model.to(torch.bfloat16).eval()
+    _, model = _small_model(8)
     steps()
     model.float()  # tensors converted in place: the cached bf16 arguments must not be used
     assert torch.equal(steps(torch.float32), plain(torch.float32))
