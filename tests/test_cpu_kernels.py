@@ -18,7 +18,7 @@ from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Block, Transformer, attend
-from mixtral.moe import experts_decode, experts_reference
+from mixtral.moe import FUSED_ROWS, experts_decode, experts_reference, swiglu
 from mixtral.quantize import FEW_ROWS, QuantizedWeight, aten_scales_zeros, linear, quantize_int8, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
@@ -83,6 +83,50 @@ def test_linear_uses_the_gemm_kernel_for_a_few_rows_and_agrees_with_f_linear(mon
     exact = x.float() @ W.float().T
     assert fast.shape == plain.shape == (2, 5, 384)
     assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize(("M", "D", "F"), [(2, 64, 96), (7, 96, 160), (13, 1024, 3584), (40, 64, 32)])
+def test_fused_swiglu_equals_the_expert_op_by_op(M, D, F):
+    # The same GEMM sums as `gemm` and moe.swiglu's roundings; only silu's exponential is computed differently
+    # (a polynomial within ~2 ulp of float32 instead of PyTorch's), which may move a rare bf16 rounding.
+    torch.manual_seed(5)
+    x = torch.randn(M, D, dtype=torch.bfloat16)
+    w1, w3 = (torch.randn(F, D, dtype=torch.bfloat16) / D**0.5 for _ in range(2))
+    w2 = torch.randn(D, F, dtype=torch.bfloat16) / F**0.5
+    ops = cpu_kernels.ops()
+    y = ops.swiglu(x, w1, w2, w3)
+    op_by_op = ops.gemm(torch.nn.functional.silu(ops.gemm(x, w1)) * ops.gemm(x, w3), w2)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, D)
+    assert (y != op_by_op).float().mean().item() <= 1e-3
+    torch.testing.assert_close(y, op_by_op, rtol=1e-2, atol=1e-2)
+    h = torch.nn.functional.silu(x.float() @ w1.float().T) * (x.float() @ w3.float().T)
+    exact = h @ w2.float().T
+    plain = torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(x, w1)) * torch.nn.functional.linear(x, w3), w2
+    )
+    assert _max_err(y, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+    with pytest.raises(RuntimeError, match=r"swiglu: .* need w1 and w3 \[F, D\], w2 \[D, F\]"):
+        ops.swiglu(x, w1, w1, w3)  # w1's [F, D] where w2 [D, F] belongs
+
+
+@needs_kernels
+def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
+    torch.manual_seed(6)
+    w1, w3 = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)
+    w2 = torch.randn(64, 96, dtype=torch.bfloat16)
+    calls = []
+    real = cpu_kernels.ops().swiglu
+    monkeypatch.setattr(torch.ops.mixtral_cpu, "swiglu", lambda x, *w: calls.append(x.shape[0]) or real(x, *w))
+    for rows in (1, 2, FUSED_ROWS, FUSED_ROWS + 1):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            fast = swiglu(x, w1, w2, w3)
+            with cpu_kernels.disabled():
+                plain = swiglu(x, w1, w2, w3)
+        torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+    swiglu(torch.randn(4, 64, dtype=torch.bfloat16), w1, w2, w3)  # gradients on: F.linear
+    assert calls == [2, FUSED_ROWS]
 
 
 @needs_kernels

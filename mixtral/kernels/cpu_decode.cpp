@@ -98,6 +98,19 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(lane0, sums));
 }
 
+// e^x for 16 floats, within ~2 ulp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 (ln 2 in two
+// parts, so r is exact), e^r by its Taylor polynomial of degree 6 (error < r^7 / 7! ~ 1.2e-7), 2^n applied by
+// vscalefps. x is clamped below at -104 (e^x rounds to 0 there); NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // (the second operand is returned when either is NaN)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
 // A few rows of x times a few rows of W (a GEMM of a handful of tokens: prefill of short prompts, the tokens of
 // one expert, decode at batch 2-96). y[i, j] = dot(X[i, :], W[j, :]) in float32 for MR rows of X and NR rows of W,
 // both row-major with K columns (K % 32 == 0); y has row stride ldy; `next` is the next `next_rows` rows of W, to
@@ -166,6 +179,48 @@ void gemm_bf16(const uint16_t* X, int64_t M, const uint16_t* W, int64_t N, int64
         for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, W + (n0 + j) * K, W, 0, K, y.data() + j, kTileCols);
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < cols; ++j) Y[i * N + n0 + j] = float_to_bf16(y[i * kTileCols + j]);
+    }
+  });
+}
+
+// 16 floats rounded to bf16 (to nearest, ties to even, as `float_to_bf16`; NaN stays NaN), kept as the float32
+// values they round to: the 16-bit patterns are the upper halves.
+inline __m512i round16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+
+inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
+
+// H [M, F] = silu(X W1^T) * (X W3^T) for a few rows of X [M, K] (one expert's tokens in a prefill), with
+// moe.swiglu's bf16 roundings (X W1^T, silu, X W3^T, the product), W1 and W3 [F, K], F a multiple of 16. Blocks of
+// 16 features split over the threads; each block's two products come from `gemm_cols` (the same sums as
+// `gemm_bf16`), then silu and the product for the block's 16 features of a row at once: the two [M, F] products are
+// never written out and read back, as F.silu and the multiplication would.
+void gate_up_bf16(const uint16_t* X, int64_t M, const uint16_t* W1, const uint16_t* W3, int64_t F, int64_t K,
+                  uint16_t* H) {
+  constexpr int64_t kBlock = 16;
+  parallel(0, F / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> y1(M * kBlock), y3(M * kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c = 0; c < kBlock; c += kTileCols) {  // W1's 4 rows (W3's next), then W3's (W1's next 4, if any)
+        const int64_t f = b * kBlock + c;
+        const int next_rows = f + kTileCols < F ? static_cast<int>(kTileCols) : 0;
+        gemm_cols<kTileCols>(X, M, W1 + f * K, W3 + f * K, kTileCols, K, y1.data() + c, kBlock);
+        gemm_cols<kTileCols>(X, M, W3 + f * K, W1 + (f + (next_rows ? kTileCols : 0)) * K, next_rows, K,
+                             y3.data() + c, kBlock);
+      }
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (int64_t i = 0; i < M; ++i) {
+        const __m512 g = round16(_mm512_loadu_ps(y1.data() + i * kBlock));
+        const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        const __m512 h = _mm512_mul_ps(s, round16(_mm512_loadu_ps(y3.data() + i * kBlock)));
+        const __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(h), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(H + i * F + b * kBlock), bits);
+      }
     }
   });
 }
@@ -480,19 +535,6 @@ void rms_row(const uint16_t* x, const uint16_t* w, int64_t D, float eps, uint16_
   for (int64_t i = 0; i < D; ++i) out[i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(x[i]) * inv));
 }
 
-// e^x for 16 floats, within ~2 ulp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 (ln 2 in two
-// parts, so r is exact), e^r by its Taylor polynomial of degree 6 (error < r^7 / 7! ~ 1.2e-7), 2^n applied by
-// vscalefps. x is clamped below at -104 (e^x rounds to 0 there); NaN stays NaN.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // (the second operand is returned when either is NaN)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // N query heads (q: N rows of d, one after another) that share a key/value head, over S cached keys and values
 // (rows `k_stride` and `v_stride` elements apart): scores q.k (bf16 products, float32 sums) times `scale`, softmax
 // and the weighted sum of values in float32, rounded to bf16 once; out: N rows of d. Each key and value row is read
@@ -691,6 +733,27 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& W) {
               " need x of W's columns, a multiple of 32");
   auto out = torch::empty({M, N}, x.options());
   if (M > 0) gemm_bf16(bf16_data(x), M, bf16_data(W), N, K, bf16_out(out));
+  return out;
+}
+
+// One SwiGLU expert on a few rows: w2 (silu(w1 x) * (w3 x)) for x [M, D], w1 and w3 [F, D], w2 [D, F] -> [M, D]
+// bf16, with moe.swiglu's roundings (see `gate_up_bf16`); D and F multiples of 32.
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2, const torch::Tensor& w3) {
+  check_weight(x, "x", 2);
+  check_weight(w1, "w1", 2);
+  check_weight(w2, "w2", 2);
+  check_weight(w3, "w3", 2);
+  const int64_t M = x.size(0), D = x.size(1), F = w1.size(0);
+  TORCH_CHECK(w1.sizes() == w3.sizes() && w1.size(1) == D && w2.size(0) == D && w2.size(1) == F &&
+                  D % kStep == 0 && F % kStep == 0,
+              "swiglu: x ", x.sizes(), ", w1 ", w1.sizes(), ", w2 ", w2.sizes(), " and w3 ", w3.sizes(),
+              " need w1 and w3 [F, D], w2 [D, F] for x [M, D], D and F multiples of 32");
+  auto h = torch::empty({M, F}, x.options());
+  auto out = torch::empty({M, D}, x.options());
+  if (M > 0) {
+    gate_up_bf16(bf16_data(x), M, bf16_data(w1), bf16_data(w3), F, D, bf16_out(h));
+    gemm_bf16(bf16_data(h), M, bf16_data(w2), D, F, bf16_out(out));
+  }
   return out;
 }
 
@@ -957,6 +1020,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layers(
 TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
   m.def("gemm(Tensor x, Tensor W) -> Tensor");
+  m.def("swiglu(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
@@ -982,6 +1046,7 @@ TORCH_LIBRARY(mixtral_cpu, m) {
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemm", &gemm);
+  m.impl("swiglu", &swiglu);
   m.impl("gemv_cat", &gemv_cat);
   m.impl("rms_norm", &rms_norm);
   m.impl("gemv_int8", &gemv_int8);
