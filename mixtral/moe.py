@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
-from .quantize import QuantizedWeight, dequantized, kernel_tensors, linear
+from .quantize import QuantizedView, QuantizedWeight, dequantized, kernel_tensors, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
 
@@ -48,23 +48,39 @@ def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
 def swiglu(x: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
     """One SwiGLU expert: w2( silu(w1 x) * (w3 x) ). The weights are tensors or quantized weights
     (`quantize.py`), whose kernels compute the same products. A few rows of bf16 on a CPU with the kernels
-    (an expert's tokens in a prefill) go to one fused call (`cpu_decode.cpp`'s `swiglu`): the same sums and
-    roundings, without writing out and reading back the two [rows, F] products for silu and the multiplication."""
-    if _fused_rows(x, w1_FD, w2_DF, w3_FD):
+    (an expert's tokens in a prefill) go to one fused call (`cpu_decode.cpp`'s `swiglu`, `swiglu_int8`): the same
+    sums and roundings as the op-by-op expert on bf16 or dequantized int8 weights, without writing out and reading
+    back the two [rows, F] products for silu and the multiplication (int8: reading the int8 bytes)."""
+    kind = _fused_rows(x, w1_FD, w2_DF, w3_FD)
+    if kind == "bf16":
         return cpu_kernels.ops().swiglu(x, w1_FD, w2_DF, w3_FD)
+    if kind == "int8":
+        return cpu_kernels.ops().swiglu_int8(x, *w1_FD.tensors, *w2_DF.tensors, *w3_FD.tensors)
     return linear(F.silu(linear(x, w1_FD)) * linear(x, w3_FD), w2_DF)
 
 
-def _fused_rows(x: torch.Tensor, *weights) -> bool:
-    """Whether `swiglu` can run as the kernels' fused call: 2 to FUSED_ROWS rows of bf16 without gradients on a
-    CPU with the kernels, plain contiguous bf16 weights, dims multiples of 32."""
+def _fused_rows(x: torch.Tensor, *weights) -> str | None:
+    """Which fused call `swiglu` can make ("bf16" or "int8"), or None: 2 to FUSED_ROWS rows of bf16 without
+    gradients on a CPU with the kernels, contiguous bf16 weights or int8 views with bf16 scales, dims multiples
+    of 32."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or torch.is_grad_enabled():
-        return False
+        return None
     if not 2 <= x.shape[0] <= FUSED_ROWS or not x.is_contiguous() or x.shape[1] % 32:
-        return False
-    if not all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
-        return False
-    return weights[1].shape[1] % 32 == 0 and cpu_kernels.ops() is not None
+        return None
+    if all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
+        kind = "bf16"
+    elif all(
+        isinstance(w, QuantizedView)
+        and w.mode == "int8"
+        and w.tensors[1].dtype == x.dtype
+        and all(t.is_contiguous() for t in w.tensors)
+        for w in weights
+    ):
+        kind = "int8"
+    else:
+        return None
+    w2 = weights[1].tensors[0] if kind == "int8" else weights[1]  # [D, F]
+    return kind if w2.shape[1] % 32 == 0 and cpu_kernels.ops() is not None else None
 
 
 def experts_reference(

@@ -111,6 +111,24 @@ def test_fused_swiglu_equals_the_expert_op_by_op(M, D, F):
 
 
 @needs_kernels
+@pytest.mark.parametrize(("M", "D", "F"), [(2, 64, 96), (13, 1024, 3584), (40, 96, 64)])
+def test_fused_int8_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, F):
+    # Each block of rows is dequantized as QuantizedView.dequantize does (q * scale, rounded to bf16 once), then
+    # the same tiles run: bit for bit the bf16 expert on the dequantized weights.
+    torch.manual_seed(7)
+    x = torch.randn(M, D, dtype=torch.bfloat16)
+    ws = [
+        QuantizedWeight.from_float(torch.randn(*shape, dtype=torch.bfloat16), "int8")
+        for shape in ((F, D), (D, F), (F, D))
+    ]
+    ops = cpu_kernels.ops()
+    y = ops.swiglu_int8(x, *(t for w in ws for t in (w.q, w.scale)))
+    assert torch.equal(y, ops.swiglu(x, *(w.dequantize() for w in ws)))
+    with pytest.raises(RuntimeError, match="int8 weights must be a contiguous int8 CPU tensor"):
+        ops.swiglu_int8(x, ws[0].q.float(), ws[0].scale, ws[1].q, ws[1].scale, ws[2].q, ws[2].scale)
+
+
+@needs_kernels
 def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
     torch.manual_seed(6)
     w1, w3 = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)
@@ -127,6 +145,17 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
         torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
     swiglu(torch.randn(4, 64, dtype=torch.bfloat16), w1, w2, w3)  # gradients on: F.linear
     assert calls == [2, FUSED_ROWS]
+    int8_calls = []
+    real8 = cpu_kernels.ops().swiglu_int8
+    monkeypatch.setattr(
+        torch.ops.mixtral_cpu, "swiglu_int8", lambda x, *w: int8_calls.append(x.shape[0]) or real8(x, *w)
+    )
+    q1, q2, q3 = (QuantizedWeight.from_float(w[None], "int8") for w in (w1, w2, w3))  # stacks of one expert
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = swiglu(x, q1[0], q2[0], q3[0])
+        plain = swiglu(x, q1[0].dequantize(), q2[0].dequantize(), q3[0].dequantize())
+    assert int8_calls == [5] and torch.equal(fast, plain)
 
 
 @needs_kernels

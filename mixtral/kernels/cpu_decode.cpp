@@ -165,22 +165,39 @@ void gemm_cols(const uint16_t* X, int64_t M, const uint16_t* W, const uint16_t* 
   }
 }
 
+// A GEMM's W, kTileCols rows at a time, as `gemm_cols` reads them (bf16, K contiguous). `rows(r, n, buf)`: rows
+// r .. r + n - 1; `next(r)`: where rows r on lie in bf16 to prefetch (null: the rows fetch themselves).
+struct Bf16Rows {  // a bf16 matrix as stored
+  const uint16_t* W;
+  int64_t K;
+  static constexpr bool kBuffered = false;
+  const uint16_t* rows(int64_t r, int64_t, uint16_t*) const { return W + r * K; }
+  const uint16_t* next(int64_t r) const { return W + r * K; }
+};
+
 // Y [M, N] = X [M, K] W[N, K]^T rounded to bf16 once; W's rows split over the threads in blocks of kTileCols.
-void gemm_bf16(const uint16_t* X, int64_t M, const uint16_t* W, int64_t N, int64_t K, uint16_t* Y) {
+template <class Rows>
+void gemm_rows(const uint16_t* X, int64_t M, const Rows& W, int64_t N, int64_t K, uint16_t* Y) {
   parallel(0, (N + kTileCols - 1) / kTileCols, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> y(M * kTileCols);
+    std::vector<uint16_t> buf(Rows::kBuffered ? kTileCols * K : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
-      const int next_rows = static_cast<int>(std::clamp<int64_t>(N - n0 - kTileCols, 0, kTileCols));
-      const uint16_t* next = W + (n0 + (next_rows ? kTileCols : 0)) * K;  // (in bounds: no rows when there is none)
+      const int more = static_cast<int>(std::clamp<int64_t>(N - n0 - kTileCols, 0, kTileCols));
+      const uint16_t* next = more ? W.next(n0 + kTileCols) : nullptr;
+      const uint16_t* w = W.rows(n0, cols, buf.data());
       if (cols == kTileCols)
-        gemm_cols<kTileCols>(X, M, W + n0 * K, next, next_rows, K, y.data(), kTileCols);
+        gemm_cols<kTileCols>(X, M, w, next ? next : w, next ? more : 0, K, y.data(), kTileCols);
       else
-        for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, W + (n0 + j) * K, W, 0, K, y.data() + j, kTileCols);
+        for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, w + j * K, w, 0, K, y.data() + j, kTileCols);
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < cols; ++j) Y[i * N + n0 + j] = float_to_bf16(y[i * kTileCols + j]);
     }
   });
+}
+
+void gemm_bf16(const uint16_t* X, int64_t M, const uint16_t* W, int64_t N, int64_t K, uint16_t* Y) {
+  gemm_rows(X, M, Bf16Rows{W, K}, N, K, Y);
 }
 
 // 16 floats rounded to bf16 (to nearest, ties to even, as `float_to_bf16`; NaN stays NaN), kept as the float32
@@ -198,20 +215,21 @@ inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
 // H [M, F] = silu(X W1^T) * (X W3^T) for a few rows of X [M, K] (one expert's tokens in a prefill), with
 // moe.swiglu's bf16 roundings (X W1^T, silu, X W3^T, the product), W1 and W3 [F, K], F a multiple of 16. Blocks of
 // 16 features split over the threads; each block's two products come from `gemm_cols` (the same sums as
-// `gemm_bf16`), then silu and the product for the block's 16 features of a row at once: the two [M, F] products are
+// `gemm_rows`), then silu and the product for the block's 16 features of a row at once: the two [M, F] products are
 // never written out and read back, as F.silu and the multiplication would.
-void gate_up_bf16(const uint16_t* X, int64_t M, const uint16_t* W1, const uint16_t* W3, int64_t F, int64_t K,
-                  uint16_t* H) {
+template <class Rows>
+void gate_up(const uint16_t* X, int64_t M, const Rows& W1, const Rows& W3, int64_t F, int64_t K, uint16_t* H) {
   constexpr int64_t kBlock = 16;
   parallel(0, F / kBlock, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> y1(M * kBlock), y3(M * kBlock);
+    std::vector<uint16_t> buf(Rows::kBuffered ? 2 * kTileCols * K : 0);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t c = 0; c < kBlock; c += kTileCols) {  // W1's 4 rows (W3's next), then W3's (W1's next 4, if any)
         const int64_t f = b * kBlock + c;
-        const int next_rows = f + kTileCols < F ? static_cast<int>(kTileCols) : 0;
-        gemm_cols<kTileCols>(X, M, W1 + f * K, W3 + f * K, kTileCols, K, y1.data() + c, kBlock);
-        gemm_cols<kTileCols>(X, M, W3 + f * K, W1 + (f + (next_rows ? kTileCols : 0)) * K, next_rows, K,
-                             y3.data() + c, kBlock);
+        const uint16_t *w1 = W1.rows(f, kTileCols, buf.data()), *w3 = W3.rows(f, kTileCols, buf.data() + buf.size() / 2);
+        const uint16_t *n3 = W3.next(f), *n1 = f + kTileCols < F ? W1.next(f + kTileCols) : nullptr;
+        gemm_cols<kTileCols>(X, M, w1, n3 ? n3 : w1, n3 ? static_cast<int>(kTileCols) : 0, K, y1.data() + c, kBlock);
+        gemm_cols<kTileCols>(X, M, w3, n1 ? n1 : w3, n1 ? static_cast<int>(kTileCols) : 0, K, y3.data() + c, kBlock);
       }
       const __m512 one = _mm512_set1_ps(1.0f);
       for (int64_t i = 0; i < M; ++i) {
@@ -319,6 +337,31 @@ void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* 
   for (int64_t r = r0; r < r1; ++r)
     y[r] = static_cast<float>(static_cast<double>(dot_i8(Q + r * K, x, K)) * x.step * bf16_to_float(scale[r]));
 }
+
+// Rows of an int8 matrix Q [N, K] with bf16 scales [N] (weight-only), dequantized n at a time into `buf` as
+// QuantizedView.dequantize does (q * scale rounded to bf16 once), for `gemm_rows` and `gate_up`: a prefill reads
+// the int8 bytes, half of bf16's, and multiplies with the bf16 tiles. The next rows are prefetched as it goes.
+struct Int8Rows {
+  const int8_t* Q;
+  const uint16_t* scale;
+  int64_t K;
+  static constexpr bool kBuffered = true;
+  const uint16_t* rows(int64_t r, int64_t n, uint16_t* buf) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const int8_t* q = Q + (r + i) * K;
+      const __m512 s = _mm512_set1_ps(bf16_to_float(scale[r + i]));
+      for (int64_t k = 0; k < K; k += 16) {
+        if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + n * K + k), _MM_HINT_T0);
+        const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                           reinterpret_cast<const __m128i*>(q + k)))), s);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + i * K + k),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(w), 16)));
+      }
+    }
+    return buf;
+  }
+  const uint16_t* next(int64_t) const { return nullptr; }
+};
 
 // int4 weights in PyTorch's int4pack layout (what torch._weight_int4pack_mm_for_cpu reads; `quantize.pack_int4`):
 // rows in blocks of 64, and for each block and column k, 32 bytes whose byte j holds row j (low nibble) and row
@@ -453,6 +496,13 @@ void check_int8(const torch::Tensor& q, const torch::Tensor& scale, int64_t dims
               q.scalar_type());
   check_weight(scale, "scale", dims - 1);
   TORCH_CHECK(scale.sizes() == q.sizes().slice(0, dims - 1), "scales ", scale.sizes(), " for int8 weights ", q.sizes());
+}
+
+void check_swiglu_shapes(const torch::Tensor& x, at::IntArrayRef w1, at::IntArrayRef w2, at::IntArrayRef w3) {
+  const int64_t D = x.size(1), F = w1[0];
+  TORCH_CHECK(w1 == w3 && w1[1] == D && w2[0] == D && w2[1] == F && D % kStep == 0 && F % kStep == 0, "swiglu: x ",
+              x.sizes(), ", w1 ", w1, ", w2 ", w2, " and w3 ", w3,
+              " need w1 and w3 [F, D], w2 [D, F] for x [M, D], D and F multiples of 32");
 }
 
 void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t dims, int64_t group) {
@@ -736,25 +786,46 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& W) {
   return out;
 }
 
+// One SwiGLU expert on a few rows of x [M, D] (see `gate_up`), then its down projection: [M, D] bf16.
+template <class Rows>
+torch::Tensor swiglu_rows(const torch::Tensor& x, const Rows& w1, const Rows& w2, const Rows& w3, int64_t F) {
+  const int64_t M = x.size(0), D = x.size(1);
+  auto h = torch::empty({M, F}, x.options());
+  auto out = torch::empty({M, D}, x.options());
+  if (M > 0) {
+    gate_up(bf16_data(x), M, w1, w3, F, D, bf16_out(h));
+    gemm_rows(bf16_data(h), M, w2, D, F, bf16_out(out));
+  }
+  return out;
+}
+
 // One SwiGLU expert on a few rows: w2 (silu(w1 x) * (w3 x)) for x [M, D], w1 and w3 [F, D], w2 [D, F] -> [M, D]
-// bf16, with moe.swiglu's roundings (see `gate_up_bf16`); D and F multiples of 32.
+// bf16, with moe.swiglu's roundings (see `gate_up`); D and F multiples of 32.
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2, const torch::Tensor& w3) {
   check_weight(x, "x", 2);
   check_weight(w1, "w1", 2);
   check_weight(w2, "w2", 2);
   check_weight(w3, "w3", 2);
-  const int64_t M = x.size(0), D = x.size(1), F = w1.size(0);
-  TORCH_CHECK(w1.sizes() == w3.sizes() && w1.size(1) == D && w2.size(0) == D && w2.size(1) == F &&
-                  D % kStep == 0 && F % kStep == 0,
-              "swiglu: x ", x.sizes(), ", w1 ", w1.sizes(), ", w2 ", w2.sizes(), " and w3 ", w3.sizes(),
-              " need w1 and w3 [F, D], w2 [D, F] for x [M, D], D and F multiples of 32");
-  auto h = torch::empty({M, F}, x.options());
-  auto out = torch::empty({M, D}, x.options());
-  if (M > 0) {
-    gate_up_bf16(bf16_data(x), M, bf16_data(w1), bf16_data(w3), F, D, bf16_out(h));
-    gemm_bf16(bf16_data(h), M, bf16_data(w2), D, F, bf16_out(out));
-  }
-  return out;
+  check_swiglu_shapes(x, w1.sizes(), w2.sizes(), w3.sizes());
+  const int64_t D = x.size(1), F = w1.size(0);
+  return swiglu_rows(x, Bf16Rows{bf16_data(w1), D}, Bf16Rows{bf16_data(w2), F}, Bf16Rows{bf16_data(w3), D}, F);
+}
+
+// The same with int8 weights (q [F, D] / [D, F] int8, scales [F] / [D] bf16): the expert
+// QuantizedView.dequantize's weights would give, reading the int8 bytes (see `Int8Rows`).
+torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const torch::Tensor& s1,
+                          const torch::Tensor& q2, const torch::Tensor& s2, const torch::Tensor& q3,
+                          const torch::Tensor& s3) {
+  check_weight(x, "x", 2);
+  check_int8(q1, s1, 2);
+  check_int8(q2, s2, 2);
+  check_int8(q3, s3, 2);
+  check_swiglu_shapes(x, q1.sizes(), q2.sizes(), q3.sizes());
+  const int64_t D = x.size(1), F = q1.size(0);
+  auto rows = [](const torch::Tensor& q, const torch::Tensor& s, int64_t K) {
+    return Int8Rows{q.data_ptr<int8_t>(), bf16_data(s), K};
+  };
+  return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
 }
 
 // int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
@@ -1021,6 +1092,7 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
   m.def("gemm(Tensor x, Tensor W) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
+  m.def("swiglu_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3) -> Tensor");
   m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
@@ -1047,6 +1119,7 @@ TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemm", &gemm);
   m.impl("swiglu", &swiglu);
+  m.impl("swiglu_int8", &swiglu_int8);
   m.impl("gemv_cat", &gemv_cat);
   m.impl("rms_norm", &rms_norm);
   m.impl("gemv_int8", &gemv_int8);
