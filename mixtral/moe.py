@@ -56,31 +56,33 @@ def swiglu(x: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
         return cpu_kernels.ops().swiglu(x, w1_FD, w2_DF, w3_FD)
     if kind == "int8":
         return cpu_kernels.ops().swiglu_int8(x, *w1_FD.tensors, *w2_DF.tensors, *w3_FD.tensors)
+    if kind == "int4":
+        return cpu_kernels.ops().swiglu_int4(x, *w1_FD.tensors, *w2_DF.tensors, *w3_FD.tensors, w1_FD.group_size)
     return linear(F.silu(linear(x, w1_FD)) * linear(x, w3_FD), w2_DF)
 
 
 def _fused_rows(x: torch.Tensor, *weights) -> str | None:
-    """Which fused call `swiglu` can make ("bf16" or "int8"), or None: 2 to FUSED_ROWS rows of bf16 without
-    gradients on a CPU with the kernels, contiguous bf16 weights or int8 views with bf16 scales, dims multiples
-    of 32."""
+    """Which fused call `swiglu` can make ("bf16", "int8" or "int4"), or None: 2 to FUSED_ROWS rows of bf16 without
+    gradients on a CPU with the kernels; contiguous bf16 weights, or int8 / int4 views (one group size) with bf16
+    scales; dims multiples of 32 (int4: of 64 and of the group size)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or torch.is_grad_enabled():
         return None
-    if not 2 <= x.shape[0] <= FUSED_ROWS or not x.is_contiguous() or x.shape[1] % 32:
+    if not 2 <= x.shape[0] <= FUSED_ROWS or not x.is_contiguous() or cpu_kernels.ops() is None:
         return None
+    D = x.shape[1]
     if all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
-        kind = "bf16"
-    elif all(
-        isinstance(w, QuantizedView)
-        and w.mode == "int8"
-        and w.tensors[1].dtype == x.dtype
-        and all(t.is_contiguous() for t in w.tensors)
-        for w in weights
-    ):
-        kind = "int8"
-    else:
+        F_ = weights[1].shape[1]
+        return "bf16" if D % 32 == 0 and F_ % 32 == 0 else None
+    views = [w for w in weights if isinstance(w, QuantizedView) and all(t.is_contiguous() for t in w.tensors)]
+    if len(views) != 3 or len({(w.mode, w.group_size, w.tensors[1].dtype) for w in views}) != 1:
         return None
-    w2 = weights[1].tensors[0] if kind == "int8" else weights[1]  # [D, F]
-    return kind if w2.shape[1] % 32 == 0 and cpu_kernels.ops() is not None else None
+    if views[0].tensors[1].dtype != x.dtype:
+        return None
+    F_ = weights[0].tensors[0].shape[0]
+    if views[0].mode == "int8":
+        return "int8" if D % 32 == 0 and F_ % 32 == 0 else None
+    group = views[0].group_size
+    return "int4" if all(n % 64 == 0 and n % group == 0 for n in (D, F_)) and group % 16 == 0 else None
 
 
 def experts_reference(

@@ -129,6 +129,30 @@ def test_fused_int8_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    ("M", "D", "F", "group"), [(2, 64, 128, 64), (7, 128, 192, 32), (13, 1024, 3584, 64), (40, 256, 128, 128)]
+)
+def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, F, group):
+    # Each 64-row block dequantized as QuantizedView.dequantize does, then bf16 products summed in float32 in
+    # another order (outer products): equal up to that order's rounding, no further from exact float32.
+    torch.manual_seed(8)
+    x = torch.randn(M, D, dtype=torch.bfloat16)
+    shapes = ((F, D), (D, F), (F, D))
+    ws = [QuantizedWeight.from_float(torch.randn(*shape, dtype=torch.bfloat16), "int4", group) for shape in shapes]
+    dq = [w.dequantize() for w in ws]
+    ops = cpu_kernels.ops()
+    y = ops.swiglu_int4(x, *(t for w in ws for t in (w.packed, w.scales_zeros)), group)
+    bf16 = ops.swiglu(x, *dq)
+    h = torch.nn.functional.silu(x.float() @ dq[0].float().T) * (x.float() @ dq[2].float().T)
+    exact = h @ dq[1].float().T
+    assert (y != bf16).float().mean().item() <= 0.02
+    torch.testing.assert_close(y, bf16, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+    assert _max_err(y, exact) <= 1.5 * _max_err(bf16, exact) + 1e-3
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.swiglu_int4(x, *(t for w in ws for t in (w.packed, w.scales_zeros)), group // 2 + 1)
+
+
+@needs_kernels
 def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
     torch.manual_seed(6)
     w1, w3 = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)
@@ -156,6 +180,19 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
         fast = swiglu(x, q1[0], q2[0], q3[0])
         plain = swiglu(x, q1[0].dequantize(), q2[0].dequantize(), q3[0].dequantize())
     assert int8_calls == [5] and torch.equal(fast, plain)
+    int4_calls = []
+    real4 = cpu_kernels.ops().swiglu_int4
+    monkeypatch.setattr(
+        torch.ops.mixtral_cpu, "swiglu_int4", lambda x, *w: int4_calls.append(x.shape[0]) or real4(x, *w)
+    )
+    w1, w3 = torch.randn(128, 64, dtype=torch.bfloat16), torch.randn(128, 64, dtype=torch.bfloat16)
+    w2 = torch.randn(64, 128, dtype=torch.bfloat16)
+    q1, q2, q3 = (QuantizedWeight.from_float(w[None], "int4", 32) for w in (w1, w2, w3))
+    with torch.no_grad():
+        fast = swiglu(x, q1[0], q2[0], q3[0])
+        plain = swiglu(x, q1[0].dequantize(), q2[0].dequantize(), q3[0].dequantize())
+    assert int4_calls == [5]
+    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
 
 
 @needs_kernels

@@ -113,6 +113,10 @@ def _build() -> None:
     def _(x: torch.Tensor, q1, s1, q2: torch.Tensor, s2, q3, s3) -> torch.Tensor:
         return x.new_empty((x.shape[0], q2.shape[0]))
 
+    @torch.library.register_fake("mixtral_cpu::swiglu_int4")
+    def _(x: torch.Tensor, p1, sz1, p2: torch.Tensor, sz2, p3, sz3, group: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], p2.shape[0]))
+
     @torch.library.register_fake("mixtral_cpu::gemv_cat")
     def _(Ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(sum(W.shape[0] for W in Ws))

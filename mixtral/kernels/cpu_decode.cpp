@@ -212,6 +212,15 @@ inline __m512i round16_bits(__m512 v) {
 
 inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
 
+// h[0..16) = silu(a) * b for 16 float32 products a and b, with moe.swiglu's bf16 roundings (a, silu, b, the
+// product), as bf16.
+inline void silu_mul16(const float* a, const float* b, uint16_t* h) {
+  const __m512 g = round16(_mm512_loadu_ps(a));
+  const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+  const __m512 p = _mm512_mul_ps(s, round16(_mm512_loadu_ps(b)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(p), 16)));
+}
+
 // H [M, F] = silu(X W1^T) * (X W3^T) for a few rows of X [M, K] (one expert's tokens in a prefill), with
 // moe.swiglu's bf16 roundings (X W1^T, silu, X W3^T, the product), W1 and W3 [F, K], F a multiple of 16. Blocks of
 // 16 features split over the threads; each block's two products come from `gemm_cols` (the same sums as
@@ -231,14 +240,7 @@ void gate_up(const uint16_t* X, int64_t M, const Rows& W1, const Rows& W3, int64
         gemm_cols<kTileCols>(X, M, w1, n3 ? n3 : w1, n3 ? static_cast<int>(kTileCols) : 0, K, y1.data() + c, kBlock);
         gemm_cols<kTileCols>(X, M, w3, n1 ? n1 : w3, n1 ? static_cast<int>(kTileCols) : 0, K, y3.data() + c, kBlock);
       }
-      const __m512 one = _mm512_set1_ps(1.0f);
-      for (int64_t i = 0; i < M; ++i) {
-        const __m512 g = round16(_mm512_loadu_ps(y1.data() + i * kBlock));
-        const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-        const __m512 h = _mm512_mul_ps(s, round16(_mm512_loadu_ps(y3.data() + i * kBlock)));
-        const __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(h), 16));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(H + i * F + b * kBlock), bits);
-      }
+      for (int64_t i = 0; i < M; ++i) silu_mul16(y1.data() + i * kBlock, y3.data() + i * kBlock, H + i * F + b * kBlock);
     }
   });
 }
@@ -430,6 +432,121 @@ void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const fl
     }
   }
   for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + b * kInt4Rows + 16 * v, out[v]);
+}
+
+// int4 products of a few rows (an expert's tokens in a prefill). Block b of 64 rows is dequantized once into a
+// bf16 buffer of column pairs, buf[k / 2][64][2] (QuantizedView.dequantize's values: (q - 8) * scale + zero in
+// float32, rounded to bf16 once), which then serves every 6 rows of X: each `vdpbf16ps` multiplies a broadcast pair
+// of x by a pair of columns of 16 rows (an outer product: no sums to reduce across lanes at the end). The dequant
+// work, ~90 instructions per 256 weights, is shared by all of X's rows.
+void dequant_block_i4(const uint8_t* P, const uint16_t* sz, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
+  static const GatherIndex index;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  const uint8_t* p = P + b * K * (kInt4Rows / 2);
+  uint32_t* out = reinterpret_cast<uint32_t*>(buf);
+  for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
+    __m512 scale[4], zero[4];
+    for (int v = 0; v < 4; ++v) {
+      const __m512i pair = _mm512_loadu_si512(sz + ((b * (K / group) + g) * kInt4Rows + 16 * v) * 2);
+      scale[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      zero[v] = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
+    }
+    for (int64_t k = g0; k < g0 + group; k += 4) {
+      const __m512i A = _mm512_loadu_si512(p + k * 32), B = _mm512_loadu_si512(p + k * 32 + 64);
+      const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
+      const __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};
+      for (int v = 0; v < 4; ++v) {  // q[v]: byte 4i + c = row 16 v + i, column k + c
+        __m512i bits[4];
+        for (int c = 0; c < 4; ++c) {
+          const __m512 d = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(q[v], 8 * c), byte)), eight);
+          bits[c] = round16_bits(_mm512_fmadd_ps(d, scale[v], zero[v]));  // (d * scale is exact: one rounding)
+        }
+        for (int c = 0; c < 4; c += 2)  // columns k + c, k + c + 1 of 16 rows: a bf16 pair per row
+          _mm512_storeu_si512(out + ((k + c) / 2 * kInt4Rows + 16 * v),
+                              _mm512_or_si512(_mm512_srli_epi32(bits[c], 16), bits[c + 1]));
+      }
+    }
+  }
+}
+
+// y[i][r] = dot(X[i, :], block row r) in float32 for MR rows of X [., K] and the 64 rows of a dequantized block.
+template <int MR>
+void pair_tile(const uint16_t* X, int64_t K, const uint16_t* buf, float* y) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(buf);
+  for (int64_t k = 0; k < K; k += 2, w += kInt4Rows) {
+    __m512bh wv[4];
+    for (int v = 0; v < 4; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + 16 * v);
+    for (int i = 0; i < MR; ++i) {
+      int32_t xp;
+      std::memcpy(&xp, X + i * K + k, 4);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], wv[v], xb);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + i * kInt4Rows + 16 * v, acc[i][v]);
+}
+
+// y [M, 64] for all M rows of X and one dequantized block.
+void pair_rows(const uint16_t* X, int64_t M, int64_t K, const uint16_t* buf, float* y) {
+  int64_t i = 0;
+  for (; i + kTileRows <= M; i += kTileRows) pair_tile<kTileRows>(X + i * K, K, buf, y + i * kInt4Rows);
+  const uint16_t* x = X + i * K;
+  float* yi = y + i * kInt4Rows;
+  switch (M - i) {
+    case 5: pair_tile<5>(x, K, buf, yi); break;
+    case 4: pair_tile<4>(x, K, buf, yi); break;
+    case 3: pair_tile<3>(x, K, buf, yi); break;
+    case 2: pair_tile<2>(x, K, buf, yi); break;
+    case 1: pair_tile<1>(x, K, buf, yi); break;
+    default: break;
+  }
+}
+
+// An int4 matrix for the prefill kernels: packed int4pack bytes and block-major scales and zeros.
+struct Int4Matrix {
+  const uint8_t* P;
+  const uint16_t* sz;
+  int64_t N, K, group;
+};
+
+// Y [M, N] = X W^T rounded to bf16 once, W int4; the 64-row blocks split over the threads.
+void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
+  parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint16_t> buf(kInt4Rows * W.K);
+    std::vector<float> y(M * kInt4Rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      dequant_block_i4(W.P, W.sz, W.K, W.group, b, buf.data());
+      pair_rows(X, M, W.K, buf.data(), y.data());
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t r = 0; r < kInt4Rows; ++r) Y[i * W.N + b * kInt4Rows + r] = float_to_bf16(y[i * kInt4Rows + r]);
+    }
+  });
+}
+
+// H = silu(X W1^T) * (X W3^T) with W1, W3 int4 (as `gate_up`), 64 features at a time.
+void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Matrix& W3, uint16_t* H) {
+  const int64_t F = W1.N;
+  parallel(0, F / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint16_t> buf(kInt4Rows * W1.K);
+    std::vector<float> y1(M * kInt4Rows), y3(M * kInt4Rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      dequant_block_i4(W1.P, W1.sz, W1.K, W1.group, b, buf.data());
+      pair_rows(X, M, W1.K, buf.data(), y1.data());
+      dequant_block_i4(W3.P, W3.sz, W3.K, W3.group, b, buf.data());
+      pair_rows(X, M, W3.K, buf.data(), y3.data());
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t c = 0; c < kInt4Rows; c += 16)
+          silu_mul16(y1.data() + i * kInt4Rows + c, y3.data() + i * kInt4Rows + c, H + i * F + b * kInt4Rows + c);
+    }
+  });
 }
 
 // A matrix-vector product's weights: bf16 [N, K]; int8 [N, K] with bf16 scales [N]; or int4 as above.
@@ -828,6 +945,30 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
   return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
 }
 
+// The same with int4 weights (int4pack bytes and block-major scales and zeros, see `dequant_block_i4`): the
+// expert QuantizedView.dequantize's weights would give, up to the order of the float32 sums.
+torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& p1, const torch::Tensor& sz1,
+                          const torch::Tensor& p2, const torch::Tensor& sz2, const torch::Tensor& p3,
+                          const torch::Tensor& sz3, int64_t group) {
+  check_weight(x, "x", 2);
+  check_int4(p1, sz1, 2, group);
+  check_int4(p2, sz2, 2, group);
+  check_int4(p3, sz3, 2, group);
+  auto shape = [](const torch::Tensor& p) { return std::vector<int64_t>{p.size(0), 2 * p.size(1)}; };
+  check_swiglu_shapes(x, shape(p1), shape(p2), shape(p3));
+  const int64_t M = x.size(0), D = x.size(1), F = p1.size(0);
+  auto matrix = [group](const torch::Tensor& p, const torch::Tensor& sz) {
+    return Int4Matrix{p.data_ptr<uint8_t>(), bf16_data(sz), p.size(0), 2 * p.size(1), group};
+  };
+  auto h = torch::empty({M, F}, x.options());
+  auto out = torch::empty({M, D}, x.options());
+  if (M > 0) {
+    gate_up_i4(bf16_data(x), M, matrix(p1, sz1), matrix(p3, sz3), bf16_out(h));
+    gemm_i4(bf16_data(h), M, matrix(p2, sz2), bf16_out(out));
+  }
+  return out;
+}
+
 // int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
 // (with x in 15-bit fixed point, see `Fixed`; rounded once).
 torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
@@ -1093,6 +1234,9 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemm(Tensor x, Tensor W) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("swiglu_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3) -> Tensor");
+  m.def(
+      "swiglu_int4(Tensor x, Tensor p1, Tensor sz1, Tensor p2, Tensor sz2, Tensor p3, Tensor sz3, int group) -> "
+      "Tensor");
   m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
@@ -1120,6 +1264,7 @@ TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemm", &gemm);
   m.impl("swiglu", &swiglu);
   m.impl("swiglu_int8", &swiglu_int8);
+  m.impl("swiglu_int4", &swiglu_int4);
   m.impl("gemv_cat", &gemv_cat);
   m.impl("rms_norm", &rms_norm);
   m.impl("gemv_int8", &gemv_int8);
