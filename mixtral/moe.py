@@ -24,14 +24,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
-from .quantize import QuantizedView, QuantizedWeight, dequantized, kernel_tensors, linear
+from .quantize import FUSED_ROWS, QuantizedView, QuantizedWeight, dequantized, kernel_tensors, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
-
-# Up to this many rows an expert runs as the CPU kernels' fused call (`swiglu`), beyond as F.linear (oneDNN), silu
-# and the product. One expert of the 791M benchmark model ([3584, 1024] matrices), weights from memory, per call:
-# 1.03-1.07x the unfused path at 4-96 rows, 1.01-1.05x at 112-160, 0.99x at 192 (2-core Zen 4).
-FUSED_ROWS = 160
 
 
 def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,20 +171,26 @@ class QuantizedView:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != b.dtype:
             x2 = x2.to(b.dtype)
-        if self.mode == "int8" and (x2.shape[0] >= DEQUANT_ROWS or x2.shape[1] % 16):
+        rows = x2.shape[0]
+        if 0 < rows <= FUSED_ROWS and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
+            # Our AVX-512 kernels, for the same function: one row (integer dot products) reads int8 ~1.6x and
+            # int4 ~4x faster than ATen's kernels; a few rows (a prefill) multiply bf16 tiles of the dequantized
+            # weights, dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
+            ops = cpu_kernels.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
+            fits = x2.shape[1] % 32 == 0 if self.mode == "int8" else a.shape[0] % 64 == 0
+            if ops is not None and fits and a.is_contiguous() and b.is_contiguous():
+                x2 = x2.contiguous()
+                if rows == 1:
+                    x1 = x2.reshape(-1)
+                    y = ops.gemv_int8(a, b, x1) if self.mode == "int8" else ops.gemv_int4(a, b, x1, self.group_size)
+                else:
+                    y = ops.gemm_int8(x2, a, b) if self.mode == "int8" else ops.gemm_int4(x2, a, b, self.group_size)
+                return y.view(*x.shape[:-1], -1).to(x.dtype)
+        if self.mode == "int8" and (rows >= DEQUANT_ROWS or x2.shape[1] % 16):
             # Many rows (a prefill) are compute-bound: the int8 kernel multiplies at about a third of the
             # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
-            # Not for int4: unpacking nibbles costs more than the int4 kernel's own slowness.
             # torch._weight_int8pack_mm (2.13) also gives wrong sums when K is not a multiple of 16.
             return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
-        if x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
-            # One row: our AVX-512 kernels (integer dot products) read int8 ~1.6x and int4 ~4x faster than
-            # ATen's, for the same function.
-            ops = cpu_kernels.ops()
-            if ops is not None and a.is_contiguous() and b.is_contiguous():
-                x1 = x2.reshape(-1).contiguous()
-                y = ops.gemv_int8(a, b, x1) if self.mode == "int8" else ops.gemv_int4(a, b, x1, self.group_size)
-                return y.view(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.contiguous(), a, b)
         else:
@@ -253,6 +259,12 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -
 # benchmark's prefill of 128 tokens gains 5-15% (limits of 48 / 96 / 128 rows: medians 1.06 / 1.11-1.15 / 1.05x).
 # With the weights already in the cache oneDNN is faster from ~64 rows; beyond 96 it is the path.
 FEW_ROWS = 96
+
+# Up to this many rows a matmul with quantized weights, and a bf16 or quantized expert (`moe.swiglu`), run as our
+# kernels' fused calls; beyond, F.linear (oneDNN) and ATen's int8/int4 kernels. One expert of the 791M benchmark
+# model ([3584, 1024] matrices), bf16 weights from memory: 1.03-1.07x the unfused path at 4-96 rows, 1.01-1.05x at
+# 112-160, 0.99x at 192 (2-core Zen 4).
+FUSED_ROWS = 160
 
 
 def gemv_cat(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:

@@ -153,6 +153,32 @@ def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
 
 
 @needs_kernels
+@pytest.mark.parametrize(("M", "N", "K"), [(2, 64, 128), (13, 1024, 3584), (128, 192, 256)])
+def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N, K, monkeypatch):
+    torch.manual_seed(9)
+    x, W = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(N, K, dtype=torch.bfloat16)
+    ops = cpu_kernels.ops()
+    q8, q4 = QuantizedWeight.from_float(W, "int8"), QuantizedWeight.from_float(W, "int4", 64)
+    y8 = ops.gemm_int8(x, q8.q, q8.scale)
+    assert torch.equal(y8, ops.gemm(x, q8.dequantize()))  # the int8 rows dequantized, then the same tiles
+    y4, ref4 = ops.gemm_int4(x, q4.packed, q4.scales_zeros, 64), ops.gemm(x, q4.dequantize())
+    exact4 = x.float() @ q4.dequantize().float().T
+    torch.testing.assert_close(y4, ref4, rtol=2e-2, atol=2e-2 * exact4.abs().max().item())
+    assert _max_err(y4, exact4) <= 1.5 * _max_err(ref4, exact4) + 1e-3
+    # QuantizedWeight's matmul takes them for 2 to FUSED_ROWS rows without gradients
+    calls = []
+    for name in ("gemm_int8", "gemm_int4"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(
+            torch.ops.mixtral_cpu, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    with torch.no_grad():
+        assert torch.equal(q8(x), y8) and torch.equal(q4(x), y4)
+        q8(torch.randn(FUSED_ROWS + 1, K, dtype=torch.bfloat16))
+    assert calls == ["gemm_int8", "gemm_int4"]
+
+
+@needs_kernels
 def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
     torch.manual_seed(6)
     w1, w3 = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)

@@ -117,6 +117,14 @@ def _build() -> None:
     def _(x: torch.Tensor, p1, sz1, p2: torch.Tensor, sz2, p3, sz3, group: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], p2.shape[0]))
 
+    @torch.library.register_fake("mixtral_cpu::gemm_int8")
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], q.shape[0]))
+
+    @torch.library.register_fake("mixtral_cpu::gemm_int4")
+    def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], packed.shape[0]))
+
     @torch.library.register_fake("mixtral_cpu::gemv_cat")
     def _(Ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(sum(W.shape[0] for W in Ws))

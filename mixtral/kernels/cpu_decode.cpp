@@ -969,6 +969,30 @@ torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& p1, const
   return out;
 }
 
+// x [M, K] @ W^T -> [M, N] bf16 for a few rows, W int8 [N, K] with bf16 scales [N]: the product with the weight
+// QuantizedView.dequantize gives (bit for bit `gemm` on it), reading the int8 bytes (see `Int8Rows`).
+torch::Tensor gemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  check_weight(x, "x", 2);
+  check_int8(q, scale, 2);
+  const int64_t M = x.size(0), N = q.size(0), K = q.size(1);
+  TORCH_CHECK(x.size(1) == K && K % kStep == 0, "gemm_int8: x ", x.sizes(), " and weights ", q.sizes(),
+              " need x of the weights' columns, a multiple of 32");
+  auto out = torch::empty({M, N}, x.options());
+  if (M > 0) gemm_rows(bf16_data(x), M, Int8Rows{q.data_ptr<int8_t>(), bf16_data(scale), K}, N, K, bf16_out(out));
+  return out;
+}
+
+// The same for int4 weights (see `dequant_block_i4`), up to the order of the float32 sums.
+torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz, int64_t group) {
+  check_weight(x, "x", 2);
+  check_int4(packed, sz, 2, group);
+  const int64_t M = x.size(0), N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(x.size(1) == K, "gemm_int4: x ", x.sizes(), " and weights of ", K, " columns");
+  auto out = torch::empty({M, N}, x.options());
+  if (M > 0) gemm_i4(bf16_data(x), M, Int4Matrix{packed.data_ptr<uint8_t>(), bf16_data(sz), N, K, group}, bf16_out(out));
+  return out;
+}
+
 // int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
 // (with x in 15-bit fixed point, see `Fixed`; rounded once).
 torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
@@ -1232,6 +1256,8 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layers(
 TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
   m.def("gemm(Tensor x, Tensor W) -> Tensor");
+  m.def("gemm_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("gemm_int4(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("swiglu_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3) -> Tensor");
   m.def(
@@ -1262,6 +1288,8 @@ TORCH_LIBRARY(mixtral_cpu, m) {
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemm", &gemm);
+  m.impl("gemm_int8", &gemm_int8);
+  m.impl("gemm_int4", &gemm_int4);
   m.impl("swiglu", &swiglu);
   m.impl("swiglu_int8", &swiglu_int8);
   m.impl("swiglu_int4", &swiglu_int4);
