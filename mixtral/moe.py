@@ -43,9 +43,10 @@ def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
 def swiglu(x: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
     """One SwiGLU expert: w2( silu(w1 x) * (w3 x) ). The weights are tensors or quantized weights
     (`quantize.py`), whose kernels compute the same products. A few rows of bf16 on a CPU with the kernels
-    (an expert's tokens in a prefill) go to one fused call (`cpu_decode.cpp`'s `swiglu`, `swiglu_int8`): the same
-    sums and roundings as the op-by-op expert on bf16 or dequantized int8 weights, without writing out and reading
-    back the two [rows, F] products for silu and the multiplication (int8: reading the int8 bytes)."""
+    (an expert's tokens in a prefill) go to one fused call (`cpu_decode.cpp`'s `swiglu`, `swiglu_int8`,
+    `swiglu_int4`): the op-by-op expert on bf16 or dequantized weights (int8: the same sums and roundings; int4:
+    the sums in another order), without writing out and reading back the two [rows, F] products for silu and
+    the multiplication, and reading the quantized bytes."""
     kind = _fused_rows(x, w1_FD, w2_DF, w3_FD)
     if kind == "bf16":
         return cpu_kernels.ops().swiglu(x, w1_FD, w2_DF, w3_FD)

@@ -7,7 +7,9 @@
 // sequential stream with `vdpbf16ps` (bf16 pairs multiplied and added into float32).
 //
 // What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
-// oneDNN is slow); int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_block_i4`);
+// oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 and int4
+// weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`);
+// int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_block_i4`);
 // one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
 // has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
@@ -216,7 +218,8 @@ inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
 // product), as bf16.
 inline void silu_mul16(const float* a, const float* b, uint16_t* h) {
   const __m512 g = round16(_mm512_loadu_ps(a));
-  const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
   const __m512 p = _mm512_mul_ps(s, round16(_mm512_loadu_ps(b)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(p), 16)));
 }
@@ -235,12 +238,14 @@ void gate_up(const uint16_t* X, int64_t M, const Rows& W1, const Rows& W3, int64
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t c = 0; c < kBlock; c += kTileCols) {  // W1's 4 rows (W3's next), then W3's (W1's next 4, if any)
         const int64_t f = b * kBlock + c;
-        const uint16_t *w1 = W1.rows(f, kTileCols, buf.data()), *w3 = W3.rows(f, kTileCols, buf.data() + buf.size() / 2);
+        const uint16_t* w1 = W1.rows(f, kTileCols, buf.data());
+        const uint16_t* w3 = W3.rows(f, kTileCols, buf.data() + buf.size() / 2);
         const uint16_t *n3 = W3.next(f), *n1 = f + kTileCols < F ? W1.next(f + kTileCols) : nullptr;
         gemm_cols<kTileCols>(X, M, w1, n3 ? n3 : w1, n3 ? static_cast<int>(kTileCols) : 0, K, y1.data() + c, kBlock);
         gemm_cols<kTileCols>(X, M, w3, n1 ? n1 : w3, n1 ? static_cast<int>(kTileCols) : 0, K, y3.data() + c, kBlock);
       }
-      for (int64_t i = 0; i < M; ++i) silu_mul16(y1.data() + i * kBlock, y3.data() + i * kBlock, H + i * F + b * kBlock);
+      for (int64_t i = 0; i < M; ++i)
+        silu_mul16(y1.data() + i * kBlock, y3.data() + i * kBlock, H + i * F + b * kBlock);
     }
   });
 }
@@ -462,7 +467,8 @@ void dequant_block_i4(const uint8_t* P, const uint16_t* sz, int64_t K, int64_t g
       for (int v = 0; v < 4; ++v) {  // q[v]: byte 4i + c = row 16 v + i, column k + c
         __m512i bits[4];
         for (int c = 0; c < 4; ++c) {
-          const __m512 d = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(q[v], 8 * c), byte)), eight);
+          const __m512i qc = _mm512_and_si512(_mm512_srli_epi32(q[v], 8 * c), byte);
+          const __m512 d = _mm512_sub_ps(_mm512_cvtepi32_ps(qc), eight);
           bits[c] = round16_bits(_mm512_fmadd_ps(d, scale[v], zero[v]));  // (d * scale is exact: one rounding)
         }
         for (int c = 0; c < 4; c += 2)  // columns k + c, k + c + 1 of 16 rows: a bf16 pair per row
@@ -918,7 +924,8 @@ torch::Tensor swiglu_rows(const torch::Tensor& x, const Rows& w1, const Rows& w2
 
 // One SwiGLU expert on a few rows: w2 (silu(w1 x) * (w3 x)) for x [M, D], w1 and w3 [F, D], w2 [D, F] -> [M, D]
 // bf16, with moe.swiglu's roundings (see `gate_up`); D and F multiples of 32.
-torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2, const torch::Tensor& w3) {
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
+                     const torch::Tensor& w3) {
   check_weight(x, "x", 2);
   check_weight(w1, "w1", 2);
   check_weight(w2, "w2", 2);
@@ -989,7 +996,8 @@ torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& packed, con
   const int64_t M = x.size(0), N = packed.size(0), K = 2 * packed.size(1);
   TORCH_CHECK(x.size(1) == K, "gemm_int4: x ", x.sizes(), " and weights of ", K, " columns");
   auto out = torch::empty({M, N}, x.options());
-  if (M > 0) gemm_i4(bf16_data(x), M, Int4Matrix{packed.data_ptr<uint8_t>(), bf16_data(sz), N, K, group}, bf16_out(out));
+  const Int4Matrix W{packed.data_ptr<uint8_t>(), bf16_data(sz), N, K, group};
+  if (M > 0) gemm_i4(bf16_data(x), M, W, bf16_out(out));
   return out;
 }
 
