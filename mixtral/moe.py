@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
-from .quantize import FUSED_ROWS, QuantizedView, QuantizedWeight, dequantized, kernel_tensors, linear
+from .quantize import FUSED_MIN_ROWS, FUSED_ROWS, QuantizedView, QuantizedWeight, dequantized, kernel_tensors, linear
 
 MOE_IMPLS = ("grouped", "reference", "triton")
 
@@ -58,9 +58,9 @@ def swiglu(x: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
 
 
 def _fused_rows(x: torch.Tensor, *weights) -> str | None:
-    """Which fused call `swiglu` can make ("bf16", "int8" or "int4"), or None: 2 to FUSED_ROWS rows of bf16 without
-    gradients on a CPU with the kernels; contiguous bf16 weights, or int8 / int4 views (one group size) with bf16
-    scales; dims multiples of 32 (int4: of 64 and of the group size)."""
+    """Which fused call `swiglu` can make ("bf16", "int8" or "int4"), or None: 2 (quantized: FUSED_MIN_ROWS) to
+    FUSED_ROWS rows of bf16 without gradients on a CPU with the kernels; contiguous bf16 weights, or int8 / int4
+    views (one group size) with bf16 scales; dims multiples of 32 (int4: of 64 and of the group size)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or torch.is_grad_enabled():
         return None
     if not 2 <= x.shape[0] <= FUSED_ROWS or not x.is_contiguous() or cpu_kernels.ops() is None:
@@ -73,6 +73,8 @@ def _fused_rows(x: torch.Tensor, *weights) -> str | None:
     if len(views) != 3 or len({(w.mode, w.group_size, w.tensors[1].dtype) for w in views}) != 1:
         return None
     if views[0].tensors[1].dtype != x.dtype:
+        return None
+    if x.shape[0] < FUSED_MIN_ROWS[views[0].mode]:
         return None
     F_ = weights[0].tensors[0].shape[0]
     if views[0].mode == "int8":

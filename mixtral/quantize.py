@@ -174,8 +174,8 @@ class QuantizedView:
         rows = x2.shape[0]
         if 0 < rows <= FUSED_ROWS and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
             # Our AVX-512 kernels, for the same function: one row (integer dot products) reads int8 ~1.6x and
-            # int4 ~4x faster than ATen's kernels; a few rows (a prefill) multiply bf16 tiles of the dequantized
-            # weights, dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
+            # int4 ~4x faster than ATen's kernels; FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16
+            # tiles of the weights dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
             ops = cpu_kernels.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
             fits = x2.shape[1] % 32 == 0 if self.mode == "int8" else a.shape[0] % 64 == 0
             if ops is not None and fits and a.is_contiguous() and b.is_contiguous():
@@ -183,9 +183,10 @@ class QuantizedView:
                 if rows == 1:
                     x1 = x2.reshape(-1)
                     y = ops.gemv_int8(a, b, x1) if self.mode == "int8" else ops.gemv_int4(a, b, x1, self.group_size)
-                else:
+                    return y.view(*x.shape[:-1], -1).to(x.dtype)
+                if rows >= FUSED_MIN_ROWS[self.mode]:
                     y = ops.gemm_int8(x2, a, b) if self.mode == "int8" else ops.gemm_int4(x2, a, b, self.group_size)
-                return y.view(*x.shape[:-1], -1).to(x.dtype)
+                    return y.view(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8" and (rows >= DEQUANT_ROWS or x2.shape[1] % 16):
             # Many rows (a prefill) are compute-bound: the int8 kernel multiplies at about a third of the
             # speed of the bf16 GEMM (AMX), so the weight is dequantized (one cheap pass) for this call.
@@ -265,6 +266,10 @@ FEW_ROWS = 96
 # model ([3584, 1024] matrices), bf16 weights from memory: 1.03-1.07x the unfused path at 4-96 rows, 1.01-1.05x at
 # 112-160, 0.99x at 192 (2-core Zen 4).
 FUSED_ROWS = 160
+# ... and from this many rows on for quantized weights: below, ATen's kernels are faster than dequantizing blocks.
+# A [3584, 1024] matrix, our time / ATen's at 2, 4, 8 and 16 rows: int4 2.3, 1.9, 1.15, 0.77 (vs
+# _weight_int4pack_mm_for_cpu); int8 1.34, 1.07, 0.64, 0.53 (vs _weight_int8pack_mm).
+FUSED_MIN_ROWS = {"int8": 6, "int4": 12}
 
 
 def gemv_cat(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:

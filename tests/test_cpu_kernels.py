@@ -18,7 +18,7 @@ from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Block, Transformer, attend
-from mixtral.moe import FUSED_ROWS, experts_decode, experts_reference, swiglu
+from mixtral.moe import FUSED_MIN_ROWS, FUSED_ROWS, experts_decode, experts_reference, swiglu
 from mixtral.quantize import FEW_ROWS, QuantizedWeight, aten_scales_zeros, linear, quantize_int8, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
@@ -165,7 +165,7 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
     exact4 = x.float() @ q4.dequantize().float().T
     torch.testing.assert_close(y4, ref4, rtol=2e-2, atol=2e-2 * exact4.abs().max().item())
     assert _max_err(y4, exact4) <= 1.5 * _max_err(ref4, exact4) + 1e-3
-    # QuantizedWeight's matmul takes them for 2 to FUSED_ROWS rows without gradients
+    # QuantizedWeight's matmul takes them for FUSED_MIN_ROWS to FUSED_ROWS rows without gradients
     calls = []
     for name in ("gemm_int8", "gemm_int4"):
         real = getattr(ops, name)
@@ -173,8 +173,11 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
             torch.ops.mixtral_cpu, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
         )
     with torch.no_grad():
-        assert torch.equal(q8(x), y8) and torch.equal(q4(x), y4)
-        q8(torch.randn(FUSED_ROWS + 1, K, dtype=torch.bfloat16))
+        for rows in (2, FUSED_MIN_ROWS["int4"], FUSED_ROWS + 1):
+            xr = torch.randn(rows, K, dtype=torch.bfloat16)
+            y8, y4 = q8(xr), q4(xr)
+            torch.testing.assert_close(y8, ops.gemm(xr, q8.dequantize()), rtol=2e-2, atol=2e-2 * y8.abs().max().item())
+            torch.testing.assert_close(y4, ops.gemm(xr, q4.dequantize()), rtol=2e-2, atol=2e-2 * y4.abs().max().item())
     assert calls == ["gemm_int8", "gemm_int4"]
 
 
@@ -201,11 +204,12 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
         torch.ops.mixtral_cpu, "swiglu_int8", lambda x, *w: int8_calls.append(x.shape[0]) or real8(x, *w)
     )
     q1, q2, q3 = (QuantizedWeight.from_float(w[None], "int8") for w in (w1, w2, w3))  # stacks of one expert
-    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    x = torch.randn(FUSED_MIN_ROWS["int4"], 64, dtype=torch.bfloat16)
     with torch.no_grad():
         fast = swiglu(x, q1[0], q2[0], q3[0])
         plain = swiglu(x, q1[0].dequantize(), q2[0].dequantize(), q3[0].dequantize())
-    assert int8_calls == [5] and torch.equal(fast, plain)
+        swiglu(x[: FUSED_MIN_ROWS["int8"] - 1], q1[0], q2[0], q3[0])  # fewer rows: ATen's int8 kernel
+    assert int8_calls == [len(x)] and torch.equal(fast, plain)
     int4_calls = []
     real4 = cpu_kernels.ops().swiglu_int4
     monkeypatch.setattr(
@@ -217,7 +221,8 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
     with torch.no_grad():
         fast = swiglu(x, q1[0], q2[0], q3[0])
         plain = swiglu(x, q1[0].dequantize(), q2[0].dequantize(), q3[0].dequantize())
-    assert int4_calls == [5]
+        swiglu(x[:-1], q1[0], q2[0], q3[0])  # fewer rows: ATen's int4 kernel
+    assert int4_calls == [len(x)]
     torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
 
 
