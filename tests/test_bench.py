@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+from conftest import make_hf_model
+
 
 def test_bench_runs_rounds_and_writes_medians(tmp_path):
     out = tmp_path / "bench.json"
@@ -52,23 +54,11 @@ def test_interleaved_ratios_are_medians_of_per_round_ratios():
 def test_transformers_prefill_computes_the_last_positions_logits_only_as_its_generate_does():
     # A fair peer: transformers' generate passes logits_to_keep=1, and our prefill computes the LM head for the
     # last position only; the timed prefill must not make the peer compute 128 rows of logits it would not.
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     from mixtral.bench import _run_transformers
 
-    cfg = MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    model = MixtralForCausalLM(cfg).eval()
+    model = make_hf_model()
     shapes = []
     real = model.forward
     model.forward = lambda *a, **kw: shapes.append((kw.get("input_ids").shape[1], out := real(*a, **kw))) or out
     _run_transformers(model, [[1, 5, 6, 7, 8]], 5, 3)
-    assert [(n, tuple(o.logits.shape)) for n, o in shapes] == [(5, (1, 1, 64)), (1, (1, 1, 64)), (1, (1, 1, 64))]
+    assert [(n, tuple(o.logits.shape)) for n, o in shapes] == [(5, (1, 1, 320)), (1, (1, 1, 320)), (1, (1, 1, 320))]
