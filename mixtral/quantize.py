@@ -177,14 +177,14 @@ class QuantizedView:
             # int4 ~4x faster than ATen's kernels; FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16
             # tiles of the weights dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
             ops = cpu_kernels.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
-            fits = x2.shape[1] % 32 == 0 if self.mode == "int8" else a.shape[0] % 64 == 0
-            if ops is not None and fits and a.is_contiguous() and b.is_contiguous():
+            if ops is not None and a.is_contiguous() and b.is_contiguous():
                 x2 = x2.contiguous()
-                if rows == 1:
+                if rows == 1 and not (self.mode == "int8" and x2.shape[1] % 16):  # (any K: see below for % 16)
                     x1 = x2.reshape(-1)
                     y = ops.gemv_int8(a, b, x1) if self.mode == "int8" else ops.gemv_int4(a, b, x1, self.group_size)
                     return y.view(*x.shape[:-1], -1).to(x.dtype)
-                if rows >= FUSED_MIN_ROWS[self.mode]:
+                fits = x2.shape[1] % 32 == 0 if self.mode == "int8" else a.shape[0] % 64 == 0
+                if rows >= FUSED_MIN_ROWS[self.mode] and fits:
                     y = ops.gemm_int8(x2, a, b) if self.mode == "int8" else ops.gemm_int4(x2, a, b, self.group_size)
                     return y.view(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8" and (rows >= DEQUANT_ROWS or x2.shape[1] % 16):

@@ -909,17 +909,27 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& W) {
   return out;
 }
 
-// One SwiGLU expert on a few rows of x [M, D] (see `gate_up`), then its down projection: [M, D] bf16.
-template <class Rows>
-torch::Tensor swiglu_rows(const torch::Tensor& x, const Rows& w1, const Rows& w2, const Rows& w3, int64_t F) {
-  const int64_t M = x.size(0), D = x.size(1);
+// One SwiGLU expert on a few rows of x [M, D]: up(x, M, h) writes h [M, F] = silu(w1 x) * (w3 x), then
+// down(h, M, out) its down projection; -> [M, D] bf16.
+template <class Up, class Down>
+torch::Tensor swiglu_rows(const torch::Tensor& x, int64_t F, const Up& up, const Down& down) {
+  const int64_t M = x.size(0);
   auto h = torch::empty({M, F}, x.options());
-  auto out = torch::empty({M, D}, x.options());
+  auto out = torch::empty({M, x.size(1)}, x.options());
   if (M > 0) {
-    gate_up(bf16_data(x), M, w1, w3, F, D, bf16_out(h));
-    gemm_rows(bf16_data(h), M, w2, D, F, bf16_out(out));
+    up(bf16_data(x), M, bf16_out(h));
+    down(bf16_data(h), M, bf16_out(out));
   }
   return out;
+}
+
+// The same with W's rows as `gemm_rows` and `gate_up` read them (bf16 as stored, int8 dequantized).
+template <class Rows>
+torch::Tensor swiglu_rows(const torch::Tensor& x, const Rows& w1, const Rows& w2, const Rows& w3, int64_t F) {
+  const int64_t D = x.size(1);
+  return swiglu_rows(
+      x, F, [&](const uint16_t* X, int64_t M, uint16_t* H) { gate_up(X, M, w1, w3, F, D, H); },
+      [&](const uint16_t* H, int64_t M, uint16_t* Y) { gemm_rows(H, M, w2, D, F, Y); });
 }
 
 // One SwiGLU expert on a few rows: w2 (silu(w1 x) * (w3 x)) for x [M, D], w1 and w3 [F, D], w2 [D, F] -> [M, D]
@@ -963,17 +973,13 @@ torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& p1, const
   check_int4(p3, sz3, 2, group);
   auto shape = [](const torch::Tensor& p) { return std::vector<int64_t>{p.size(0), 2 * p.size(1)}; };
   check_swiglu_shapes(x, shape(p1), shape(p2), shape(p3));
-  const int64_t M = x.size(0), D = x.size(1), F = p1.size(0);
   auto matrix = [group](const torch::Tensor& p, const torch::Tensor& sz) {
     return Int4Matrix{p.data_ptr<uint8_t>(), bf16_data(sz), p.size(0), 2 * p.size(1), group};
   };
-  auto h = torch::empty({M, F}, x.options());
-  auto out = torch::empty({M, D}, x.options());
-  if (M > 0) {
-    gate_up_i4(bf16_data(x), M, matrix(p1, sz1), matrix(p3, sz3), bf16_out(h));
-    gemm_i4(bf16_data(h), M, matrix(p2, sz2), bf16_out(out));
-  }
-  return out;
+  const Int4Matrix w1 = matrix(p1, sz1), w2 = matrix(p2, sz2), w3 = matrix(p3, sz3);
+  return swiglu_rows(
+      x, w1.N, [&](const uint16_t* X, int64_t M, uint16_t* H) { gate_up_i4(X, M, w1, w3, H); },
+      [&](const uint16_t* H, int64_t M, uint16_t* Y) { gemm_i4(H, M, w2, Y); });
 }
 
 // x [M, K] @ W^T -> [M, N] bf16 for a few rows, W int8 [N, K] with bf16 scales [N]: the product with the weight
