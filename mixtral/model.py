@@ -120,9 +120,15 @@ class Attention(nn.Module):
         pos_BT: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]; with `rows` (long [N, 2] of (row, index) pairs, `Transformer.forward`'s
+        `logits_at`) every token's keys and values still go to the cache, but only those N tokens' outputs are
+        computed: [1, N, D]."""
         B, T, _ = x_BTD.shape
         H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if rows is not None:
+            return self._some_rows(x_BTD, pos_BT, rope, cache, rows)
         qkv = self._qkv_one_row(x_BTD) if B * T == 1 else None
         if qkv is not None:  # one token: q, k and v from one kernel call, rotary embedding applied once
             qk = apply_rope(qkv[: (H + G) * d].view(1, H + G, 1, d), *rope)
@@ -138,6 +144,38 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer, k, v, pos_BT)
         out = attend(q, k, v, mask)
         return _proj(self.wo, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _some_rows(
+        self,
+        x_BTD: torch.Tensor,
+        pos_BT: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` with `rows`: keys and values of all tokens, queries and outputs of the chosen ones, each
+        chosen token attending as a batch row of its own (one query: the CPU decode attention kernel)."""
+        B, T, _ = x_BTD.shape
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        k = _proj(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2)
+        v = _proj(self.wv, x_BTD).view(B, T, G, d).transpose(1, 2)
+        k = apply_rope(k, *rope)
+        if cache is None:
+            mask = attention_mask(pos_BT, pos_BT, self.window)
+        else:
+            k, v, mask = cache.update(self.layer, k, v, pos_BT)
+        N = rows.shape[0]
+        if N == 0:
+            return x_BTD.new_empty((1, 0, x_BTD.shape[-1]))
+        b, t = rows[:, 0], rows[:, 1]
+        q = _proj(self.wq, x_BTD[b, t][None]).view(N, 1, H, d).transpose(1, 2)  # [N, H, 1, d]
+        q = apply_rope(q, *(r[b, t][:, None] for r in rope))
+        if B == 1:  # every chosen token reads row 0's keys: a view, not N copies
+            k, v = k.expand(N, -1, -1, -1), v.expand(N, -1, -1, -1)
+        else:
+            k, v = k.index_select(0, b), v.index_select(0, b)
+        out = attend(q, k, v, mask[b, :, t][:, :, None])  # mask [B, 1, T, S] -> [N, 1, 1, S]
+        return _proj(self.wo, out.transpose(1, 2).reshape(1, N, H * d))
 
     def _qkv_one_row(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """[q; k; v] of a single token from one CPU kernel call, or None (then one projection each)."""
@@ -161,18 +199,27 @@ class Block(nn.Module):
         pos_BT: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if _fusable(x, pos_BT, cache):
+        """-> (x [B, T, D], router logits [B * T, E]); with `rows` (see `Attention.forward`) the chosen tokens'
+        alone: ([1, N, D], [N, E])."""
+        if rows is None and _fusable(x, pos_BT, cache):
             fused = self._decode_fused(x, pos_BT, rope, cache)
             if fused is not None:
                 return fused
-        return self.ops(x, pos_BT, rope, cache)
+        return self.ops(x, pos_BT, rope, cache, rows)
 
     def ops(
-        self, x: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        pos_BT: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block op by op (what `generate.compile_model` compiles): attention and MoE with residuals."""
-        h = x + self.attn(self.attn_norm(x), pos_BT, rope, cache)
+        attn_out = self.attn(self.attn_norm(x), pos_BT, rope, cache, rows)
+        h = x + attn_out if rows is None else x[rows[:, 0], rows[:, 1]][None] + attn_out
         moe_out, router_logits = self.moe(self.ffn_norm(h))
         return h + moe_out, router_logits
 
@@ -397,10 +444,17 @@ class Transformer(nn.Module):
             if self.keep_router_logits:
                 self.router_logits = list(router_LBE.unbind(0))
         else:
-            for layer in self.layers:
-                x, router_logits = layer(x, pos_BT, rope, cache)
+            # Past the last layer only the `logits_at` tokens are used: that layer computes their outputs alone
+            # (every token's keys and values still go to the cache), ~1/L of a prefill's expert work saved.
+            # Not when router logits are kept: those are wanted for every token.
+            rows = logits_at if logits_at is not None and not self.keep_router_logits else None
+            for i, layer in enumerate(self.layers):
+                last = rows if i == len(self.layers) - 1 else None
+                x, router_logits = layer(x, pos_BT, rope, cache, last)
                 if self.keep_router_logits:
                     self.router_logits.append(router_logits)
+            if rows is not None:
+                logits_at, x = None, x[0]  # [N, D]: already the chosen tokens
         if logits_at is not None:
             if logits_at.shape[0] == 0:
                 return x.new_empty((0, self.config.vocab_size))

@@ -56,6 +56,43 @@ def test_chunked_prefill_equals_one_shot(window, chunk):
 
 
 @pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_at_runs_the_last_layer_on_the_chosen_tokens_alone(window, dtype):
+    model = tiny_model(window).to(dtype)
+    tokens = random_tokens(VOCAB, batch=3, seq=11)
+    at = torch.tensor([[0, 10], [2, 4], [2, 7], [1, 0]])  # rows in any order, two tokens of one row
+    seen = []  # tokens each layer's MoE was given
+    for layer in model.layers:
+        layer.moe.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+        )
+    with torch.no_grad():
+        full = model(tokens).float()
+        seen.clear()
+        some = model(tokens, logits_at=at).float()
+        assert seen == [33] * (len(model.layers) - 1) + [4]
+        seen.clear()
+        model.keep_router_logits = True  # then every token's router logits are wanted: the last layer runs all
+        kept = model(tokens, logits_at=at).float()
+        assert seen == [33] * len(model.layers) and [r.shape[0] for r in model.router_logits] == seen
+    for got in (some, kept):
+        assert (got - full[at[:, 0], at[:, 1]]).abs().max().item() <= 1e-5 * full.abs().max().item()
+
+
+def test_logits_at_none_still_fills_the_cache():
+    """A prefill chunk in which no prompt ends asks for no logits; its last layer's keys and values are stored."""
+    model = tiny_model()
+    tokens = random_tokens(VOCAB, batch=1, seq=9)
+    with torch.no_grad():
+        cache = KVCache(model.config, 1, 16, dtype=torch.float32)
+        none = model(tokens[:, :5], cache=cache, logits_at=torch.zeros((0, 2), dtype=torch.long))
+        step = model(tokens[:, 5:], positions=torch.arange(5, 9), cache=cache)
+        full = model(tokens)
+    assert none.shape == (0, VOCAB)
+    assert (step - full[:, 5:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("window", [None, 8])
 def test_batched_greedy_equals_one_by_one(window):
     model = tiny_model(window)
     g = torch.Generator().manual_seed(3)
