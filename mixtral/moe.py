@@ -118,17 +118,28 @@ def grouped_by_expert(
     token_of = order // K  # the token each sorted pair came from
     counts = torch.bincount(flat_idx, minlength=n_experts).tolist()  # slice bounds are needed on the host
     xs = x_TD[token_of]
-    ys = torch.empty_like(xs)
-    start = 0
+    ys, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            ys[start : start + n] = expert(e, xs[start : start + n])
+            ys.append(expert(e, xs[start : start + n]))
             start += n
-    # Scale and accumulate in float32: the k contributions of a token are summed once, then rounded.
-    ys = ys.float() * weights_TK.reshape(-1)[order, None]
-    out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
-    out_TD.index_add_(0, token_of, ys)
-    return out_TD.to(x_TD.dtype)
+    if not ys:  # no tokens
+        return x_TD.new_zeros(x_TD.shape)
+    return combine(ys, weights_TK.reshape(-1)[order], token_of, T)
+
+
+def combine(ys: list[torch.Tensor], weights_P: torch.Tensor, token_of_P: torch.Tensor, T: int) -> torch.Tensor:
+    """The experts' outputs (one after another: the pairs sorted by expert) scaled by their router weights and summed
+    per token -> [T, D]: in float32, each token's k contributions added in pair order from 0, rounded once. On a CPU
+    with the kernels (bf16, no gradients) one call (`cpu_decode.cpp`'s `combine`, the same products and sums in the
+    same order) in place of the four ops below and their float32 buffers."""
+    ops = cpu_kernels.ops() if not torch.is_grad_enabled() else None
+    if ops is not None and ys[0].device.type == "cpu" and all(y.dtype == torch.bfloat16 for y in ys):
+        return ops.combine([y.contiguous() for y in ys], weights_P.float().contiguous(), token_of_P.contiguous(), T)
+    y_PD = torch.cat(ys).float() * weights_P[:, None]
+    out_TD = torch.zeros((T, y_PD.shape[1]), dtype=torch.float32, device=y_PD.device)
+    out_TD.index_add_(0, token_of_P, y_PD)
+    return out_TD.to(ys[0].dtype)
 
 
 def experts_grouped(

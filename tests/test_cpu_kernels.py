@@ -18,7 +18,7 @@ from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Block, Transformer, attend
-from mixtral.moe import FUSED_MIN_ROWS, FUSED_ROWS, experts_decode, experts_reference, swiglu
+from mixtral.moe import FUSED_MIN_ROWS, FUSED_ROWS, experts_decode, experts_reference, grouped_by_expert, swiglu
 from mixtral.quantize import FEW_ROWS, QuantizedWeight, aten_scales_zeros, linear, quantize_int8, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
@@ -39,6 +39,34 @@ def test_gemv_is_as_close_to_float32_as_torch_mv(shape):
     # Rounded once to bf16 from a float32 sum: within half a bf16 step (2^-8 relative) plus summation-order noise.
     assert (y.float() - exact).abs().le(exact.abs() * 2**-8 + 1e-4 * shape[1] ** 0.5).all()
     assert _max_err(y, exact) <= 1.5 * _max_err(torch.mv(W, x), exact) + 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize(("T", "K", "D"), [(128, 2, 1024), (7, 3, 72), (1, 2, 64), (50, 4, 100)])
+def test_combine_equals_the_pytorch_sum_bit_for_bit(T, K, D, monkeypatch):
+    """The grouped MoE's last step: each token's k weighted expert outputs summed in float32 in pair order and
+    rounded once, in one kernel call; the same as the float32 ops (k > 2 makes the order of the sums matter)."""
+    torch.manual_seed(T)
+    E = 8
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    weights = torch.softmax(torch.randn(T, K), dim=-1)
+    x = torch.randn(T, D, dtype=torch.bfloat16)
+    scales = torch.randn(E, D)
+
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:  # a stand-in expert: distinct per expert, bf16 out
+        return (h.float() * scales[e]).to(torch.bfloat16)
+
+    calls = []
+    real = cpu_kernels.ops().combine
+    monkeypatch.setattr(torch.ops.mixtral_cpu, "combine", lambda *a: calls.append(len(a[0])) or real(*a))
+    with torch.no_grad():
+        fast = grouped_by_expert(x, weights, idx, E, expert)
+        with cpu_kernels.disabled():
+            plain = grouped_by_expert(x, weights, idx, E, expert)
+    assert calls == [len(set(idx.flatten().tolist()))]  # one call, given each used expert's output
+    assert fast.dtype == torch.bfloat16 and torch.equal(fast, plain)
+    with pytest.raises(RuntimeError, match="names token"):
+        real([torch.zeros(2, D, dtype=torch.bfloat16)], torch.ones(2), torch.tensor([0, T]), T)
 
 
 @needs_kernels

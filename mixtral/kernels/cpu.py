@@ -129,6 +129,10 @@ def _build() -> None:
     def _(Ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(sum(W.shape[0] for W in Ws))
 
+    @torch.library.register_fake("mixtral_cpu::combine")
+    def _(ys: list[torch.Tensor], weights: torch.Tensor, token_of: torch.Tensor, T: int) -> torch.Tensor:
+        return ys[0].new_empty((T, ys[0].shape[-1]))
+
     @torch.library.register_fake("mixtral_cpu::rms_norm")
     def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.empty_like(x)
