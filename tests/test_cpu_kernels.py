@@ -13,7 +13,8 @@ import torch
 
 import mixtral
 from mixtral import cli
-from mixtral.cache import KVCache
+from mixtral import model as model_module
+from mixtral.cache import KVCache, attention_mask
 from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
@@ -323,6 +324,37 @@ def test_decode_attention_equals_sdpa(B, H, G, S, d, peak):
     assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
     with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
         cpu_kernels.ops().decode_attention(q, k, v, mask.float(), 0.125)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("H", "G", "T", "prefix", "window"), [(16, 4, 128, 0, None), (6, 2, 37, 20, 16), (4, 4, 5, 0, None)]
+)
+def test_a_short_prompts_attention_runs_row_by_row_and_equals_sdpa(H, G, T, prefix, window, monkeypatch):
+    """A prompt of one sequence (bf16, T x S within ROW_ATTENTION_MAX) attends through the one-row kernel, each query
+    row a batch row of its own over the same keys; causal, after cached positions, and with a sliding window."""
+    torch.manual_seed(T)
+    d, S = 64, prefix + T
+    q = torch.randn(1, H, T, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, G, S + 3, d, dtype=torch.bfloat16)[:, :, :S] for _ in range(2))  # strided, as cached
+    mask = attention_mask(torch.arange(prefix, S)[None], torch.arange(S)[None], window)
+    calls = []
+    real = cpu_kernels.ops().decode_attention
+    monkeypatch.setattr(torch.ops.mixtral_cpu, "decode_attention", lambda q, *a: calls.append(q.shape) or real(q, *a))
+    with torch.no_grad():
+        fast = attend(q, k, v, mask)
+        with cpu_kernels.disabled():
+            plain = attend(q, k, v, mask)
+        monkeypatch.setattr(model_module, "ROW_ATTENTION_MAX", T * S - 1)
+        attend(q, k, v, mask)  # one position more than the limit: flash attention
+    assert calls == [(T, H, 1, d)]
+    rep = H // G
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask
+    )
+    assert fast.dtype == torch.bfloat16 and fast.shape == (1, H, T, d)
+    assert ((fast.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
 
 
 def test_turned_off_by_the_environment_falls_back_to_torch_mv():
