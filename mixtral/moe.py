@@ -59,22 +59,22 @@ def swiglu(x: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
 
 def _fused_rows(x: torch.Tensor, *weights) -> str | None:
     """Which fused call `swiglu` can make ("bf16", "int8" or "int4"), or None: 2 (quantized: FUSED_MIN_ROWS) to
-    FUSED_ROWS rows of bf16 without gradients on a CPU with the kernels; contiguous bf16 weights, or int8 / int4
-    views (one group size) with bf16 scales; dims multiples of 32 (int4: of 64 and of the group size)."""
+    FUSED_ROWS rows (per format) of bf16 without gradients on a CPU with the kernels; contiguous bf16 weights, or
+    int8 / int4 views (one group size) with bf16 scales; dims multiples of 32 (int4: of 64 and of the group size)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or torch.is_grad_enabled():
         return None
-    if not 2 <= x.shape[0] <= FUSED_ROWS or not x.is_contiguous() or cpu_kernels.ops() is None:
+    if x.shape[0] < 2 or not x.is_contiguous() or cpu_kernels.ops() is None:
         return None
     D = x.shape[1]
     if all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
         F_ = weights[1].shape[1]
-        return "bf16" if D % 32 == 0 and F_ % 32 == 0 else None
+        return "bf16" if D % 32 == 0 and F_ % 32 == 0 and x.shape[0] <= FUSED_ROWS["bf16"] else None
     views = [w for w in weights if isinstance(w, QuantizedView) and all(t.is_contiguous() for t in w.tensors)]
     if len(views) != 3 or len({(w.mode, w.group_size, w.tensors[1].dtype) for w in views}) != 1:
         return None
     if views[0].tensors[1].dtype != x.dtype:
         return None
-    if x.shape[0] < FUSED_MIN_ROWS[views[0].mode]:
+    if not FUSED_MIN_ROWS[views[0].mode] <= x.shape[0] <= FUSED_ROWS[views[0].mode]:
         return None
     F_ = weights[0].tensors[0].shape[0]
     if views[0].mode == "int8":

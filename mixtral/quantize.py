@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -172,7 +173,7 @@ class QuantizedView:
         if x2.dtype != b.dtype:
             x2 = x2.to(b.dtype)
         rows = x2.shape[0]
-        if 0 < rows <= FUSED_ROWS and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
+        if 0 < rows <= FUSED_ROWS[self.mode] and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
             # Our AVX-512 kernels, for the same function: one row (integer dot products) reads int8 ~1.6x and
             # int4 ~4x faster than ATen's kernels; FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16
             # tiles of the weights dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
@@ -261,11 +262,13 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedView | QuantizedWeight) -
 # With the weights already in the cache oneDNN is faster from ~64 rows; beyond 96 it is the path.
 FEW_ROWS = 96
 
-# Up to this many rows a matmul with quantized weights, and a bf16 or quantized expert (`moe.swiglu`), run as our
-# kernels' fused calls; beyond, F.linear (oneDNN) and ATen's int8/int4 kernels. One expert of the 791M benchmark
-# model ([3584, 1024] matrices), bf16 weights from memory: 1.03-1.07x the unfused path at 4-96 rows, 1.01-1.05x at
-# 112-160, 0.99x at 192 (2-core Zen 4).
-FUSED_ROWS = 160
+# Up to this many rows a bf16 or quantized expert (`moe.swiglu`), and a matmul with quantized weights, run as our
+# kernels' fused calls; beyond, F.linear (oneDNN; int8 on its weights dequantized per call) and ATen's int4 kernel.
+# One expert of the 791M benchmark model ([3584, 1024] matrices, weights from memory, 2-core Zen 4), against the
+# unfused path: bf16 1.03-1.07x at 4-96 rows, 1.01-1.05x at 112-160, 0.99x at 192; int8 1.05-1.19x at 160-512 rows,
+# 0.85x at 1024 and 0.74x at 2048; int4 2.5-2.9x at 256-2048 rows (ATen's int4 GEMM converts every weight to
+# float32), so no limit.
+FUSED_ROWS = {"bf16": 160, "int8": 512, "int4": sys.maxsize}
 # ... and from this many rows on for quantized weights: below, ATen's kernels are faster than dequantizing blocks.
 # A [3584, 1024] matrix, our time / ATen's at 2, 4, 8 and 16 rows: int4 2.3, 1.9, 1.15, 0.77 (vs
 # _weight_int4pack_mm_for_cpu); int8 1.34, 1.07, 0.64, 0.53 (vs _weight_int8pack_mm).

@@ -202,12 +202,12 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
             torch.ops.mixtral_cpu, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
         )
     with torch.no_grad():
-        for rows in (2, FUSED_MIN_ROWS["int4"], FUSED_ROWS + 1):
+        for rows in (2, FUSED_MIN_ROWS["int4"], FUSED_ROWS["int8"] + 1):  # int8 beyond: dequantized, oneDNN
             xr = torch.randn(rows, K, dtype=torch.bfloat16)
             y8, y4 = q8(xr), q4(xr)
             torch.testing.assert_close(y8, ops.gemm(xr, q8.dequantize()), rtol=2e-2, atol=2e-2 * y8.abs().max().item())
             torch.testing.assert_close(y4, ops.gemm(xr, q4.dequantize()), rtol=2e-2, atol=2e-2 * y4.abs().max().item())
-    assert calls == ["gemm_int8", "gemm_int4"]
+    assert calls == ["gemm_int8", "gemm_int4", "gemm_int4"]  # int4 has no upper limit
 
 
 @needs_kernels
@@ -218,7 +218,7 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
     calls = []
     real = cpu_kernels.ops().swiglu
     monkeypatch.setattr(torch.ops.mixtral_cpu, "swiglu", lambda x, *w: calls.append(x.shape[0]) or real(x, *w))
-    for rows in (1, 2, FUSED_ROWS, FUSED_ROWS + 1):
+    for rows in (1, 2, FUSED_ROWS["bf16"], FUSED_ROWS["bf16"] + 1):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         with torch.no_grad():
             fast = swiglu(x, w1, w2, w3)
@@ -226,7 +226,7 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
                 plain = swiglu(x, w1, w2, w3)
         torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
     swiglu(torch.randn(4, 64, dtype=torch.bfloat16), w1, w2, w3)  # gradients on: F.linear
-    assert calls == [2, FUSED_ROWS]
+    assert calls == [2, FUSED_ROWS["bf16"]]
     int8_calls = []
     real8 = cpu_kernels.ops().swiglu_int8
     monkeypatch.setattr(
