@@ -85,7 +85,9 @@ def test_rms_norm_kernel_agrees_with_the_pytorch_path(shape):
             plain = norm(x)
     assert fast.dtype == torch.bfloat16 and fast.shape == x.shape
     assert (fast != plain).float().mean().item() <= 0.01
-    assert ((fast.float() - plain.float()).abs() <= plain.float().abs() * 2**-7).all()
+    # where the normalised value sits on a rounding boundary it moves by one bf16 step, then the product rounds again
+    two_steps = torch.maximum(fast.float().abs(), plain.float().abs()) * 2**-6
+    assert ((fast.float() - plain.float()).abs() <= two_steps).all()
 
 
 @needs_kernels
