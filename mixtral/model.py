@@ -140,54 +140,45 @@ class Attention(nn.Module):
         computed: [1, N, D]."""
         B, T, _ = x_BTD.shape
         H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
-        if rows is not None:
-            return self._some_rows(x_BTD, pos_BT, rope, cache, rows)
-        qkv = self._qkv_one_row(x_BTD) if B * T == 1 else None
+        qkv = self._qkv_one_row(x_BTD) if B * T == 1 and rows is None else None
         if qkv is not None:  # one token: q, k and v from one kernel call, rotary embedding applied once
             qk = apply_rope(qkv[: (H + G) * d].view(1, H + G, 1, d), *rope)
             q, k, v = qk[:, :H], qk[:, H:], qkv[(H + G) * d :].view(1, G, 1, d)
         else:
-            q = _proj(self.wq, x_BTD).view(B, T, H, d).transpose(1, 2)
-            k = _proj(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2)
+            k = apply_rope(_proj(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2), *rope)
             v = _proj(self.wv, x_BTD).view(B, T, G, d).transpose(1, 2)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = None if rows is not None else apply_rope(_proj(self.wq, x_BTD).view(B, T, H, d).transpose(1, 2), *rope)
         if cache is None:
             mask = attention_mask(pos_BT, pos_BT, self.window)
         else:
             k, v, mask = cache.update(self.layer, k, v, pos_BT)
+        if rows is not None:
+            return self._chosen_rows(x_BTD, rope, k, v, mask, rows)
         out = attend(q, k, v, mask)
         return _proj(self.wo, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _some_rows(
+    def _chosen_rows(
         self,
         x_BTD: torch.Tensor,
-        pos_BT: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache | None,
+        k_BGSd: torch.Tensor,
+        v_BGSd: torch.Tensor,
+        mask_B1TS: torch.Tensor,
         rows: torch.Tensor,
     ) -> torch.Tensor:
-        """`forward` with `rows`: keys and values of all tokens, queries and outputs of the chosen ones, each
-        chosen token attending as a batch row of its own (one query: the CPU decode attention kernel)."""
-        B, T, _ = x_BTD.shape
-        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
-        k = _proj(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2)
-        v = _proj(self.wv, x_BTD).view(B, T, G, d).transpose(1, 2)
-        k = apply_rope(k, *rope)
-        if cache is None:
-            mask = attention_mask(pos_BT, pos_BT, self.window)
-        else:
-            k, v, mask = cache.update(self.layer, k, v, pos_BT)
-        N = rows.shape[0]
+        """`forward`'s end with `rows`, given every token's keys, values and mask: queries and outputs of the chosen
+        tokens alone, each attending as a batch row of its own (one query: the CPU decode attention kernel)."""
+        B, N, H, d = x_BTD.shape[0], rows.shape[0], self.n_heads, self.head_dim
         if N == 0:
             return x_BTD.new_empty((1, 0, x_BTD.shape[-1]))
         b, t = rows[:, 0], rows[:, 1]
         q = _proj(self.wq, x_BTD[b, t][None]).view(N, 1, H, d).transpose(1, 2)  # [N, H, 1, d]
         q = apply_rope(q, *(r[b, t][:, None] for r in rope))
         if B == 1:  # every chosen token reads row 0's keys: a view, not N copies
-            k, v = k.expand(N, -1, -1, -1), v.expand(N, -1, -1, -1)
+            k, v = k_BGSd.expand(N, -1, -1, -1), v_BGSd.expand(N, -1, -1, -1)
         else:
-            k, v = k.index_select(0, b), v.index_select(0, b)
-        out = attend(q, k, v, mask[b, :, t][:, :, None])  # mask [B, 1, T, S] -> [N, 1, 1, S]
+            k, v = k_BGSd.index_select(0, b), v_BGSd.index_select(0, b)
+        out = attend(q, k, v, mask_B1TS[b, :, t][:, :, None])  # mask [B, 1, T, S] -> [N, 1, 1, S]
         return _proj(self.wo, out.transpose(1, 2).reshape(1, N, H * d))
 
     def _qkv_one_row(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
