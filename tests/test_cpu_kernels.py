@@ -316,6 +316,18 @@ def test_the_builtin_model_decodes_the_same_with_and_without_the_kernels():
     assert (fast - plain).abs().max() < 0.05 * plain.abs().max()
 
 
+def _assert_attention_close(fast, plain, q, k, v, mask) -> None:
+    """The kernel's attention against float32 SDPA: float32 sums rounded once, so within a bf16 step of the float32
+    result, and no further from it than SDPA's own bf16 result (`plain`)."""
+    rep = q.shape[1] // k.shape[1]
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask
+    )
+    assert fast.dtype == torch.bfloat16
+    assert ((fast.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+
+
 @needs_kernels
 @pytest.mark.parametrize(
     ("B", "H", "G", "S", "d", "peak"),
@@ -334,14 +346,8 @@ def test_decode_attention_equals_sdpa(B, H, G, S, d, peak):
         fast = attend(q, k, v, mask)
         with cpu_kernels.disabled():
             plain = attend(q, k, v, mask)
-    rep = H // G
-    exact = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask
-    )
-    assert fast.dtype == torch.bfloat16 and fast.shape == (B, H, 1, d)
-    # float32 sums rounded once: within a bf16 step of the float32 result, and no further from it than SDPA's
-    assert ((fast.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
-    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+    assert fast.shape == (B, H, 1, d)
+    _assert_attention_close(fast, plain, q, k, v, mask)
     with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
         cpu_kernels.ops().decode_attention(q, k, v, mask.float(), 0.125)
 
@@ -368,13 +374,8 @@ def test_a_short_prompts_attention_runs_row_by_row_and_equals_sdpa(H, G, T, pref
         monkeypatch.setattr(model_module, "ROW_ATTENTION_MAX", T * S - 1)
         attend(q, k, v, mask)  # one position more than the limit: flash attention
     assert calls == [(T, H, 1, d)]
-    rep = H // G
-    exact = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask
-    )
-    assert fast.dtype == torch.bfloat16 and fast.shape == (1, H, T, d)
-    assert ((fast.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
-    assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
+    assert fast.shape == (1, H, T, d)
+    _assert_attention_close(fast, plain, q, k, v, mask)
 
 
 def test_turned_off_by_the_environment_falls_back_to_torch_mv():
