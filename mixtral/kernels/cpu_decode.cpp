@@ -113,6 +113,21 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 floats rounded to bf16 (to nearest, ties to even, as `float_to_bf16`; NaN stays NaN), kept as the float32
+// values they round to: the 16-bit patterns are the upper halves.
+inline __m512i round16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+
+inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
+
+// The same 16 values as bf16.
+inline __m256i to_bf16x16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(v), 16)); }
+
 // A few rows of x times a few rows of W (a GEMM of a handful of tokens: prefill of short prompts, the tokens of
 // one expert, decode at batch 2-96). y[i, j] = dot(X[i, :], W[j, :]) in float32 for MR rows of X and NR rows of W,
 // both row-major with K columns (K % 32 == 0); y has row stride ldy; `next` is the next `next_rows` rows of W, to
@@ -194,7 +209,17 @@ void gemm_rows(const uint16_t* X, int64_t M, const Rows& W, int64_t N, int64_t K
         gemm_cols<kTileCols>(X, M, w, next ? next : w, next ? more : 0, K, y.data(), kTileCols);
       else
         for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, w + j * K, w, 0, K, y.data() + j, kTileCols);
-      for (int64_t i = 0; i < M; ++i)
+      int64_t i = 0;
+      if (cols == kTileCols)
+        for (; i + 4 <= M; i += 4) {  // 4 rows' 4 sums, one rounding of 16
+          const __m256i b = to_bf16x16(_mm512_loadu_ps(y.data() + i * 4));
+          const __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + i * N + n0), lo);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + (i + 1) * N + n0), _mm_unpackhi_epi64(lo, lo));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + (i + 2) * N + n0), hi);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + (i + 3) * N + n0), _mm_unpackhi_epi64(hi, hi));
+        }
+      for (; i < M; ++i)
         for (int64_t j = 0; j < cols; ++j) Y[i * N + n0 + j] = float_to_bf16(y[i * kTileCols + j]);
     }
   });
@@ -204,18 +229,6 @@ void gemm_bf16(const uint16_t* X, int64_t M, const uint16_t* W, int64_t N, int64
   gemm_rows(X, M, Bf16Rows{W, K}, N, K, Y);
 }
 
-// 16 floats rounded to bf16 (to nearest, ties to even, as `float_to_bf16`; NaN stays NaN), kept as the float32
-// values they round to: the 16-bit patterns are the upper halves.
-inline __m512i round16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
-  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-}
-
-inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
-
 // h[0..16) = silu(a) * b for 16 float32 products a and b, with moe.swiglu's bf16 roundings (a, silu, b, the
 // product), as bf16.
 inline void silu_mul16(const float* a, const float* b, uint16_t* h) {
@@ -223,7 +236,7 @@ inline void silu_mul16(const float* a, const float* b, uint16_t* h) {
   const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
   const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
   const __m512 p = _mm512_mul_ps(s, round16(_mm512_loadu_ps(b)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(p), 16)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), to_bf16x16(p));
 }
 
 // H [M, F] = silu(X W1^T) * (X W3^T) for a few rows of X [M, K] (one expert's tokens in a prefill), with
@@ -363,8 +376,7 @@ struct Int8Rows {
         if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + n * K + k), _MM_HINT_T0);
         const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                                            reinterpret_cast<const __m128i*>(q + k)))), s);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + i * K + k),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(w), 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + i * K + k), to_bf16x16(w));
       }
     }
     return buf;
