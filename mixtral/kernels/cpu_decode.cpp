@@ -209,10 +209,11 @@ void gemm_rows(const uint16_t* X, int64_t M, const Rows& W, int64_t N, int64_t K
         gemm_cols<kTileCols>(X, M, w, next ? next : w, next ? more : 0, K, y.data(), kTileCols);
       else
         for (int64_t j = 0; j < cols; ++j) gemm_cols<1>(X, M, w + j * K, w, 0, K, y.data() + j, kTileCols);
+      static_assert(kTileCols == 4, "16 sums: 4 rows of 4 columns");
       int64_t i = 0;
       if (cols == kTileCols)
         for (; i + 4 <= M; i += 4) {  // 4 rows' 4 sums, one rounding of 16
-          const __m256i b = to_bf16x16(_mm512_loadu_ps(y.data() + i * 4));
+          const __m256i b = to_bf16x16(_mm512_loadu_ps(y.data() + i * kTileCols));
           const __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
           _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + i * N + n0), lo);
           _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + (i + 1) * N + n0), _mm_unpackhi_epi64(lo, lo));
