@@ -265,7 +265,8 @@ FEW_ROWS = 96
 # Up to this many rows a bf16 or quantized expert (`moe.swiglu`), and a matmul with quantized weights, run as our
 # kernels' fused calls; beyond, F.linear (oneDNN; int8 on its weights dequantized per call) and ATen's int4 kernel.
 # One expert of the 791M benchmark model ([3584, 1024] matrices, weights from memory, 2-core Zen 4), against the
-# unfused path: bf16 1.03-1.07x at 4-96 rows, 1.01-1.05x at 112-160, 0.99x at 192; int8 1.05-1.19x at 160-512 rows,
+# unfused path: bf16 1.97x at 16 rows, 1.52x at 32, 1.04-1.15x at 96-160 and 0.95-1.13x at 160-1024 (since the
+# tiles prefetch into L2; noise-level beyond 160, so the limit stays); int8 1.05-1.19x at 160-512 rows,
 # 0.85x at 1024 and 0.74x at 2048; int4 2.5-2.9x at 256-2048 rows (ATen's int4 GEMM converts every weight to
 # float32), so no limit.
 FUSED_ROWS = {"bf16": 160, "int8": 512, "int4": sys.maxsize}

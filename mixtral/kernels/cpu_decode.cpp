@@ -128,6 +128,9 @@ inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
 // The same 16 values as bf16.
 inline __m256i to_bf16x16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(v), 16)); }
 
+// A mask of the first min(n, 16) lanes.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
 // A few rows of x times a few rows of W (a GEMM of a handful of tokens: prefill of short prompts, the tokens of
 // one expert, decode at batch 2-96). y[i, j] = dot(X[i, :], W[j, :]) in float32 for MR rows of X and NR rows of W,
 // both row-major with K columns (K % 32 == 0); y has row stride ldy; `next` is the next `next_rows` rows of W, to
@@ -760,7 +763,7 @@ void attend_heads(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
     const __m512 t = _mm512_set1_ps(top[j]);
     __m512 total = _mm512_setzero_ps();
     for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 in = S - s >= 16 ? 0xffff : static_cast<__mmask16>((1u << (S - s)) - 1);
+      const __mmask16 in = first_lanes(S - s);
       const __mmask16 live = _mm_mask_cmpneq_epi8_mask(in, _mm_maskz_loadu_epi8(in, allowed + s), _mm_setzero_si128());
       const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, sc + s), t)));
       _mm512_mask_storeu_ps(sc + s, in, e);
@@ -1325,7 +1328,7 @@ torch::Tensor combine(const std::vector<torch::Tensor>& ys, const torch::Tensor&
         const uint16_t* y = row[p] + d0;
         const __m512 wp = _mm512_set1_ps(w[p]);
         for (int64_t j = 0; j < n; j += 16) {  // 16 columns (fewer at the end of a row)
-          const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+          const __mmask16 m = first_lanes(n - j);
           const __m256i bits = _mm256_maskz_loadu_epi16(m, y + j);
           const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
           // a product, then a sum, each rounded (the rounding-mode forms are never contracted into an FMA)
