@@ -98,6 +98,8 @@ class KVCache:
         single = pos_BT.numel() == 1 and pos_BT.device.type == "cpu"  # reading the position costs nothing here
         if single and int(pos_BT) >= 0:
             b = t = None
+            if not self.rolling and int(pos_BT) >= self.n_slots:
+                raise ValueError(f"position {int(pos_BT)} does not fit a cache of {self.n_slots} positions")
             slots = int(pos_BT) % self.n_slots
             slot_pos[0, slots] = pos_BT[0, 0]
         else:

@@ -54,12 +54,16 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The rotary frequencies [d/2], float32: the angle of pair i at position p is p * inv_freq[i]."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
 def rope_cos_sin(
     pos_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [B, T, d] for the rotate-half layout, angles computed in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos_BT.device, dtype=torch.float32) / head_dim)
-    angles = pos_BT.float()[..., None] * inv_freq  # [B, T, d/2]
+    angles = pos_BT.float()[..., None] * rope_inv_freq(head_dim, theta, pos_BT.device)  # [B, T, d/2]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -392,30 +396,62 @@ class Transformer(nn.Module):
             layer.moe.impl = impl
 
     def _decode_fused(
-        self, x: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every layer for one token in one call to the CPU kernel `decode_layers` (each block's `decode_layer`,
-        one after another, without coming back to Python in between), or None where any block cannot take its
-        fused path or would run hooks (then each block decides for itself). -> (x, router logits [L, 1, E])."""
-        if not _fusable(x, pos_BT, cache) or _global_hooks():
+        self, tokens_BT: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor | None:
+        """One token of one sequence (decode at batch 1) in one call to the CPU kernel `decode_token`: embedding,
+        every layer (each block's `decode_layer`, one after another), final norm and LM head, without coming back
+        to Python in between; or None where it cannot run (then each block decides for itself): not one bf16
+        token on a CPU at a position >= 0 with our cache, gradients on, or a module whose hooks or code it would
+        skip. -> logits [1, 1, V] (and the router logits, if kept)."""
+        if type(cache) is not KVCacheImpl or cache.batch_size != 1 or tokens_BT.device.type != "cpu":
             return None
-        ops = cpu_kernels.ops()
-        if ops is None or any(type(b) is not Block or b._forward_hooks or b._forward_pre_hooks for b in self.layers):
+        pos = 0 if positions is None else int(positions)
+        if pos < 0 or torch.is_grad_enabled() or _global_hooks() or cache.k[0].dtype != torch.bfloat16:
+            return None
+        args = self._token_args()
+        if args is None:
+            return None
+        embed, inv_freq, norms, eps, attn, moe, group, head, head_group = args
+        logits, router_LBE = cpu_kernels.ops().decode_token(
+            int(tokens_BT), pos, embed, inv_freq, cache.slot_pos, cache.window or 0, cache.rolling, norms, eps,
+            *attn, cache.k, cache.v, *moe, group, head, head_group,
+        )  # fmt: skip
+        if self.keep_router_logits:
+            self.router_logits = list(router_LBE.unbind(0))
+        return logits
+
+    def _token_args(self) -> tuple | None:
+        """`decode_token`'s arguments but the step's own (cached, and dropped with the blocks' `_fused_args`), or
+        None where it cannot run. Hooks come and go without a registration: checked at each use."""
+        if cpu_kernels.ops() is None:
+            return None
+        ends = (self.embed, self.norm, self.output)
+        if any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in ends):
+            return None
+        if any(type(b) is not Block or b._forward_hooks or b._forward_pre_hooks for b in self.layers):
             return None
         per_layer = [b._fused_args() for b in self.layers]
         if any(a is None for a in per_layer):
             return None
         cached = _fused_cache.get(self)
         if cached is None or any(a is not b for a, b in zip(cached[0], per_layer, strict=True)):
-            cached = _fused_cache[self] = (per_layer, _stack_fused_args(per_layer))
-        if cached[1] is None:
+            cached = _fused_cache[self] = (per_layer, self._derive_token_args(per_layer))
+        return cached[1]
+
+    def _derive_token_args(self, per_layer: list[tuple]) -> tuple | None:
+        stacked = _stack_fused_args(per_layer)
+        embed, norm, output = self.embed, self.norm, self.output
+        head = kernel_tensors(embed.weight if output is None else output)
+        plain = type(embed) is nn.Embedding and embed.max_norm is None and type(norm) is RMSNorm
+        if stacked is None or head is None or not plain or norm.eps != stacked[1]:
             return None
-        norms, eps, attn, moe, group = cached[1]
-        _, _, slot, mask = cache.decode_slot(0, pos_BT)  # the same slot and mask for every layer
-        cos, sin = (t.reshape(-1) for t in rope)
-        return ops.decode_layers(
-            x.contiguous(), norms, eps, *attn, cos, sin, cache.k, cache.v, slot, mask.contiguous(), *moe, group
-        )
+        weights = (embed.weight, norm.weight)
+        if any(w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+            return None
+        head_group = output.group_size if isinstance(output, QuantizedWeight) and output.mode == "int4" else 0
+        layer_norms, eps, attn, moe, group = stacked
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta)
+        return embed.weight, inv_freq, [*layer_norms, norm.weight], eps, attn, moe, group, head, head_group
 
     def forward(
         self,
@@ -436,29 +472,27 @@ class Transformer(nn.Module):
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens_BT.shape)}")
         B, T = tokens_BT.shape
+        self.router_logits = []
+        if B * T == 1 and logits_at is None:
+            logits = self._decode_fused(tokens_BT, positions, cache)
+            if logits is not None:
+                return logits
         if positions is None:
             positions = torch.arange(T, device=tokens_BT.device)
         pos_BT = positions.expand(B, T) if positions.dim() == 1 else positions
         x = self.embed(tokens_BT)
         rope = rope_cos_sin(pos_BT.clamp(min=0), self.config.head_dim, self.config.rope_theta, x.dtype)
-        self.router_logits = []
-        fused = self._decode_fused(x, pos_BT, rope, cache) if B * T == 1 else None
-        if fused is not None:
-            x, router_LBE = fused
+        # Past the last layer only the `logits_at` tokens are used: that layer computes their outputs alone
+        # (every token's keys and values still go to the cache), ~1/L of a prefill's expert work saved.
+        # Not when router logits are kept: those are wanted for every token.
+        rows = logits_at if logits_at is not None and not self.keep_router_logits else None
+        for i, layer in enumerate(self.layers):
+            last = rows if i == len(self.layers) - 1 else None
+            x, router_logits = layer(x, pos_BT, rope, cache, last)
             if self.keep_router_logits:
-                self.router_logits = list(router_LBE.unbind(0))
-        else:
-            # Past the last layer only the `logits_at` tokens are used: that layer computes their outputs alone
-            # (every token's keys and values still go to the cache), ~1/L of a prefill's expert work saved.
-            # Not when router logits are kept: those are wanted for every token.
-            rows = logits_at if logits_at is not None and not self.keep_router_logits else None
-            for i, layer in enumerate(self.layers):
-                last = rows if i == len(self.layers) - 1 else None
-                x, router_logits = layer(x, pos_BT, rope, cache, last)
-                if self.keep_router_logits:
-                    self.router_logits.append(router_logits)
-            if rows is not None:
-                logits_at, x = None, x[0]  # [N, D]: already the chosen tokens
+                self.router_logits.append(router_logits)
+        if rows is not None:
+            logits_at, x = None, x[0]  # [N, D]: already the chosen tokens
         if logits_at is not None:
             if logits_at.shape[0] == 0:
                 return x.new_empty((0, self.config.vocab_size))

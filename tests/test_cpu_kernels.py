@@ -498,11 +498,11 @@ def test_int4_kernel_refuses_a_layout_it_cannot_read():
         cpu_kernels.ops().gemv_int4(qw.packed.view(torch.int8), qw.scales_zeros, x, 64)
 
 
-def _small_model(seed: int, window: int | None = None) -> tuple[ModelConfig, Transformer]:
+def _small_model(seed: int, window: int | None = None, tie: bool = False) -> tuple[ModelConfig, Transformer]:
     """A 2-layer bf16 model for the fused decode tests (weights of std 0.05: routing is decisive)."""
     config = ModelConfig(
         dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4,
-        max_seq_len=64, sliding_window=window,
+        max_seq_len=64, sliding_window=window, tie_embeddings=tie,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = Transformer(config)
@@ -523,9 +523,10 @@ def _decode(model: Transformer, steps: int, dtype: torch.dtype = torch.bfloat16)
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("window", [None, 8])
 def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
-    """`decode_layers` (every layer for one token in one kernel call) and `decode_layer` (one block per call)
-    against the blocks' own code with the single-op kernels: the same roundings, so the same logits and router
-    logits bit for bit (rolling cache included)."""
+    """`decode_token` (a whole step for one token in one kernel call: embedding, rotary angles, cache slot and mask,
+    every layer, norm and LM head) and `decode_layer` (one block per call) against the model's own code with the
+    single-op kernels: the same roundings, so the same logits and router logits bit for bit (rolling cache
+    included)."""
     config, model = _small_model(7, window)
     if mode != "bf16":
         quantize_model(model, mode, group_size=32)
@@ -546,8 +547,9 @@ def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
         cache = KVCache(config, 1, 40, dtype=torch.bfloat16)
         logits = [prefill(model, cache, [[1, 5, 9, 200, 33]])]
         router = []
-        for i in range(20):
-            logits.append(decode_step(model, cache, torch.tensor([(37 * i) % 500 + 3]), torch.tensor([5 + i])))
+        for i in range(20):  # positions 5..14, then 25..34: a gap leaves keys outside a sliding window in the cache
+            pos = 5 + i + (10 if i >= 10 else 0)
+            logits.append(decode_step(model, cache, torch.tensor([(37 * i) % 500 + 3]), torch.tensor([pos])))
             router.append(torch.cat(model.router_logits))
         return torch.cat(logits), torch.stack(router)
 
@@ -585,6 +587,57 @@ def test_the_fused_step_runs_hooks_on_blocks_op_by_op(monkeypatch):
     assert torch.equal(steps(), fast) and len(ran) == 3 and all(r is not None for r in ran)
 
 
+def _plain_decode(model: Transformer, steps: int, monkeypatch, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`_decode` op by op (no fused step)."""
+    with monkeypatch.context() as m:
+        m.setattr(Block, "_decode_fused", lambda self, *args: None)
+        m.setattr(Transformer, "_decode_fused", lambda self, *args: None)
+        return _decode(model, steps, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head", ["tied", "int4"])
+def test_the_one_call_step_takes_any_lm_head(head, monkeypatch):
+    """`decode_token` computes the LM head in the kernel: the embedding matrix for tied embeddings, or an int4 head
+    (its group size passed along), with the logits of the op-by-op code bit for bit."""
+    _, model = _small_model(11, tie=head == "tied")
+    if head == "int4":
+        model.output = QuantizedWeight.from_float(model.output.weight.detach(), "int4", 32)
+    ran = []
+    original = Transformer._decode_fused
+    monkeypatch.setattr(Transformer, "_decode_fused", lambda self, *a: ran.append(original(self, *a)) or ran[-1])
+    fast = _decode(model, 4)
+    assert len(ran) == 4 and all(r is not None for r in ran)
+    assert torch.equal(fast, _plain_decode(model, 4, monkeypatch))
+
+
+@needs_kernels
+@pytest.mark.parametrize("where", ["embed", "norm", "output"])
+def test_the_one_call_step_runs_hooks_on_the_embedding_norm_and_head(where):
+    """The embedding, the final norm and the LM head are computed inside `decode_token`: with a hook on one of them
+    the step runs op by op, so the hook sees every token (and the logits are the same)."""
+    _, model = _small_model(9)
+    fast = _decode(model, 3)
+    seen = []
+    with getattr(model, where).register_forward_hook(lambda mod, args, out: seen.append(1)):
+        assert torch.equal(_decode(model, 3), fast) and len(seen) == 4  # the prefill and 3 decode steps
+
+
+@needs_kernels
+def test_the_one_call_step_names_a_bad_token_or_position():
+    """A token id outside the vocabulary, or a position past a full cache, is refused before the cache changes."""
+    _, model = _small_model(9)
+    cache = KVCache(model.config, 1, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with pytest.raises(IndexError, match="token id 512 is outside the vocabulary of 512"):
+            model(torch.tensor([[512]]), positions=torch.tensor([0]), cache=cache)
+        with pytest.raises(ValueError, match="position 8 does not fit a cache of 8 positions"):
+            model(torch.tensor([[5]]), positions=torch.tensor([8]), cache=cache)
+        assert (cache.slot_pos == -1).all()
+        with cpu_kernels.disabled(), pytest.raises(ValueError, match="position 8 does not fit a cache of 8 positions"):
+            model(torch.tensor([[5]]), positions=torch.tensor([8]), cache=cache)  # the op-by-op code says the same
+
+
 @needs_kernels
 def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypatch):
     """`Block._fused_args` is cached: quantizing in place, a forward hook on a projection and a conversion to
@@ -595,10 +648,7 @@ def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypat
         return _decode(model, 4, dtype)
 
     def plain(dtype=torch.bfloat16) -> torch.Tensor:
-        with monkeypatch.context() as m:
-            m.setattr(Block, "_decode_fused", lambda self, *args: None)
-            m.setattr(Transformer, "_decode_fused", lambda self, *args: None)
-            return steps(dtype)
+        return _plain_decode(model, 4, monkeypatch, dtype)
 
     derived = []
     derive = Block._derive_fused_args

@@ -153,9 +153,10 @@ def _build() -> None:
     def _(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, slot, mask, router, *rest):
         return torch.empty_like(x), x.new_empty((1, router.shape[0]))
 
-    @torch.library.register_fake("mixtral_cpu::decode_layers")
-    def _(x, norms, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, slot, mask, router, *rest):
-        return torch.empty_like(x), x.new_empty((len(router), 1, router[0].shape[0]))
+    @torch.library.register_fake("mixtral_cpu::decode_token")
+    def _(token, pos, embed, inv_freq, slot_pos, window, rolling, norms, eps, wq, wk, wv, wo, k, v, router, *rest):
+        head = rest[-2]
+        return embed.new_empty((1, 1, head[0].shape[0])), embed.new_empty((len(router), 1, router[0].shape[0]))
 
     @torch.library.register_fake("mixtral_cpu::experts")
     def _(x, w1, w2, w3, weights, idx) -> torch.Tensor:

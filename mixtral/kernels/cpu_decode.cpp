@@ -1249,11 +1249,11 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   return {out, logits};
 }
 
-// Every layer of the model for one token (decode at batch 1): `decode_layer` for layer 0, 1, ... in one call, each
-// taking the previous one's output, so that a decode step does not go back to Python between layers (~40 us a
-// layer of module calls and op dispatch). Per-layer arguments come as lists over the layers: norms [attn_0,
-// ffn_0, attn_1, ...]; wq, wk, wv, wo, w1, w2, w3 the layers' tensors one after another (the same number per
-// layer, see `format_of`); router and the caches one per layer. -> (out [1, 1, D], router logits [L, 1, E]).
+// Every layer of the model for one token (decode at batch 1): `decode_layer` for layer 0, 1, ... each taking the
+// previous one's output (~40 us a layer of module calls and op dispatch saved). Per-layer arguments come as lists
+// over the layers: norms [attn_0, ffn_0, attn_1, ...]; wq, wk, wv, wo, w1, w2, w3 the layers' tensors one after
+// another (the same number per layer, see `format_of`); router and the caches one per layer.
+// -> (out [1, 1, D], router logits [L, 1, E]).
 std::tuple<torch::Tensor, torch::Tensor> decode_layers(
     const torch::Tensor& x, const std::vector<torch::Tensor>& norms, double eps, const std::vector<torch::Tensor>& wq,
     const std::vector<torch::Tensor>& wk, const std::vector<torch::Tensor>& wv, const std::vector<torch::Tensor>& wo,
@@ -1283,6 +1283,79 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layers(
     logits.push_back(lg);
   }
   return {h, torch::stack(logits)};
+}
+
+// A whole decode step of one sequence (batch 1) in one call, `model.Transformer` for one token: the embedding row
+// of `token`, the rotary angles of position `pos`, the cache slot and mask, every layer (`decode_layers`), the
+// final norm and the LM head. After the layers have streamed their weights through the caches, each small PyTorch
+// op in Python costs tens of microseconds (its code and objects come back from memory): ~0.9 ms a step of the
+// 791M benchmark model in the ~25 ops this replaces, 15% of an int4 step. The same roundings as the op-by-op code:
+//   - cos and sin as `model.rope_cos_sin`: angles float(pos) * inv_freq (float32 [d / 2], `model.rope_inv_freq`)
+//     for both halves, ATen's cos and sin in float32, rounded to bf16;
+//   - slot and mask as `KVCache` plans them for one token: slot pos % slots, where slot_pos [1, slots] (int64, the
+//     position each slot holds, -1 empty) is updated; the attention covers all slots of a rolling buffer, else
+//     slots up to the last one in use, and sees a slot holding position p iff 0 <= p <= pos (and pos - window < p
+//     for a sliding window; window 0: none);
+//   - norms: [attn_0, ffn_0, ..., attn_{L-1}, ffn_{L-1}, final]; head: the LM head's tensors (see `matrix`; for
+//     tied embeddings the embedding itself), head_group its int4 group size (0 otherwise).
+// -> (logits [1, 1, V], router logits [L, 1, E]).
+std::tuple<torch::Tensor, torch::Tensor> decode_token(
+    int64_t token, int64_t pos, const torch::Tensor& embed, const torch::Tensor& inv_freq, torch::Tensor& slot_pos,
+    int64_t window, bool rolling, const std::vector<torch::Tensor>& norms, double eps,
+    const std::vector<torch::Tensor>& wq, const std::vector<torch::Tensor>& wk, const std::vector<torch::Tensor>& wv,
+    const std::vector<torch::Tensor>& wo, const std::vector<torch::Tensor>& cache_k,
+    const std::vector<torch::Tensor>& cache_v, const std::vector<torch::Tensor>& router,
+    const std::vector<torch::Tensor>& w1, const std::vector<torch::Tensor>& w2, const std::vector<torch::Tensor>& w3,
+    int64_t top_k, int64_t group, const std::vector<torch::Tensor>& head, int64_t head_group) {
+  check_weight(embed, "embed", 2);
+  TORCH_CHECK(!norms.empty(), "decode_token: needs the final norm after the layers' norms");
+  const torch::Tensor& final_norm = norms.back();
+  check_weight(final_norm, "final norm", 1);
+  const int64_t V = embed.size(0), D = embed.size(1);
+  TORCH_CHECK_INDEX(token >= 0 && token < V, "decode_token: token id ", token, " is outside the vocabulary of ", V,
+                    " (valid: 0 to ", V - 1, ")");
+  TORCH_CHECK(inv_freq.device().is_cpu() && inv_freq.scalar_type() == torch::kFloat && inv_freq.dim() == 1 &&
+                  inv_freq.is_contiguous(),
+              "decode_token: inv_freq must be a contiguous float32 CPU vector, got ", inv_freq.sizes(), " ",
+              inv_freq.scalar_type());
+  TORCH_CHECK(slot_pos.device().is_cpu() && slot_pos.scalar_type() == torch::kLong && slot_pos.dim() == 2 &&
+                  slot_pos.size(0) == 1 && slot_pos.size(1) > 0 && slot_pos.is_contiguous(),
+              "decode_token: slot_pos must be a contiguous int64 CPU tensor [1, slots], got ", slot_pos.sizes(), " ",
+              slot_pos.scalar_type());
+  TORCH_CHECK(pos >= 0 && window >= 0 && final_norm.size(0) == D, "decode_token: position ", pos, ", window ", window,
+              ", final norm ", final_norm.sizes(), " for embeddings of ", D);
+
+  // rotary angles for both halves, float32, then cos and sin rounded to bf16 (ATen's kernels, as in Python)
+  const int64_t half = inv_freq.size(0);
+  auto angles = torch::empty({2 * half}, torch::dtype(torch::kFloat));
+  const float* inv = inv_freq.data_ptr<float>();
+  float* a = angles.data_ptr<float>();
+  for (int64_t i = 0; i < half; ++i) a[i] = a[half + i] = static_cast<float>(pos) * inv[i];
+  const torch::Tensor cos = angles.cos().to(torch::kBFloat16), sin = angles.sin().to(torch::kBFloat16);
+
+  // the slot this token goes to, and which slots it attends to once it is there
+  const int64_t slots = slot_pos.size(1);
+  int64_t* sp = slot_pos.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(rolling || pos < slots, "decode_token: position ", pos, " does not fit a cache of ", slots,
+                    " positions");
+  const int64_t slot = pos % slots;
+  sp[slot] = pos;
+  const int64_t S = rolling ? slots : std::min(std::max(*std::max_element(sp, sp + slots) + 1, int64_t{1}), slots);
+  auto mask = torch::empty({S}, torch::dtype(torch::kBool));
+  bool* m = mask.data_ptr<bool>();
+  for (int64_t s = 0; s < S; ++s) m[s] = sp[s] >= 0 && sp[s] <= pos && (window == 0 || sp[s] > pos - window);
+
+  const torch::Tensor x = embed[token].reshape({1, 1, D});  // a view: the layers only read it
+  const std::vector<torch::Tensor> layer_norms(norms.begin(), norms.end() - 1);
+  auto [h, router_logits] = decode_layers(x, layer_norms, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, slot, mask,
+                                          router, w1, w2, w3, top_k, group);
+  std::vector<uint16_t> n(D);
+  rms_row(bf16_data(h), bf16_data(final_norm), D, static_cast<float>(eps), n.data());
+  const Weights W = matrix(head, head_group, "head");
+  TORCH_CHECK(W.K == D, "decode_token: an LM head of ", W.N, " x ", W.K, " for embeddings of ", D);
+  auto logits = torch::empty({1, 1, W.N}, embed.options());
+  project({W}, Vector(n.data(), D, W.format, W.group), bf16_out(logits));
+  return {logits, router_logits};
 }
 
 // The grouped MoE's last step (`moe.combine`): out[t] = sum over the pairs p of token t, in order, of
@@ -1372,9 +1445,10 @@ TORCH_LIBRARY(mixtral_cpu, m) {
       "Tensor[] wo, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int slot, Tensor mask, "
       "Tensor router, Tensor[] w1, Tensor[] w2, Tensor[] w3, int top_k, int group) -> (Tensor, Tensor)");
   m.def(
-      "decode_layers(Tensor x, Tensor[] norms, float eps, Tensor[] wq, Tensor[] wk, Tensor[] wv, Tensor[] wo, "
-      "Tensor cos, Tensor sin, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, int slot, Tensor mask, Tensor[] router, "
-      "Tensor[] w1, Tensor[] w2, Tensor[] w3, int top_k, int group) -> (Tensor, Tensor)");
+      "decode_token(int token, int pos, Tensor embed, Tensor inv_freq, Tensor(a!) slot_pos, int window, bool rolling, "
+      "Tensor[] norms, float eps, Tensor[] wq, Tensor[] wk, Tensor[] wv, Tensor[] wo, Tensor(b!)[] cache_k, "
+      "Tensor(c!)[] cache_v, Tensor[] router, Tensor[] w1, Tensor[] w2, Tensor[] w3, int top_k, int group, "
+      "Tensor[] head, int head_group) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
@@ -1394,6 +1468,6 @@ TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("experts_int8", &experts_int8);
   m.impl("experts_int4", &experts_int4);
   m.impl("decode_attention", &decode_attention);
-  m.impl("decode_layers", &decode_layers);
+  m.impl("decode_token", &decode_token);
   m.impl("decode_layer", &decode_layer);
 }
