@@ -259,13 +259,8 @@ class Block(nn.Module):
         MoE's dispatch hook, path and training-time router jitter."""
         cached = _fused_cache.get(self)
         if cached is None:
-            cached = _fused_cache[self] = (self._derive_fused_args(), self.moe, self._projections())
-        args, moe, projections = cached
-        if moe.dispatch_hook is not None or moe.impl == "reference" or (moe.training and moe.router_jitter > 0):
-            return None
-        if any(m._forward_hooks or m._forward_pre_hooks for m in projections):
-            return None
-        return args
+            cached = _fused_cache[self] = (self._derive_fused_args(), (self.moe,), self._projections())
+        return _unless_changed(*cached)
 
     def _projections(self) -> tuple[nn.Module, ...]:
         """The modules the op-by-op code calls (so their hooks run there): attention projections and router."""
@@ -299,14 +294,27 @@ class Block(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: tensors may change in place
-        _fused_cache.pop(self, None)
+        _fused_cache.clear()  # (the model's `decode_token` arguments hold this block's tensors too)
         return super()._apply(fn, recurse)
 
 
-# Each block's cached `decode_layer` arguments (outside the module, so copies and pickles of a model never carry
-# them). A module, parameter or buffer assigned anywhere drops them all (PyTorch's global registration hooks):
-# a stale entry never outlives a change nor holds replaced weights alive.
+# Each block's cached `decode_layer` arguments and the model's `decode_token` ones, with what to check at each use
+# (outside the modules, so copies and pickles of a model never carry them). A module, parameter or buffer assigned
+# anywhere drops them all (PyTorch's global registration hooks): a stale entry never outlives a change nor holds
+# replaced weights alive.
 _fused_cache: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _unless_changed(args: tuple | None, moes: tuple[MoE, ...], watched: tuple[nn.Module, ...]) -> tuple | None:
+    """Cached fused-kernel arguments, or None where what can change without a registration forbids them now: a
+    forward hook on a watched module (the modules the op-by-op code calls), an MoE's dispatch hook, its reference
+    path or training-time router jitter."""
+    if args is None or any(m._forward_hooks or m._forward_pre_hooks for m in watched):
+        return None
+    for moe in moes:
+        if moe.dispatch_hook is not None or moe.impl == "reference" or (moe.training and moe.router_jitter > 0):
+            return None
+    return args
 
 
 def _fusable(x: torch.Tensor, pos_BT: torch.Tensor, cache: KVCache | None) -> bool:
@@ -408,11 +416,15 @@ class Transformer(nn.Module):
         pos = 0 if positions is None else int(positions)
         if pos < 0 or torch.is_grad_enabled() or _global_hooks() or cache.k[0].dtype != torch.bfloat16:
             return None
-        args = self._token_args()
+        ops = cpu_kernels.ops()
+        cached = _fused_cache.get(self)
+        if cached is None:
+            cached = _fused_cache[self] = self._derive_token_args()
+        args = _unless_changed(*cached) if ops is not None else None
         if args is None:
             return None
         embed, inv_freq, norms, eps, attn, moe, group, head, head_group = args
-        logits, router_LBE = cpu_kernels.ops().decode_token(
+        logits, router_LBE = ops.decode_token(
             int(tokens_BT), pos, embed, inv_freq, cache.slot_pos, cache.window or 0, cache.rolling, norms, eps,
             *attn, cache.k, cache.v, *moe, group, head, head_group,
         )  # fmt: skip
@@ -420,38 +432,28 @@ class Transformer(nn.Module):
             self.router_logits = list(router_LBE.unbind(0))
         return logits
 
-    def _token_args(self) -> tuple | None:
-        """`decode_token`'s arguments but the step's own (cached, and dropped with the blocks' `_fused_args`), or
-        None where it cannot run. Hooks come and go without a registration: checked at each use."""
-        if cpu_kernels.ops() is None:
-            return None
-        ends = (self.embed, self.norm, self.output)
-        if any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in ends):
-            return None
-        if any(type(b) is not Block or b._forward_hooks or b._forward_pre_hooks for b in self.layers):
-            return None
-        per_layer = [b._fused_args() for b in self.layers]
-        if any(a is None for a in per_layer):
-            return None
-        cached = _fused_cache.get(self)
-        if cached is None or any(a is not b for a, b in zip(cached[0], per_layer, strict=True)):
-            cached = _fused_cache[self] = (per_layer, self._derive_token_args(per_layer))
-        return cached[1]
-
-    def _derive_token_args(self, per_layer: list[tuple]) -> tuple | None:
-        stacked = _stack_fused_args(per_layer)
-        embed, norm, output = self.embed, self.norm, self.output
+    def _derive_token_args(self) -> tuple:
+        """-> (`decode_token`'s arguments but the step's own, or None where it cannot run; the MoEs and the modules
+        whose hooks it would skip: see `_unless_changed`)."""
+        blocks, embed, norm, output = list(self.layers), self.embed, self.norm, self.output
+        ends = (embed, norm) if output is None else (embed, norm, output)
+        if any(type(b) is not Block for b in blocks):
+            return None, (), ()
+        watched = (*ends, *blocks, *(m for b in blocks for m in b._projections()))
+        moes = tuple(b.moe for b in blocks)
+        per_layer = [b._derive_fused_args() for b in blocks]
+        stacked = None if any(a is None for a in per_layer) else _stack_fused_args(per_layer)
         head = kernel_tensors(embed.weight if output is None else output)
         plain = type(embed) is nn.Embedding and embed.max_norm is None and type(norm) is RMSNorm
-        if stacked is None or head is None or not plain or norm.eps != stacked[1]:
-            return None
         weights = (embed.weight, norm.weight)
-        if any(w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
-            return None
+        bf16 = all(w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() for w in weights)
+        if stacked is None or head is None or not plain or not bf16 or norm.eps != stacked[1]:
+            return None, moes, watched
         head_group = output.group_size if isinstance(output, QuantizedWeight) and output.mode == "int4" else 0
         layer_norms, eps, attn, moe, group = stacked
         inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta)
-        return embed.weight, inv_freq, [*layer_norms, norm.weight], eps, attn, moe, group, head, head_group
+        args = embed.weight, inv_freq, [*layer_norms, norm.weight], eps, attn, moe, group, head, head_group
+        return args, moes, watched
 
     def forward(
         self,
