@@ -22,7 +22,7 @@ from .cache import attention_mask
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
 from .moe import MOE_IMPLS, MoE
-from .quantize import QuantizedWeight, gemv_cat, kernel_tensors, linear
+from .quantize import QuantizedWeight, gemv_cat, kernel_tensors, linear, project
 
 
 class KVCache(Protocol):
@@ -111,14 +111,6 @@ def _int4_dims(block: nn.Module) -> tuple[int, ...]:
     return (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, block.moe.w1.shape[1], block.moe.w1.shape[2])
 
 
-def _proj(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A projection: a plain nn.Linear through `quantize.linear` (its fast single-row CPU path); anything
-    else (a quantized weight, a Linear with hooks such as tensor parallelism's all-reduce) by calling it."""
-    if type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
-        return linear(x, m.weight)
-    return m(x)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -149,9 +141,11 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[: (H + G) * d].view(1, H + G, 1, d), *rope)
             q, k, v = qk[:, :H], qk[:, H:], qkv[(H + G) * d :].view(1, G, 1, d)
         else:
-            k = apply_rope(_proj(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2), *rope)
-            v = _proj(self.wv, x_BTD).view(B, T, G, d).transpose(1, 2)
-            q = None if rows is not None else apply_rope(_proj(self.wq, x_BTD).view(B, T, H, d).transpose(1, 2), *rope)
+            k = apply_rope(project(self.wk, x_BTD).view(B, T, G, d).transpose(1, 2), *rope)
+            v = project(self.wv, x_BTD).view(B, T, G, d).transpose(1, 2)
+            q = None
+            if rows is None:
+                q = apply_rope(project(self.wq, x_BTD).view(B, T, H, d).transpose(1, 2), *rope)
         if cache is None:
             mask = attention_mask(pos_BT, pos_BT, self.window)
         else:
@@ -159,7 +153,7 @@ class Attention(nn.Module):
         if rows is not None:
             return self._chosen_rows(x_BTD, rope, k, v, mask, rows)
         out = attend(q, k, v, mask)
-        return _proj(self.wo, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return project(self.wo, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _chosen_rows(
         self,
@@ -176,14 +170,14 @@ class Attention(nn.Module):
         if N == 0:
             return x_BTD.new_empty((1, 0, x_BTD.shape[-1]))
         b, t = rows[:, 0], rows[:, 1]
-        q = _proj(self.wq, x_BTD[b, t][None]).view(N, 1, H, d).transpose(1, 2)  # [N, H, 1, d]
+        q = project(self.wq, x_BTD[b, t][None]).view(N, 1, H, d).transpose(1, 2)  # [N, H, 1, d]
         q = apply_rope(q, *(r[b, t][:, None] for r in rope))
         if B == 1:  # every chosen token reads row 0's keys: a view, not N copies
             k, v = k_BGSd.expand(N, -1, -1, -1), v_BGSd.expand(N, -1, -1, -1)
         else:
             k, v = k_BGSd.index_select(0, b), v_BGSd.index_select(0, b)
         out = attend(q, k, v, mask_B1TS[b, :, t][:, :, None])  # mask [B, 1, T, S] -> [N, 1, 1, S]
-        return _proj(self.wo, out.transpose(1, 2).reshape(1, N, H * d))
+        return project(self.wo, out.transpose(1, 2).reshape(1, N, H * d))
 
     def _qkv_one_row(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """[q; k; v] of a single token from one CPU kernel call, or None (then one projection each)."""
@@ -259,12 +253,13 @@ class Block(nn.Module):
         MoE's dispatch hook, path and training-time router jitter."""
         cached = _fused_cache.get(self)
         if cached is None:
-            cached = _fused_cache[self] = (self._derive_fused_args(), (self.moe,), self._projections())
+            cached = _fused_cache[self] = (self._derive_fused_args(), (self.moe,), self._inner_modules())
         return _unless_changed(*cached)
 
-    def _projections(self) -> tuple[nn.Module, ...]:
-        """The modules the op-by-op code calls (so their hooks run there): attention projections and router."""
-        return (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo, self.moe.gate)
+    def _inner_modules(self) -> tuple[nn.Module, ...]:
+        """The block's modules below it (norms, attention and its projections, MoE, router, quantized experts):
+        the op-by-op code calls them, so their hooks run there; the fused kernels would skip them."""
+        return tuple(self.modules())[1:]
 
     def _derive_fused_args(self) -> tuple | None:
         def tensors(m: nn.Module) -> list[torch.Tensor] | None:  # (a Linear's hooks are checked at each use)
@@ -439,7 +434,7 @@ class Transformer(nn.Module):
         ends = (embed, norm) if output is None else (embed, norm, output)
         if any(type(b) is not Block for b in blocks):
             return None, (), ()
-        watched = (*ends, *blocks, *(m for b in blocks for m in b._projections()))
+        watched = (*ends, *blocks, *(m for b in blocks for m in b._inner_modules()))
         moes = tuple(b.moe for b in blocks)
         per_layer = [b._derive_fused_args() for b in blocks]
         stacked = None if any(a is None for a in per_layer) else _stack_fused_args(per_layer)
@@ -502,4 +497,4 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if self.output is None:
             return linear(x, self.embed.weight)
-        return _proj(self.output, x)
+        return project(self.output, x)

@@ -24,7 +24,16 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import cpu as cpu_kernels
-from .quantize import FUSED_MIN_ROWS, FUSED_ROWS, QuantizedView, QuantizedWeight, dequantized, kernel_tensors, linear
+from .quantize import (
+    FUSED_MIN_ROWS,
+    FUSED_ROWS,
+    QuantizedView,
+    QuantizedWeight,
+    dequantized,
+    kernel_tensors,
+    linear,
+    project,
+)
 
 MOE_IMPLS = ("grouped", "reference", "triton")
 
@@ -255,7 +264,7 @@ class MoE(nn.Module):
         router_in = x_TD
         if self.training and self.router_jitter > 0:
             router_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
-        router_logits_TE = linear(router_in, self.gate.weight)
+        router_logits_TE = project(self.gate, router_in)
         weights_TK, idx_TK = route(router_logits_TE, self.top_k)
         out_TD = self.dispatch(x_TD, weights_TK, idx_TK)
         return out_TD.view(x.shape), router_logits_TE

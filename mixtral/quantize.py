@@ -287,6 +287,15 @@ def gemv_cat(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection module applied to x: a plain nn.Linear through `linear` (its fast single-row CPU path);
+    anything else (a quantized weight, a Linear with hooks such as tensor parallelism's all-reduce) by calling it,
+    so that its hooks run."""
+    if type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
+        return linear(x, m.weight)
+    return m(x)
+
+
 def kernel_tensors(w: nn.Module | torch.Tensor) -> list[torch.Tensor] | None:
     """A weight as the CPU decode kernels take it: [w] for plain bf16 (a tensor, or an nn.Linear without hooks),
     [q, scale] for int8, [packed, scales_zeros] for int4 (bf16 scales), all contiguous on the CPU; None for

@@ -612,14 +612,19 @@ def test_the_one_call_step_takes_any_lm_head(head, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("where", ["embed", "norm", "output"])
-def test_the_one_call_step_runs_hooks_on_the_embedding_norm_and_head(where):
-    """The embedding, the final norm and the LM head are computed inside `decode_token`: with a hook on one of them
-    the step runs op by op, so the hook sees every token (and the logits are the same)."""
+@pytest.mark.parametrize(
+    "where",
+    ["embed", "norm", "output", "layers.1.attn_norm", "layers.0.attn", "layers.1.attn.wk", "layers.0.ffn_norm",
+     "layers.1.moe", "layers.0.moe.gate"],
+)  # fmt: skip
+def test_the_fused_step_runs_hooks_on_the_modules_it_covers(where):
+    """`decode_token` computes the embedding, every block's modules, the final norm and the LM head itself: with a
+    forward hook on any of them the step runs op by op (block by block where only a block's own hooks are set), so
+    the hook sees every token, and the logits are the same."""
     _, model = _small_model(9)
     fast = _decode(model, 3)
     seen = []
-    with getattr(model, where).register_forward_hook(lambda mod, args, out: seen.append(1)):
+    with model.get_submodule(where).register_forward_hook(lambda mod, args, out: seen.append(1)):
         assert torch.equal(_decode(model, 3), fast) and len(seen) == 4  # the prefill and 3 decode steps
 
 
