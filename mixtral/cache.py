@@ -96,11 +96,12 @@ class KVCache:
         slot_pos = self.slot_pos if rows is None else self.slot_pos[rows]
         before = slot_pos.clone() if self.rolling and T > 1 else None
         single = pos_BT.numel() == 1 and pos_BT.device.type == "cpu"  # reading the position costs nothing here
-        if single and int(pos_BT) >= 0:
+        pos = int(pos_BT) if single else -1
+        if pos >= 0:
             b = t = None
-            if not self.rolling and int(pos_BT) >= self.n_slots:
-                raise ValueError(f"position {int(pos_BT)} does not fit a cache of {self.n_slots} positions")
-            slots = int(pos_BT) % self.n_slots
+            if not self.rolling and pos >= self.n_slots:
+                raise ValueError(f"position {pos} does not fit a cache of {self.n_slots} positions")
+            slots = pos % self.n_slots
             slot_pos[0, slots] = pos_BT[0, 0]
         else:
             # A chunk longer than the buffer writes some slots twice: only the last n_slots positions of a

@@ -350,9 +350,8 @@ struct Fixed {
   }
 };
 
-// sum_k Q[k] * (128 hi[k] + lo[k]) for one row of K int8 weights, exactly.
-// dot(q[i], x) for R rows at once (R streams from memory), in the integers of x's fixed point: exact, so the
-// same for any R.
+// sum_k q[i][k] * (128 hi[k] + lo[k]) for R rows of K int8 weights at once (R streams from memory), in the
+// integers of x's fixed point: exact, so the same for any R.
 template <int R>
 __attribute__((always_inline)) inline void dot_i8(const int8_t* const* q, const Fixed& x, int64_t K, int64_t* out) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q + 128 as an unsigned byte
