@@ -79,13 +79,13 @@ def _fused_rows(x: torch.Tensor, *weights) -> str | None:
         F_ = weights[1].shape[1]
         return "bf16" if D % 32 == 0 and F_ % 32 == 0 and x.shape[0] <= FUSED_ROWS["bf16"] else None
     views = [w for w in weights if isinstance(w, QuantizedView) and all(t.is_contiguous() for t in w.tensors)]
-    if len(views) != 3 or len({(w.mode, w.group_size, w.tensors[1].dtype) for w in views}) != 1:
+    if len(views) != 3 or len({(w.mode, w.group_size, w.dtype) for w in views}) != 1:
         return None
-    if views[0].tensors[1].dtype != x.dtype:
+    if views[0].dtype != x.dtype:
         return None
     if not FUSED_MIN_ROWS[views[0].mode] <= x.shape[0] <= FUSED_ROWS[views[0].mode]:
         return None
-    F_ = weights[0].tensors[0].shape[0]
+    F_ = views[0].shape[0]
     if views[0].mode == "int8":
         return "int8" if D % 32 == 0 and F_ % 32 == 0 else None
     group = views[0].group_size

@@ -14,14 +14,14 @@ Kernels (measured on our CPUs before choosing, see the README): PyTorch's own `_
 bf16 GEMV reads bf16; torchao's eager int8 path was 5x slower than bf16, so we call the ATen ops directly.
 Every quantized weight can also `dequantize()` itself: the reference the tests compare the kernels with.
 
-The int4 kernel wants its weights in a blocked layout ("int4pack"): for each block of 64 output rows,
-for each input channel k, 32 bytes whose low nibble is row j and high nibble row j + 32 of the block. We
-pack and unpack that layout ourselves (a test checks it against `_convert_weight_to_int4pack_for_cpu`), so
-the packed tensor is what sits in memory and on disk: no second copy, and saving needs no kernel.
-The int4 scales and zeros are stored block by block, [..., N/64, G, 64, 2] (each block of 64 rows, its groups
-in order): one sequential stream per block for the decode kernel, which reads them at ~1.1x the speed of
-ATen's [..., G, N, 2], where each group of a block sits in another page. ATen's int4 GEMM (prefill) gets its
-order from a copy made per call (1/9 of the packed weights' bytes).
+int4 weights sit in memory and on disk as one uint8 tensor `blocks` [..., N/64, G, group_size * 32 + 256]:
+for each block of 64 output rows and each group of input channels, the group's columns in PyTorch's
+"int4pack" order (for each input channel k, 32 bytes whose low nibble is row j and high nibble row j + 32
+of the block: what `_weight_int4pack_mm_for_cpu` reads; a test checks our packing against
+`_convert_weight_to_int4pack_for_cpu`), then the block's 64 (scale, zero) pairs of that group. The decode
+kernel reads a block as one sequential stream: with the scales in a tensor of their own (a second stream per
+thread) int4 decode ran 1.06x slower. Where ATen's int4 kernel runs instead (no AVX-512 kernels), each call
+splits the blocks into its two tensors (a copy).
 
 Shape legend: N output channels, K input channels, G groups per row (K / group_size), E experts.
 """
@@ -41,7 +41,7 @@ from .kernels import cpu as cpu_kernels
 
 QUANT_MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
-INT4_BLOCK = 64  # output rows per block of the int4pack layout
+INT4_BLOCK = 64  # output rows per block of the int4 layout
 QUANT_FILE = "quantization.json"
 DEQUANT_ROWS = 32  # from this many rows on, int8 matmuls dequantize and run the dense GEMM
 
@@ -93,6 +93,26 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return q.reshape(*lead, N, K).to(torch.int32)
 
 
+def int4_blocks(packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4pack bytes [..., N, K / 2] and block-major scales and zeros [..., N/64, G, 64, 2] -> the stored
+    `blocks` [..., N/64, G, group_size * 32 + 64 * 2 * itemsize] (see the module's docstring)."""
+    *lead, N, half = packed.shape
+    G = 2 * half // group_size
+    columns = packed.reshape(*lead, N // INT4_BLOCK, G, group_size * INT4_BLOCK // 2)
+    pairs = sz.contiguous().view(torch.uint8).reshape(*lead, N // INT4_BLOCK, G, -1)
+    return torch.cat((columns, pairs), dim=-1)
+
+
+def int4_parts(blocks: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `int4_blocks`: (int4pack bytes [..., N, K / 2], scales and zeros [..., N/64, G, 64, 2] in
+    `dtype`), both contiguous copies."""
+    *lead, NB, G, _ = blocks.shape
+    width = group_size * INT4_BLOCK // 2
+    packed = blocks[..., :width].reshape(*lead, NB * INT4_BLOCK, G * group_size // 2)
+    sz = blocks[..., width:].contiguous().view(dtype).reshape(*lead, NB, G, INT4_BLOCK, 2)
+    return packed, sz
+
+
 # ---- quantized weights ------------------------------------------------------------------------------------
 
 
@@ -101,16 +121,20 @@ class QuantizedWeight(nn.Module):
 
     Buffers (what the state dict and a quantized checkpoint hold):
     - int8: `q` int8 [..., N, K], `scale` [..., N];
-    - int4: `packed` uint8 [..., N, K/2] (int4pack layout), `scales_zeros` [..., N/64, G, 64, 2] (by block of
-      64 rows: see the module's docstring; `aten_scales_zeros` gives ATen's [..., G, N, 2]).
+    - int4: `blocks` uint8 [..., N/64, G, group_size * 32 + 256] (int4pack columns and (scale, zero) pairs by
+      block of 64 rows and group: see the module's docstring; `int4_parts` splits them), the scales in `dtype`.
     Calling it on x [..., K] is `F.linear(x, w)` computed by the quantized kernel; `w[e]` is expert e's view.
     """
 
-    def __init__(self, mode: str, tensors: dict[str, torch.Tensor], group_size: int = 0) -> None:
+    def __init__(
+        self, mode: str, tensors: dict[str, torch.Tensor], group_size: int = 0, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization {mode!r}; choose one of {QUANT_MODES}")
-        self.mode, self.group_size = mode, group_size
+        if mode == "int4" and dtype is None:
+            raise ValueError("int4 weights need the dtype of their scales")
+        self.mode, self.group_size, self.scale_dtype = mode, group_size, dtype
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
@@ -122,29 +146,27 @@ class QuantizedWeight(nn.Module):
             return cls("int8", {"q": q, "scale": scale})
         q, scale, zero = quantize_int4(w_NK, group_size, dtype)
         scales_zeros = block_major(torch.stack((scale, zero), dim=-1))  # [..., N, G, 2] -> [..., N/64, G, 64, 2]
-        return cls("int4", {"packed": pack_int4(q), "scales_zeros": scales_zeros}, group_size)
+        return cls("int4", {"blocks": int4_blocks(pack_int4(q), scales_zeros, group_size)}, group_size, dtype)
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the activations this weight works with (its scales')."""
-        return (self.scale if self.mode == "int8" else self.scales_zeros).dtype
+        return self.scale.dtype if self.mode == "int8" else self.scale_dtype
 
     @property
     def shape(self) -> torch.Size:
         """The logical shape [..., N, K] of the weight this stands for."""
-        if self.mode == "int8":
-            return self.q.shape
-        return torch.Size((*self.packed.shape[:-1], 2 * self.packed.shape[-1]))
+        return self.view_all().shape
 
     def __getitem__(self, i: int) -> QuantizedView:
         if self.mode == "int8":
-            return QuantizedView("int8", (self.q[i], self.scale[i]), 0)
-        return QuantizedView("int4", (self.packed[i], self.scales_zeros[i]), self.group_size)
+            return QuantizedView("int8", (self.q[i], self.scale[i]), 0, self.dtype)
+        return QuantizedView("int4", (self.blocks[i],), self.group_size, self.dtype)
 
     def view_all(self) -> QuantizedView:
         if self.mode == "int8":
-            return QuantizedView("int8", (self.q, self.scale), 0)
-        return QuantizedView("int4", (self.packed, self.scales_zeros), self.group_size)
+            return QuantizedView("int8", (self.q, self.scale), 0, self.dtype)
+        return QuantizedView("int4", (self.blocks,), self.group_size, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.view_all().linear(x)
@@ -161,32 +183,39 @@ class QuantizedWeight(nn.Module):
 class QuantizedView:
     """One matrix of a `QuantizedWeight` (a plain object: cheap to make per expert per token)."""
 
-    __slots__ = ("group_size", "mode", "tensors")
+    __slots__ = ("dtype", "group_size", "mode", "tensors")
 
-    def __init__(self, mode: str, tensors: tuple[torch.Tensor, torch.Tensor], group_size: int) -> None:
-        self.mode, self.tensors, self.group_size = mode, tensors, group_size
+    def __init__(self, mode: str, tensors: tuple[torch.Tensor, ...], group_size: int, dtype: torch.dtype) -> None:
+        """tensors: (q, scale) for int8, (blocks,) for int4; dtype: the scales'."""
+        self.mode, self.tensors, self.group_size, self.dtype = mode, tensors, group_size, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape [..., N, K] of the weight this stands for."""
+        if self.mode == "int8":
+            return self.tensors[0].shape
+        *lead, NB, G, _ = self.tensors[0].shape
+        return torch.Size((*lead, NB * INT4_BLOCK, G * self.group_size))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w.T -> [..., N] with the quantized kernel (activations in the scales' dtype)."""
-        a, b = self.tensors
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != b.dtype:
-            x2 = x2.to(b.dtype)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
         rows = x2.shape[0]
         if 0 < rows <= FUSED_ROWS[self.mode] and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
             # Our AVX-512 kernels, for the same function: one row (integer dot products) reads int8 ~1.6x and
             # int4 ~4x faster than ATen's kernels; FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16
             # tiles of the weights dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
             ops = cpu_kernels.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
-            if ops is not None and a.is_contiguous() and b.is_contiguous():
-                x2 = x2.contiguous()
-                if rows == 1 and not (self.mode == "int8" and x2.shape[1] % 16):  # (any K: see below for % 16)
+            if ops is not None and all(t.is_contiguous() for t in self.tensors):
+                x2, int8 = x2.contiguous(), self.mode == "int8"
+                if rows == 1 and not (int8 and x2.shape[1] % 16):  # (any K: see below for % 16)
                     x1 = x2.reshape(-1)
-                    y = ops.gemv_int8(a, b, x1) if self.mode == "int8" else ops.gemv_int4(a, b, x1, self.group_size)
+                    y = ops.gemv_int8(*self.tensors, x1) if int8 else ops.gemv_int4(*self.tensors, x1, self.group_size)
                     return y.view(*x.shape[:-1], -1).to(x.dtype)
-                fits = x2.shape[1] % 32 == 0 if self.mode == "int8" else a.shape[0] % 64 == 0
-                if rows >= FUSED_MIN_ROWS[self.mode] and fits:
-                    y = ops.gemm_int8(x2, a, b) if self.mode == "int8" else ops.gemm_int4(x2, a, b, self.group_size)
+                if rows >= FUSED_MIN_ROWS[self.mode] and (x2.shape[1] % 32 == 0 or not int8):
+                    y = ops.gemm_int8(x2, *self.tensors) if int8 else ops.gemm_int4(x2, *self.tensors, self.group_size)
                     return y.view(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8" and (rows >= DEQUANT_ROWS or x2.shape[1] % 16):
             # Many rows (a prefill) are compute-bound: the int8 kernel multiplies at about a third of the
@@ -194,23 +223,25 @@ class QuantizedView:
             # torch._weight_int8pack_mm (2.13) also gives wrong sums when K is not a multiple of 16.
             return F.linear(x2, self.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
         if self.mode == "int8":
-            y = torch._weight_int8pack_mm(x2.contiguous(), a, b)
+            y = torch._weight_int8pack_mm(x2.contiguous(), *self.tensors)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), a, self.group_size, aten_scales_zeros(b))
+            packed, sz = int4_parts(self.tensors[0], self.group_size, self.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, aten_scales_zeros(sz))
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight these numbers stand for, [N, K] in `dtype` (default: the scales'), computed in float32."""
-        a, b = self.tensors
         if self.mode == "int8":
+            q, s = self.tensors
             # |q| <= 127 is exact in bf16 and the product is rounded once: the same as in float32
-            return a.to(b.dtype) * b[..., None] if dtype in (None, b.dtype) else a.to(dtype) * b[..., None].to(dtype)
-        q = unpack_int4(a).float()  # [..., N, K]
-        sz = rows_groups(b.float())  # [..., N, G, 2]
+            return q.to(s.dtype) * s[..., None] if dtype in (None, s.dtype) else q.to(dtype) * s[..., None].to(dtype)
+        packed, sz = int4_parts(self.tensors[0], self.group_size, self.dtype)
+        q = unpack_int4(packed).float()  # [..., N, K]
+        sz = rows_groups(sz.float())  # [..., N, G, 2]
         G = sz.shape[-2]
         qg = q.reshape(*q.shape[:-1], G, -1)
         w = (qg - 8.0) * sz[..., 0:1] + sz[..., 1:2]
-        return w.reshape(q.shape).to(dtype or b.dtype)
+        return w.reshape(q.shape).to(dtype or self.dtype)
 
 
 def block_major(sz_NG2: torch.Tensor) -> torch.Tensor:
@@ -298,19 +329,19 @@ def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def kernel_tensors(w: nn.Module | torch.Tensor) -> list[torch.Tensor] | None:
     """A weight as the CPU decode kernels take it: [w] for plain bf16 (a tensor, or an nn.Linear without hooks),
-    [q, scale] for int8, [packed, scales_zeros] for int4 (bf16 scales), all contiguous on the CPU; None for
-    anything else (the caller then takes the PyTorch path)."""
+    [q, scale] for int8, [blocks] for int4 (bf16 scales), all contiguous on the CPU; None for anything else (the
+    caller then takes the PyTorch path)."""
     if isinstance(w, QuantizedWeight):
         if w.dtype != torch.bfloat16:
             return None
-        tensors = [w.q, w.scale] if w.mode == "int8" else [w.packed, w.scales_zeros]
+        tensors = [w.q, w.scale] if w.mode == "int8" else [w.blocks]
     elif type(w) is nn.Linear and not (w._forward_hooks or w._forward_pre_hooks):
         tensors = [w.weight]
     elif type(w) in (torch.Tensor, nn.Parameter):
         tensors = [w]
     else:
         return None
-    if len(tensors) == 1 and tensors[0].dtype != torch.bfloat16:
+    if not isinstance(w, QuantizedWeight) and tensors[0].dtype != torch.bfloat16:
         return None
     return tensors if all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) else None
 
@@ -378,7 +409,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
             tensors = {
                 n: torch.empty((*w.shape[:-2], *b.shape), dtype=b.dtype, device="meta") for n, b in qw.named_buffers()
             }
-            qw = QuantizedWeight(this_mode, tensors, qw.group_size)
+            qw = QuantizedWeight(this_mode, tensors, qw.group_size, qw.scale_dtype)
         else:
             qw = QuantizedWeight.from_float(w.detach(), this_mode, group_size)
         _set(owner, attr, qw)
@@ -416,7 +447,7 @@ def active_weight_bytes(model: nn.Module) -> int:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a quantized model: `config.json` (Hugging Face style), `quantization.json` and
-    `model.safetensors` holding our own state dict (q / scale / packed / scales_zeros buffers)."""
+    `model.safetensors` holding our own state dict (q / scale buffers for int8, blocks for int4)."""
     from safetensors.torch import save_file
 
     from .checkpoint import _replace_dir
@@ -474,6 +505,19 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _upgrade_int4(state: dict[str, torch.Tensor], group_size: int) -> None:
+    """int4 weights of checkpoints written before the scales went inline, in place: `packed` (int4pack) and
+    `scales_zeros` (by block, [..., N/64, G, 64, 2]; earlier still ATen's [..., G, N, 2]) -> `blocks`."""
+    for key in [k for k in state if k.endswith(".packed")]:
+        base = key.removesuffix(".packed")
+        packed, sz = state.pop(key), state.pop(base + ".scales_zeros", None)
+        if sz is None:
+            continue  # reported as missing below
+        if sz.dim() == packed.dim() + 1:  # ATen's order
+            sz = block_major(sz.transpose(-3, -2))
+        state[base + ".blocks"] = int4_blocks(packed, sz, group_size)
+
+
 def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
     """Read a checkpoint written by `save_quantized`: built on the meta device, filled from the memory-mapped
     file (assign, strict: a missing or extra tensor is an error)."""
@@ -496,9 +540,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     if device is not None and torch.device(device).type != "cpu":
         state = {k: v.to(device) for k, v in state.items()}
     expected = model.state_dict()
-    for k, t in state.items():  # checkpoints written before the block order: [..., G, N, 2]
-        if k.endswith(".scales_zeros") and k in expected and t.dim() == expected[k].dim() - 1:
-            state[k] = block_major(t.transpose(-3, -2))
+    _upgrade_int4(state, group_size)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise CheckpointError(

@@ -20,7 +20,15 @@ from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Block, RMSNorm, Transformer, attend
 from mixtral.moe import FUSED_MIN_ROWS, FUSED_ROWS, experts_decode, experts_reference, grouped_by_expert, swiglu
-from mixtral.quantize import FEW_ROWS, QuantizedWeight, aten_scales_zeros, linear, quantize_int8, quantize_model
+from mixtral.quantize import (
+    FEW_ROWS,
+    QuantizedWeight,
+    aten_scales_zeros,
+    int4_parts,
+    linear,
+    quantize_int8,
+    quantize_model,
+)
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -194,7 +202,7 @@ def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
     ws = [QuantizedWeight.from_float(torch.randn(*shape, dtype=torch.bfloat16), "int4", group) for shape in shapes]
     dq = [w.dequantize() for w in ws]
     ops = cpu_kernels.ops()
-    y = ops.swiglu_int4(x, *(t for w in ws for t in (w.packed, w.scales_zeros)), group)
+    y = ops.swiglu_int4(x, *(w.blocks for w in ws), group)
     bf16 = ops.swiglu(x, *dq)
     h = torch.nn.functional.silu(x.float() @ dq[0].float().T) * (x.float() @ dq[2].float().T)
     exact = h @ dq[1].float().T
@@ -202,7 +210,7 @@ def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
     torch.testing.assert_close(y, bf16, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
     assert _max_err(y, exact) <= 1.5 * _max_err(bf16, exact) + 1e-3
     with pytest.raises(RuntimeError, match="do not fit"):
-        ops.swiglu_int4(x, *(t for w in ws for t in (w.packed, w.scales_zeros)), group // 2 + 1)
+        ops.swiglu_int4(x, *(w.blocks for w in ws), group // 2 + 1)
 
 
 @needs_kernels
@@ -214,7 +222,7 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
     q8, q4 = QuantizedWeight.from_float(W, "int8"), QuantizedWeight.from_float(W, "int4", 64)
     y8 = ops.gemm_int8(x, q8.q, q8.scale)
     assert torch.equal(y8, ops.gemm(x, q8.dequantize()))  # the int8 rows dequantized, then the same tiles
-    y4, ref4 = ops.gemm_int4(x, q4.packed, q4.scales_zeros, 64), ops.gemm(x, q4.dequantize())
+    y4, ref4 = ops.gemm_int4(x, q4.blocks, 64), ops.gemm(x, q4.dequantize())
     exact4 = x.float() @ q4.dequantize().float().T
     torch.testing.assert_close(y4, ref4, rtol=2e-2, atol=2e-2 * exact4.abs().max().item())
     assert _max_err(y4, exact4) <= 1.5 * _max_err(ref4, exact4) + 1e-3
@@ -475,8 +483,9 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
     x = torch.randn(shape[1], dtype=torch.bfloat16)
     if outliers:
         x[:: max(shape[1] // 3, 1)] *= 1000
-    y = cpu_kernels.ops().gemv_int4(qw.packed, qw.scales_zeros, x, group)
-    ref = torch._weight_int4pack_mm_for_cpu(x[None], qw.packed, group, aten_scales_zeros(qw.scales_zeros))[0]
+    y = cpu_kernels.ops().gemv_int4(qw.blocks, x, group)
+    packed, sz = int4_parts(qw.blocks, group, torch.bfloat16)
+    ref = torch._weight_int4pack_mm_for_cpu(x[None], packed, group, aten_scales_zeros(sz))[0]
     w = qw.dequantize(torch.float32)
     exact = w @ x.float()
     fixed_err = (w.abs() @ torch.ones(shape[1])) * x.float().abs().max() * 2**-14
@@ -492,10 +501,12 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
 def test_int4_kernel_refuses_a_layout_it_cannot_read():
     qw = QuantizedWeight.from_float(torch.randn(64, 128, dtype=torch.bfloat16), "int4", 64)
     x = torch.randn(128, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="group size 48 do not fit"):
-        cpu_kernels.ops().gemv_int4(qw.packed, qw.scales_zeros, x, 48)
+    with pytest.raises(RuntimeError, match="do not fit the group size 48"):
+        cpu_kernels.ops().gemv_int4(qw.blocks, x, 48)
     with pytest.raises(RuntimeError, match="must be a contiguous uint8"):
-        cpu_kernels.ops().gemv_int4(qw.packed.view(torch.int8), qw.scales_zeros, x, 64)
+        cpu_kernels.ops().gemv_int4(qw.blocks.view(torch.int8), x, 64)
+    with pytest.raises(RuntimeError, match="must be a contiguous uint8"):
+        cpu_kernels.ops().gemv_int4(qw.blocks[0], x, 64)  # a block of one matrix, not a matrix
 
 
 def _small_model(seed: int, window: int | None = None, tie: bool = False) -> tuple[ModelConfig, Transformer]:

@@ -19,6 +19,8 @@ from mixtral.quantize import (
     active_weight_bytes,
     aten_scales_zeros,
     block_major,
+    int4_blocks,
+    int4_parts,
     pack_int4,
     quantize_int4,
     quantize_int8,
@@ -56,12 +58,28 @@ def test_int4_scales_are_stored_by_block_of_64_rows():
     w = torch.randn(2, 128, 96)
     _, scale, zero = quantize_int4(w, 32)
     qw = QuantizedWeight.from_float(w, "int4", 32)
-    sz = qw.scales_zeros
+    _, sz = int4_parts(qw.blocks, 32, qw.dtype)
     assert sz.shape == (2, 2, 3, 64, 2) and sz.is_contiguous()
     assert torch.equal(sz[1, 1, 2, 5], torch.stack((scale[1, 64 + 5, 2], zero[1, 64 + 5, 2])))
     rows = torch.stack((scale, zero), dim=-1)  # [2, N, G, 2]
     assert torch.equal(rows_groups(sz), rows) and torch.equal(block_major(rows), sz)
     assert torch.equal(aten_scales_zeros(sz), rows.transpose(-2, -3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_blocks_hold_each_groups_int4pack_columns_then_its_scales(dtype):
+    """blocks [..., N/64, G, group * 32 + 64 * 2 * itemsize]: block b, group g is the int4pack bytes of columns
+    [g * group, (g + 1) * group) of rows [64 b, 64 b + 64), then those rows' (scale, zero) pairs of group g."""
+    w = torch.randn(2, 128, 96, dtype=dtype)
+    q, scale, zero = quantize_int4(w, 32)
+    blocks = QuantizedWeight.from_float(w, "int4", 32).blocks
+    assert blocks.shape == (2, 2, 3, 32 * 32 + 128 * dtype.itemsize) and blocks.dtype == torch.uint8
+    columns = pack_int4(q[1, 64:128, 64:96])  # block 1, group 2 of matrix 1 packed on its own: [64, 16] bytes
+    assert torch.equal(blocks[1, 1, 2, : 32 * 32], columns.view(-1))
+    pairs = blocks[1, 1, 2, 32 * 32 :].contiguous().view(dtype).view(64, 2)
+    assert torch.equal(pairs, torch.stack((scale[1, 64:128, 2], zero[1, 64:128, 2]), dim=-1))
+    packed, sz = int4_parts(blocks, 32, dtype)
+    assert torch.equal(packed, pack_int4(q)) and torch.equal(int4_blocks(packed, sz, 32), blocks)
 
 
 def test_int8_error_is_at_most_half_a_step():
@@ -184,16 +202,27 @@ def test_quantized_checkpoint_round_trips(tmp_path, mode):
         mixtral.load_model(tmp_path / "q", dtype=torch.float32)
 
 
-def test_a_quantized_checkpoint_with_scales_in_atens_order_loads_the_same(tmp_path):
-    """Checkpoints written before the by-block order hold int4 scales as [..., G, N, 2]: read as the same numbers."""
+@pytest.mark.parametrize("order", ["by block", "aten"])
+def test_a_quantized_checkpoint_with_int4_scales_apart_loads_the_same(tmp_path, order):
+    """Checkpoints written before the scales went inline hold int4 weights as `packed` (int4pack) and
+    `scales_zeros`: by block [..., N/64, G, 64, 2], or (earlier still) in ATen's order [..., G, N, 2]. Both load
+    as the same numbers."""
     from safetensors.torch import load_file, save_file
 
     m = quantize_model(model(), "int4", group_size=32)
     save_quantized(m, tmp_path / "q")
     f = tmp_path / "q" / "model.safetensors"
-    state = load_file(f)
-    old = {k: aten_scales_zeros(t) if k.endswith("scales_zeros") else t for k, t in state.items()}
-    assert old["layers.0.moe.w1.scales_zeros"].shape == (4, 4, 128, 2)  # [E, G, N, 2]
+    old = {}
+    for k, t in load_file(f).items():
+        if k.endswith(".blocks"):
+            packed, sz = int4_parts(t, 32, torch.bfloat16)
+            base = k.removesuffix(".blocks")
+            old[base + ".packed"] = packed
+            old[base + ".scales_zeros"] = sz if order == "by block" else aten_scales_zeros(sz)
+        else:
+            old[k] = t
+    shape = (4, 4, 128, 2) if order == "aten" else (4, 2, 4, 64, 2)  # [E, G, N, 2] / [E, N/64, G, 64, 2]
+    assert old["layers.0.moe.w1.scales_zeros"].shape == shape
     save_file(old, f)
     loaded = mixtral.load_model(tmp_path / "q")
     for k, t in m.state_dict().items():

@@ -114,16 +114,16 @@ def _build() -> None:
         return x.new_empty((x.shape[0], q2.shape[0]))
 
     @torch.library.register_fake("mixtral_cpu::swiglu_int4")
-    def _(x: torch.Tensor, p1, sz1, p2: torch.Tensor, sz2, p3, sz3, group: int) -> torch.Tensor:
-        return x.new_empty((x.shape[0], p2.shape[0]))
+    def _(x: torch.Tensor, b1, b2: torch.Tensor, b3, group: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], b2.shape[0] * 64))
 
     @torch.library.register_fake("mixtral_cpu::gemm_int8")
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], q.shape[0]))
 
     @torch.library.register_fake("mixtral_cpu::gemm_int4")
-    def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
-        return x.new_empty((x.shape[0], packed.shape[0]))
+    def _(x: torch.Tensor, blocks: torch.Tensor, group: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], blocks.shape[0] * 64))
 
     @torch.library.register_fake("mixtral_cpu::gemv_cat")
     def _(Ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +142,11 @@ def _build() -> None:
         return x.new_empty(Q.shape[0])
 
     @torch.library.register_fake("mixtral_cpu::gemv_int4")
-    def _(packed: torch.Tensor, scales_zeros: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
-        return x.new_empty(packed.shape[0])
+    def _(blocks: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
+        return x.new_empty(blocks.shape[0] * 64)
 
     @torch.library.register_fake("mixtral_cpu::experts_int4")
-    def _(x, p1, sz1, p2, sz2, p3, sz3, weights, idx, group) -> torch.Tensor:
+    def _(x, b1, b2, b3, weights, idx, group) -> torch.Tensor:
         return torch.empty_like(x)
 
     @torch.library.register_fake("mixtral_cpu::decode_layer")
@@ -155,8 +155,9 @@ def _build() -> None:
 
     @torch.library.register_fake("mixtral_cpu::decode_token")
     def _(token, pos, embed, inv_freq, slot_pos, window, rolling, norms, eps, wq, wk, wv, wo, k, v, router, *rest):
-        head = rest[-2]
-        return embed.new_empty((1, 1, head[0].shape[0])), embed.new_empty((len(router), 1, router[0].shape[0]))
+        head = rest[-2][0]  # int4 blocks [V / 64, ...]; else [V, D]
+        vocab = head.shape[0] * (64 if head.dtype == torch.uint8 else 1)
+        return embed.new_empty((1, 1, vocab)), embed.new_empty((len(router), 1, router[0].shape[0]))
 
     @torch.library.register_fake("mixtral_cpu::experts")
     def _(x, w1, w2, w3, weights, idx) -> torch.Tensor:

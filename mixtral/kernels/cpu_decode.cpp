@@ -431,11 +431,12 @@ struct Int8Rows {
   const uint16_t* next(int64_t) const { return nullptr; }
 };
 
-// int4 weights in PyTorch's int4pack layout (what torch._weight_int4pack_mm_for_cpu reads; `quantize.pack_int4`):
-// rows in blocks of 64, and for each block and column k, 32 bytes whose byte j holds row j (low nibble) and row
-// 32 + j (high nibble), values q in [0, 15]; per row and group of `group` columns a bf16 scale and zero, stored
-// block by block, [N / 64, K / group, 64, 2] (a block's scales are one sequential read; in ATen's order,
-// [K / group, N, 2], each group of a block sits in another page: 1.1x slower), with w = (q - 8) * scale + zero.
+// int4 weights as `quantize.pack_int4_blocks` lays them out, uint8 [N / 64, K / group, group * 32 + 256]: rows in
+// blocks of 64, and for each block and group of `group` columns, first the group's columns in PyTorch's int4pack
+// order (what torch._weight_int4pack_mm_for_cpu reads: for each column k, 32 bytes whose byte j holds row j (low
+// nibble) and row 32 + j (high nibble), values q in [0, 15]), then the block's 64 bf16 (scale, zero) pairs of the
+// group, with w = (q - 8) * scale + zero. A block is one sequential read, its scales inline: with the scales in
+// an array of their own (two streams per thread) int4 decode ran 1.06x slower (A/B in one process).
 // So for one row
 //   y = sum_g scale_g * sum_{k in g} q_k x_k + (zero_g - 8 scale_g) * sum_{k in g} x_k.
 // The first sum with integer dot products on x's fixed-point bytes (see `Fixed`): for 4 columns of the block, one
@@ -443,6 +444,9 @@ struct Int8Rows {
 // nibbles (64 rows x 4 weights, the unsigned operand of `vpdpbusd`), and 8 `vpdpbusd` multiply them with the 4
 // columns' hi and lo bytes of x. ATen's kernel converts every weight to float32 and reads at ~1/4 of the bandwidth.
 constexpr int64_t kInt4Rows = 64;
+
+// Bytes of one group of one block: the group's int4pack columns, then 64 (scale, zero) pairs.
+constexpr int64_t int4_group_bytes(int64_t group) { return group * kInt4Rows / 2 + kInt4Rows * 4; }
 
 struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x 32 bytes; `hi` byte 16 + i
   __m512i lo, hi;
@@ -458,17 +462,18 @@ struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x
   }
 };
 
-// y[64 b .. 64 b + 64) for block b of an int4 matrix P with N rows and K columns; sz its scales and zeros;
-// x_sum[g] the sum of x over group g.
-void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const float* x_sum, int64_t N, int64_t K,
-                  int64_t group, int64_t b, float* y) {
+// y[64 b .. 64 b + 64) for block b of an int4 matrix P of K columns; x_sum[g] the sum of x over group g.
+void dot_block_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, int64_t b,
+                  float* y) {
   static const GatherIndex index;
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 step = _mm512_set1_ps(static_cast<float>(x.step)), eight = _mm512_set1_ps(8.0f);
-  const uint8_t* p = P + b * K * (kInt4Rows / 2);
+  const int64_t bytes = int4_group_bytes(group);
   const int8_t *hi = x.hi.data(), *lo = x.lo.data();
   __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
+    const uint8_t* p = P + (b * (K / group) + g) * bytes - g0 * 32;  // p + k * 32: column k of this group
+    const uint16_t* sz = reinterpret_cast<const uint16_t*>(p + (g0 + group) * 32);
     __m512i dh[4], dl[4];
     for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
     for (int64_t k = g0; k < g0 + group; k += 4) {
@@ -488,7 +493,7 @@ void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const fl
     }
     const __m512 xs = _mm512_set1_ps(x_sum[g]);
     for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
-      const __m512i pair = _mm512_loadu_si512(sz + ((b * (K / group) + g) * kInt4Rows + 16 * v) * 2);
+      const __m512i pair = _mm512_loadu_si512(sz + 16 * v * 2);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
       // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
@@ -505,17 +510,19 @@ void dot_block_i4(const uint8_t* P, const uint16_t* sz, const Fixed& x, const fl
 // float32, rounded to bf16 once), which then serves every 6 rows of X: each `vdpbf16ps` multiplies a broadcast pair
 // of x by a pair of columns of 16 rows (an outer product: no sums to reduce across lanes at the end). The dequant
 // work, ~90 instructions per 256 weights, is shared by all of X's rows.
-void dequant_block_i4(const uint8_t* P, const uint16_t* sz, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
+void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
   static const GatherIndex index;
   const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
   const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 eight = _mm512_set1_ps(8.0f);
-  const uint8_t* p = P + b * K * (kInt4Rows / 2);
+  const int64_t bytes = int4_group_bytes(group);
   uint32_t* out = reinterpret_cast<uint32_t*>(buf);
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
+    const uint8_t* p = P + (b * (K / group) + g) * bytes - g0 * 32;  // as in `dot_block_i4`
+    const uint16_t* sz = reinterpret_cast<const uint16_t*>(p + (g0 + group) * 32);
     __m512 scale[4], zero[4];
     for (int v = 0; v < 4; ++v) {
-      const __m512i pair = _mm512_loadu_si512(sz + ((b * (K / group) + g) * kInt4Rows + 16 * v) * 2);
+      const __m512i pair = _mm512_loadu_si512(sz + 16 * v * 2);
       scale[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       zero[v] = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
     }
@@ -577,10 +584,9 @@ void pair_rows(const uint16_t* X, int64_t M, int64_t K, const uint16_t* buf, flo
   }
 }
 
-// An int4 matrix for the prefill kernels: packed int4pack bytes and block-major scales and zeros.
+// An int4 matrix for the prefill kernels (the layout above).
 struct Int4Matrix {
   const uint8_t* P;
-  const uint16_t* sz;
   int64_t N, K, group;
 };
 
@@ -590,7 +596,7 @@ void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
     std::vector<uint16_t> buf(kInt4Rows * W.K);
     std::vector<float> y(M * kInt4Rows);
     for (int64_t b = b0; b < b1; ++b) {
-      dequant_block_i4(W.P, W.sz, W.K, W.group, b, buf.data());
+      dequant_block_i4(W.P, W.K, W.group, b, buf.data());
       pair_rows(X, M, W.K, buf.data(), y.data());
       for (int64_t i = 0; i < M; ++i)
         for (int64_t r = 0; r < kInt4Rows; ++r) Y[i * W.N + b * kInt4Rows + r] = float_to_bf16(y[i * kInt4Rows + r]);
@@ -605,9 +611,9 @@ void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Ma
     std::vector<uint16_t> buf(kInt4Rows * W1.K);
     std::vector<float> y1(M * kInt4Rows), y3(M * kInt4Rows);
     for (int64_t b = b0; b < b1; ++b) {
-      dequant_block_i4(W1.P, W1.sz, W1.K, W1.group, b, buf.data());
+      dequant_block_i4(W1.P, W1.K, W1.group, b, buf.data());
       pair_rows(X, M, W1.K, buf.data(), y1.data());
-      dequant_block_i4(W3.P, W3.sz, W3.K, W3.group, b, buf.data());
+      dequant_block_i4(W3.P, W3.K, W3.group, b, buf.data());
       pair_rows(X, M, W3.K, buf.data(), y3.data());
       for (int64_t i = 0; i < M; ++i)
         for (int64_t c = 0; c < kInt4Rows; c += 16)
@@ -616,13 +622,14 @@ void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Ma
   });
 }
 
-// A matrix-vector product's weights: bf16 [N, K]; int8 [N, K] with bf16 scales [N]; or int4 as above.
+// A matrix-vector product's weights: bf16 [N, K]; int8 [N, K] with bf16 scales [N]; or int4 as above (scales
+// inline).
 enum class Format { kBF16, kInt8, kInt4 };
 
 struct Weights {
   Format format;
   const void* data;
-  const uint16_t* scale;  // int8: [N]; int4: scales and zeros [N / 64, K / group, 64, 2]; bf16: null
+  const uint16_t* scale;  // int8: [N]; bf16, int4: null
   int64_t N, K, group;
   int64_t block() const { return format == Format::kInt4 ? kInt4Rows : kRows; }  // rows a thread takes at once
 };
@@ -659,8 +666,7 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
       break;
     case Format::kInt4:
       for (int64_t b = r0 / kInt4Rows; b < r1 / kInt4Rows; ++b)
-        dot_block_i4(static_cast<const uint8_t*>(W.data), W.scale, x.fixed, x.group_sums.data(), W.N, W.K, W.group,
-                     b, y);
+        dot_block_i4(static_cast<const uint8_t*>(W.data), x.fixed, x.group_sums.data(), W.K, W.group, b, y);
       break;
   }
 }
@@ -689,27 +695,27 @@ void check_swiglu_shapes(const torch::Tensor& x, at::IntArrayRef w1, at::IntArra
               " need w1 and w3 [F, D], w2 [D, F] for x [M, D], D and F multiples of 32");
 }
 
-void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t dims, int64_t group) {
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kByte && packed.is_contiguous() &&
-                  packed.dim() == dims,
-              "int4 weights must be a contiguous uint8 (int4pack) CPU tensor with ", dims, " dims, got ",
-              packed.sizes(), " ", packed.scalar_type());
-  check_weight(sz, "scales_zeros", dims + 2);
-  const int64_t N = packed.size(-2), K = 2 * packed.size(-1);
-  TORCH_CHECK(group > 0 && group % 16 == 0 && K % group == 0 && N % kInt4Rows == 0 && sz.size(-1) == 2 &&
-                  sz.size(-2) == kInt4Rows && sz.size(-3) == K / group && sz.size(-4) == N / kInt4Rows &&
-                  sz.sizes().slice(0, dims - 2) == packed.sizes().slice(0, dims - 2),
-              "int4 weights ", packed.sizes(), " with scales and zeros ", sz.sizes(), " and group size ", group,
-              " do not fit (rows a multiple of 64, columns a multiple of the group size, a multiple of 16)");
+// int4 weights of `dims` dims (a matrix: 3, [N / 64, K / group, group bytes]; a stack of experts: 4).
+void check_int4(const torch::Tensor& w, int64_t dims, int64_t group) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kByte && w.is_contiguous() && w.dim() == dims,
+              "int4 weights must be a contiguous uint8 CPU tensor [..., N / 64, K / group, group * 32 + 256] with ",
+              dims, " dims, got ", w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(group > 0 && group % 16 == 0 && w.size(-1) == int4_group_bytes(group), "int4 weights ", w.sizes(),
+              " do not fit the group size ", group, " (a multiple of 16, with ", int4_group_bytes(group),
+              " bytes per group of a block)");
 }
 
-// The format of a weight given to an op as its tensors: [W] bf16; [Q, scale] int8; [packed, scales_zeros] int4.
+// The rows and columns (N, K) of int4 weights (a matrix, or each matrix of a stack).
+std::pair<int64_t, int64_t> int4_shape(const torch::Tensor& w, int64_t group) {
+  return {w.size(-3) * kInt4Rows, w.size(-2) * group};
+}
+
+// The format of a weight given to an op as its tensors: [W] bf16; [Q, scale] int8; [blocks] (uint8) int4.
 Format format_of(const std::vector<torch::Tensor>& ts, const char* name) {
   TORCH_CHECK(ts.size() == 1 || ts.size() == 2, name,
-              ": one tensor (bf16) or two (int8 weights and scales, or int4pack weights and scales and zeros), got ",
-              ts.size());
-  if (ts.size() == 1) return Format::kBF16;
-  return ts[0].scalar_type() == torch::kChar ? Format::kInt8 : Format::kInt4;
+              ": one tensor (bf16 weights or int4 blocks) or two (int8 weights and scales), got ", ts.size());
+  if (ts.size() == 2) return Format::kInt8;
+  return ts[0].scalar_type() == torch::kByte ? Format::kInt4 : Format::kBF16;
 }
 
 // Checks a weight of `dims` dims (a matrix: 2; a stack of experts: 3) and its scales against its format.
@@ -720,10 +726,10 @@ void check_format(Format format, const torch::Tensor& w, const torch::Tensor* sc
   else if (format == Format::kInt8)
     check_int8(w, *sc, dims);
   else
-    check_int4(w, *sc, dims, group);
+    check_int4(w, dims + 1, group);
 }
 
-// A matrix given to an op as its tensors (see `format_of`): bf16 [N, K], int8 [N, K] or int4pack [N, K / 2].
+// A matrix given to an op as its tensors (see `format_of`): bf16 [N, K], int8 [N, K] or int4 blocks.
 Weights matrix(const std::vector<torch::Tensor>& ts, int64_t group, const char* name) {
   const Format format = format_of(ts, name);
   check_format(format, ts[0], ts.size() > 1 ? &ts[1] : nullptr, 2, group, name);
@@ -733,8 +739,10 @@ Weights matrix(const std::vector<torch::Tensor>& ts, int64_t group, const char* 
       return Weights{format, ts[0].data_ptr(), nullptr, N, K, 0};
     case Format::kInt8:
       return Weights{format, ts[0].data_ptr(), bf16_data(ts[1]), N, K, 0};
-    default:
-      return Weights{format, ts[0].data_ptr(), bf16_data(ts[1]), N, 2 * K, group};
+    default: {
+      const auto [n, k] = int4_shape(ts[0], group);
+      return Weights{format, ts[0].data_ptr(), nullptr, n, k, group};
+    }
   }
 }
 
@@ -850,8 +858,8 @@ void attend(const uint16_t* q, int64_t n, const uint16_t* k, const uint16_t* v, 
 // A stack of E matrices [E, N, K] (the experts' w1, w2 or w3) in one format; `(e)` is expert e's matrix.
 struct Stack {
   Format format;
-  const torch::Tensor& w;   // bf16 [E, N, K], int8 [E, N, K] or int4pack [E, N, K / 2]
-  const torch::Tensor* sc;  // int8 scales [E, N]; int4 scales and zeros [E, N / 64, K / group, 64, 2]
+  const torch::Tensor& w;   // bf16 [E, N, K], int8 [E, N, K] or int4 blocks [E, N / 64, K / group, group bytes]
+  const torch::Tensor* sc;  // int8 scales [E, N]; null otherwise
   int64_t group;
 
   // From an op's tensors (see `format_of`).
@@ -860,8 +868,8 @@ struct Stack {
     return Stack{format, ts[0], ts.size() > 1 ? &ts[1] : nullptr, format == Format::kInt4 ? group : 0};
   }
   void check(const char* name) const { check_format(format, w, sc, 3, group, name); }
-  int64_t N() const { return w.size(1); }
-  int64_t K() const { return format == Format::kInt4 ? 2 * w.size(2) : w.size(2); }
+  int64_t N() const { return format == Format::kInt4 ? int4_shape(w, group).first : w.size(1); }
+  int64_t K() const { return format == Format::kInt4 ? int4_shape(w, group).second : w.size(2); }
   Weights operator()(int64_t e) const {
     const int64_t n = N(), k = K();
     switch (format) {
@@ -870,8 +878,7 @@ struct Stack {
       case Format::kInt8:
         return Weights{format, static_cast<const int8_t*>(w.data_ptr()) + e * n * k, bf16_data(*sc) + e * n, n, k, 0};
       default:
-        return Weights{format, static_cast<const uint8_t*>(w.data_ptr()) + e * n * k / 2,
-                       bf16_data(*sc) + e * (k / group) * n * 2, n, k, group};
+        return Weights{format, static_cast<const uint8_t*>(w.data_ptr()) + e * w.stride(0), nullptr, n, k, group};
     }
   }
 };
@@ -1023,21 +1030,22 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
   return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
 }
 
-// The same with int4 weights (int4pack bytes and block-major scales and zeros, see `dequant_block_i4`): the
-// expert QuantizedView.dequantize's weights would give, up to the order of the float32 sums.
-torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& p1, const torch::Tensor& sz1,
-                          const torch::Tensor& p2, const torch::Tensor& sz2, const torch::Tensor& p3,
-                          const torch::Tensor& sz3, int64_t group) {
+// The same with int4 weights (blocks as `dot_block_i4` reads them, see `dequant_block_i4`): the expert
+// QuantizedView.dequantize's weights would give, up to the order of the float32 sums.
+torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& b1, const torch::Tensor& b2,
+                          const torch::Tensor& b3, int64_t group) {
   check_weight(x, "x", 2);
-  check_int4(p1, sz1, 2, group);
-  check_int4(p2, sz2, 2, group);
-  check_int4(p3, sz3, 2, group);
-  auto shape = [](const torch::Tensor& p) { return std::vector<int64_t>{p.size(0), 2 * p.size(1)}; };
-  check_swiglu_shapes(x, shape(p1), shape(p2), shape(p3));
-  auto matrix = [group](const torch::Tensor& p, const torch::Tensor& sz) {
-    return Int4Matrix{p.data_ptr<uint8_t>(), bf16_data(sz), p.size(0), 2 * p.size(1), group};
+  for (const auto* b : {&b1, &b2, &b3}) check_int4(*b, 3, group);
+  auto shape = [group](const torch::Tensor& b) {
+    const auto [N, K] = int4_shape(b, group);
+    return std::vector<int64_t>{N, K};
   };
-  const Int4Matrix w1 = matrix(p1, sz1), w2 = matrix(p2, sz2), w3 = matrix(p3, sz3);
+  check_swiglu_shapes(x, shape(b1), shape(b2), shape(b3));
+  auto matrix = [group](const torch::Tensor& b) {
+    const auto [N, K] = int4_shape(b, group);
+    return Int4Matrix{b.data_ptr<uint8_t>(), N, K, group};
+  };
+  const Int4Matrix w1 = matrix(b1), w2 = matrix(b2), w3 = matrix(b3);
   return swiglu_rows(
       x, w1.N, [&](const uint16_t* X, int64_t M, uint16_t* H) { gate_up_i4(X, M, w1, w3, H); },
       [&](const uint16_t* H, int64_t M, uint16_t* Y) { gemm_i4(H, M, w2, Y); });
@@ -1057,13 +1065,14 @@ torch::Tensor gemm_int8(const torch::Tensor& x, const torch::Tensor& q, const to
 }
 
 // The same for int4 weights (see `dequant_block_i4`), up to the order of the float32 sums.
-torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz, int64_t group) {
+torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int64_t group) {
   check_weight(x, "x", 2);
-  check_int4(packed, sz, 2, group);
-  const int64_t M = x.size(0), N = packed.size(0), K = 2 * packed.size(1);
+  check_int4(blocks, 3, group);
+  const auto [N, K] = int4_shape(blocks, group);
+  const int64_t M = x.size(0);
   TORCH_CHECK(x.size(1) == K, "gemm_int4: x ", x.sizes(), " and weights of ", K, " columns");
   auto out = torch::empty({M, N}, x.options());
-  const Int4Matrix W{packed.data_ptr<uint8_t>(), bf16_data(sz), N, K, group};
+  const Int4Matrix W{blocks.data_ptr<uint8_t>(), N, K, group};
   if (M > 0) gemm_i4(bf16_data(x), M, W, bf16_out(out));
   return out;
 }
@@ -1080,12 +1089,13 @@ torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, cons
   return out;
 }
 
-// int4 weight-only: the int4pack matrix `packed` [N, K / 2] with scales and zeros [N / 64, K / group, 64, 2]
-// times x [K] -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes (on the scales in its order;
-// x in fixed point, see `Fixed`).
-torch::Tensor gemv_int4(const torch::Tensor& packed, const torch::Tensor& sz, const torch::Tensor& x, int64_t group) {
-  check_int4(packed, sz, 2, group);
-  const Weights W{Format::kInt4, packed.data_ptr(), bf16_data(sz), packed.size(0), 2 * packed.size(1), group};
+// int4 weight-only: the int4 matrix `blocks` [N / 64, K / group, group * 32 + 256] (see `dot_block_i4`) times x
+// [K] -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes on the same numbers (x in fixed point,
+// see `Fixed`).
+torch::Tensor gemv_int4(const torch::Tensor& blocks, const torch::Tensor& x, int64_t group) {
+  check_int4(blocks, 3, group);  // (not `matrix`: it would take weights of another format)
+  const auto [N, K] = int4_shape(blocks, group);
+  const Weights W{Format::kInt4, blocks.data_ptr(), nullptr, N, K, group};
   check_weight(x, "x", 1);
   TORCH_CHECK(x.size(0) == W.K, "gemv_int4: weights of ", W.K, " columns and x ", x.sizes());
   auto out = torch::empty({W.N}, x.options());
@@ -1140,12 +1150,11 @@ torch::Tensor experts_int8(const torch::Tensor& x, const torch::Tensor& q1, cons
                      Stack{Format::kInt8, q3, &s3, 0}, weights, idx);
 }
 
-torch::Tensor experts_int4(const torch::Tensor& x, const torch::Tensor& p1, const torch::Tensor& sz1,
-                           const torch::Tensor& p2, const torch::Tensor& sz2, const torch::Tensor& p3,
-                           const torch::Tensor& sz3, const torch::Tensor& weights, const torch::Tensor& idx,
+torch::Tensor experts_int4(const torch::Tensor& x, const torch::Tensor& b1, const torch::Tensor& b2,
+                           const torch::Tensor& b3, const torch::Tensor& weights, const torch::Tensor& idx,
                            int64_t group) {
-  return experts_any(x, Stack{Format::kInt4, p1, &sz1, group}, Stack{Format::kInt4, p2, &sz2, group},
-                     Stack{Format::kInt4, p3, &sz3, group}, weights, idx);
+  return experts_any(x, Stack{Format::kInt4, b1, nullptr, group}, Stack{Format::kInt4, b2, nullptr, group},
+                     Stack{Format::kInt4, b3, nullptr, group}, weights, idx);
 }
 
 // RMSNorm of bf16 rows (see `rms_row`). x [..., D] contiguous, weight [D] -> x's shape.
@@ -1464,24 +1473,21 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
   m.def("gemm(Tensor x, Tensor W) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("gemm_int4(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
+  m.def("gemm_int4(Tensor x, Tensor blocks, int group) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("swiglu_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3) -> Tensor");
-  m.def(
-      "swiglu_int4(Tensor x, Tensor p1, Tensor sz1, Tensor p2, Tensor sz2, Tensor p3, Tensor sz3, int group) -> "
-      "Tensor");
+  m.def("swiglu_int4(Tensor x, Tensor b1, Tensor b2, Tensor b3, int group) -> Tensor");
   m.def("gemv_cat(Tensor[] Ws, Tensor x) -> Tensor");
   m.def("combine(Tensor[] ys, Tensor weights, Tensor token_of, int T) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gemv_int8(Tensor Q, Tensor scale, Tensor x) -> Tensor");
-  m.def("gemv_int4(Tensor packed, Tensor scales_zeros, Tensor x, int group) -> Tensor");
+  m.def("gemv_int4(Tensor blocks, Tensor x, int group) -> Tensor");
   m.def("experts(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor weights, Tensor idx) -> Tensor");
   m.def(
       "experts_int8(Tensor x, Tensor q1, Tensor s1, Tensor q2, Tensor s2, Tensor q3, Tensor s3, Tensor weights, "
       "Tensor idx) -> Tensor");
   m.def(
-      "experts_int4(Tensor x, Tensor p1, Tensor sz1, Tensor p2, Tensor sz2, Tensor p3, Tensor sz3, Tensor weights, "
-      "Tensor idx, int group) -> Tensor");
+      "experts_int4(Tensor x, Tensor b1, Tensor b2, Tensor b3, Tensor weights, Tensor idx, int group) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def(
       "decode_layer(Tensor x, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] wq, Tensor[] wk, Tensor[] wv, "
