@@ -143,7 +143,7 @@ def _build() -> None:
 
     @torch.library.register_fake("mixtral_cpu::gemv_int4")
     def _(blocks: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
-        return x.new_empty(blocks.shape[0] * 64)
+        return x.new_empty((*x.shape[:-1], blocks.shape[0] * 64))
 
     @torch.library.register_fake("mixtral_cpu::experts_int4")
     def _(x, b1, b2, b3, weights, idx, group) -> torch.Tensor:
