@@ -431,7 +431,7 @@ struct Int8Rows {
   const uint16_t* next(int64_t) const { return nullptr; }
 };
 
-// int4 weights as `quantize.pack_int4_blocks` lays them out, uint8 [N / 64, K / group, group * 32 + 256]: rows in
+// int4 weights as `quantize.int4_blocks` lays them out, uint8 [N / 64, K / group, group * 32 + 256]: rows in
 // blocks of 64, and for each block and group of `group` columns, first the group's columns in PyTorch's int4pack
 // order (what torch._weight_int4pack_mm_for_cpu reads: for each column k, 32 bytes whose byte j holds row j (low
 // nibble) and row 32 + j (high nibble), values q in [0, 15]), then the block's 64 bf16 (scale, zero) pairs of the
@@ -447,6 +447,18 @@ constexpr int64_t kInt4Rows = 64;
 
 // Bytes of one group of one block: the group's int4pack columns, then 64 (scale, zero) pairs.
 constexpr int64_t int4_group_bytes(int64_t group) { return group * kInt4Rows / 2 + kInt4Rows * 4; }
+
+// Group g (columns [g0, g0 + group)) of block b of an int4 matrix P of K columns: `columns + k * 32` is column k's
+// 32 bytes, `pairs` the 64 rows' (scale, zero) pairs.
+struct Int4Group {
+  const uint8_t* columns;
+  const uint16_t* pairs;
+  Int4Group(const uint8_t* P, int64_t K, int64_t group, int64_t b, int64_t g) {
+    const uint8_t* start = P + (b * (K / group) + g) * int4_group_bytes(group);
+    columns = start - g * group * 32;
+    pairs = reinterpret_cast<const uint16_t*>(start + group * 32);
+  }
+};
 
 struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x 32 bytes; `hi` byte 16 + i
   __m512i lo, hi;
@@ -468,12 +480,11 @@ void dot_block_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t 
   static const GatherIndex index;
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 step = _mm512_set1_ps(static_cast<float>(x.step)), eight = _mm512_set1_ps(8.0f);
-  const int64_t bytes = int4_group_bytes(group);
   const int8_t *hi = x.hi.data(), *lo = x.lo.data();
   __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
-    const uint8_t* p = P + (b * (K / group) + g) * bytes - g0 * 32;  // p + k * 32: column k of this group
-    const uint16_t* sz = reinterpret_cast<const uint16_t*>(p + (g0 + group) * 32);
+    const Int4Group at(P, K, group, b, g);
+    const uint8_t* p = at.columns;
     __m512i dh[4], dl[4];
     for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
     for (int64_t k = g0; k < g0 + group; k += 4) {
@@ -493,7 +504,7 @@ void dot_block_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t 
     }
     const __m512 xs = _mm512_set1_ps(x_sum[g]);
     for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
-      const __m512i pair = _mm512_loadu_si512(sz + 16 * v * 2);
+      const __m512i pair = _mm512_loadu_si512(at.pairs + 16 * v * 2);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
       // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
@@ -515,14 +526,13 @@ void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uin
   const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
   const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 eight = _mm512_set1_ps(8.0f);
-  const int64_t bytes = int4_group_bytes(group);
   uint32_t* out = reinterpret_cast<uint32_t*>(buf);
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
-    const uint8_t* p = P + (b * (K / group) + g) * bytes - g0 * 32;  // as in `dot_block_i4`
-    const uint16_t* sz = reinterpret_cast<const uint16_t*>(p + (g0 + group) * 32);
+    const Int4Group at(P, K, group, b, g);
+    const uint8_t* p = at.columns;
     __m512 scale[4], zero[4];
     for (int v = 0; v < 4; ++v) {
-      const __m512i pair = _mm512_loadu_si512(sz + 16 * v * 2);
+      const __m512i pair = _mm512_loadu_si512(at.pairs + 16 * v * 2);
       scale[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       zero[v] = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
     }
