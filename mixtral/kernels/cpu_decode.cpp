@@ -9,7 +9,7 @@
 // What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
 // oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 and int4
 // weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`);
-// int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_block_i4`);
+// int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_blocks_i4`);
 // one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
 // has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
@@ -385,8 +385,7 @@ __attribute__((always_inline)) inline void dot_i8(const int8_t* const* q, const 
 }
 
 // y[r] = scale[r] * dot(Q[r, :], x) for rows [r0, r1): two rows at a time, one from each half of the range (two
-// sequential streams per thread, as `dot_rows`): int8 decode 1.09x one stream (A/B in one process). int4's blocks
-// read two at a time this way (group by group in turn) gave 1.02x, within the noise: not done.
+// sequential streams per thread, as `dot_rows`): int8 decode 1.09x one stream (A/B in one process).
 void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* y, int64_t r0, int64_t r1, int64_t K) {
   auto put = [&](int64_t r, int64_t d) {
     y[r] = static_cast<float>(static_cast<double>(d) * x.step * bf16_to_float(scale[r]));
@@ -474,46 +473,68 @@ struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x
   }
 };
 
-// y[64 b .. 64 b + 64) for block b of an int4 matrix P of K columns; x_sum[g] the sum of x over group g.
-void dot_block_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, int64_t b,
-                  float* y) {
+// y[64 b .. 64 b + 64) for each block b of bs[0..R) of an int4 matrix P of K columns, the blocks group by group in
+// turn (R sequential streams); x_sum[g] the sum of x over group g.
+template <int R>
+void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, const int64_t* bs,
+                   float* y) {
   static const GatherIndex index;
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 step = _mm512_set1_ps(static_cast<float>(x.step)), eight = _mm512_set1_ps(8.0f);
   const int8_t *hi = x.hi.data(), *lo = x.lo.data();
-  __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 out[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < 4; ++v) out[i][v] = _mm512_setzero_ps();
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
-    const Int4Group at(P, K, group, b, g);
-    const uint8_t* p = at.columns;
-    __m512i dh[4], dl[4];
-    for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
-    for (int64_t k = g0; k < g0 + group; k += 4) {
-      const __m512i A = _mm512_loadu_si512(p + k * 32), B = _mm512_loadu_si512(p + k * 32 + 64);
-      const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
-      const __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),  // rows 0-15, 16-31
-                            _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),           // rows 32-47
-                            _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};          // rows 48-63
-      int32_t h4, l4;
-      std::memcpy(&h4, hi + k, 4);
-      std::memcpy(&l4, lo + k, 4);
-      const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
-      for (int v = 0; v < 4; ++v) {
-        dh[v] = _mm512_dpbusd_epi32(dh[v], q[v], xh);
-        dl[v] = _mm512_dpbusd_epi32(dl[v], q[v], xl);
+    for (int i = 0; i < R; ++i) {
+      const Int4Group at(P, K, group, bs[i], g);
+      const uint8_t* p = at.columns;
+      __m512i dh[4], dl[4];
+      for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
+      for (int64_t k = g0; k < g0 + group; k += 4) {
+        const __m512i A = _mm512_loadu_si512(p + k * 32), B = _mm512_loadu_si512(p + k * 32 + 64);
+        const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
+        const __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),  // rows 0-15, 16-31
+                              _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),           // rows 32-47
+                              _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};          // rows 48-63
+        int32_t h4, l4;
+        std::memcpy(&h4, hi + k, 4);
+        std::memcpy(&l4, lo + k, 4);
+        const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
+        for (int v = 0; v < 4; ++v) {
+          dh[v] = _mm512_dpbusd_epi32(dh[v], q[v], xh);
+          dl[v] = _mm512_dpbusd_epi32(dl[v], q[v], xl);
+        }
+      }
+      const __m512 xs = _mm512_set1_ps(x_sum[g]);
+      for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
+        const __m512i pair = _mm512_loadu_si512(at.pairs + 16 * v * 2);
+        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
+        // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(dh[v], 7), dl[v]);
+        const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), step);
+        out[i][v] = _mm512_fmadd_ps(d, scale, out[i][v]);
+        out[i][v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, out[i][v]);
       }
     }
-    const __m512 xs = _mm512_set1_ps(x_sum[g]);
-    for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
-      const __m512i pair = _mm512_loadu_si512(at.pairs + 16 * v * 2);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
-      // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
-      const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dh[v], 7), dl[v])), step);
-      out[v] = _mm512_fmadd_ps(d, scale, out[v]);
-      out[v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, out[v]);
-    }
   }
-  for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + b * kInt4Rows + 16 * v, out[v]);
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + bs[i] * kInt4Rows + 16 * v, out[i][v]);
+}
+
+// y for rows [r0, r1) (whole blocks) of an int4 matrix: two blocks at a time, one from each half of the range (two
+// sequential streams per thread, as `dot_rows`): int4 decode 1.053x one block at a time (A/B of kernel builds in one
+// process, 514 rounds of 48 steps; 1.033x in the rounds whose bandwidth probe read below 36 GB/s, 1.058x above
+// 42). With the scales in a tensor of their own (four streams), reading two blocks at once had run 0.81x.
+void dot_rows_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, float* y, int64_t r0,
+                 int64_t r1) {
+  const int64_t b0 = r0 / kInt4Rows, b1 = r1 / kInt4Rows, part = (b1 - b0) / 2;
+  for (int64_t b = b0; b < b0 + part; ++b) {
+    const int64_t bs[2] = {b, b + part};
+    dot_blocks_i4<2>(P, x, x_sum, K, group, bs, y);
+  }
+  for (int64_t b = b0 + 2 * part; b < b1; ++b) dot_blocks_i4<1>(P, x, x_sum, K, group, &b, y);
 }
 
 // int4 products of a few rows (an expert's tokens in a prefill). Block b of 64 rows is dequantized once into a
@@ -675,8 +696,7 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
       dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.fixed, y, r0, r1, W.K);
       break;
     case Format::kInt4:
-      for (int64_t b = r0 / kInt4Rows; b < r1 / kInt4Rows; ++b)
-        dot_block_i4(static_cast<const uint8_t*>(W.data), x.fixed, x.group_sums.data(), W.K, W.group, b, y);
+      dot_rows_i4(static_cast<const uint8_t*>(W.data), x.fixed, x.group_sums.data(), W.K, W.group, y, r0, r1);
       break;
   }
 }
@@ -1040,7 +1060,7 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
   return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
 }
 
-// The same with int4 weights (blocks as `dot_block_i4` reads them, see `dequant_block_i4`): the expert
+// The same with int4 weights (blocks as `dot_blocks_i4` reads them, see `dequant_block_i4`): the expert
 // QuantizedView.dequantize's weights would give, up to the order of the float32 sums.
 torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& b1, const torch::Tensor& b2,
                           const torch::Tensor& b3, int64_t group) {
@@ -1099,7 +1119,7 @@ torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, cons
   return out;
 }
 
-// int4 weight-only: the int4 matrix `blocks` [N / 64, K / group, group * 32 + 256] (see `dot_block_i4`) times x
+// int4 weight-only: the int4 matrix `blocks` [N / 64, K / group, group * 32 + 256] (see `dot_blocks_i4`) times x
 // [K] -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes on the same numbers (x in fixed point,
 // see `Fixed`). x [M, K] -> [M, N]: one row after another, each reading the weights again: up to ~11 rows still
 // as fast as ATen's int4 kernel, which converts every weight to float32 (a [3584, 1024] matrix: 0.5x its time at
