@@ -204,18 +204,15 @@ class QuantizedView:
             x2 = x2.to(self.dtype)
         rows = x2.shape[0]
         if 0 < rows <= FUSED_ROWS[self.mode] and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
-            # Our AVX-512 kernels, for the same function: one row (integer dot products) reads int8 ~1.6x and
-            # int4 ~2-4x faster than ATen's kernels (int4: up to FUSED_MIN_ROWS rows, one after another);
-            # FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16 tiles of the weights dequantized a block
-            # at a time (int8: bit for bit `dequantize()` then `gemm`).
+            # Our AVX-512 kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot
+            # products, row by row (int8 ~2.4x and int4 ~1.9x faster than ATen's kernels at one row, still faster
+            # at a few); FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16 tiles of the weights
+            # dequantized a block at a time (int8: bit for bit `dequantize()` then `gemm`).
             ops = cpu_kernels.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
             if ops is not None and all(t.is_contiguous() for t in self.tensors):
                 x2, int8 = x2.contiguous(), self.mode == "int8"
-                if not int8 and rows < FUSED_MIN_ROWS["int4"]:
-                    y = ops.gemv_int4(*self.tensors, x2, self.group_size)
-                    return y.view(*x.shape[:-1], -1).to(x.dtype)
-                if rows == 1 and not (int8 and x2.shape[1] % 16):  # (any K: see below for % 16)
-                    y = ops.gemv_int8(*self.tensors, x2.reshape(-1))
+                if rows < FUSED_MIN_ROWS[self.mode] and not (int8 and x2.shape[1] % 16):  # (% 16: see below)
+                    y = ops.gemv_int8(*self.tensors, x2) if int8 else ops.gemv_int4(*self.tensors, x2, self.group_size)
                     return y.view(*x.shape[:-1], -1).to(x.dtype)
                 if rows >= FUSED_MIN_ROWS[self.mode] and (x2.shape[1] % 32 == 0 or not int8):
                     y = ops.gemm_int8(x2, *self.tensors) if int8 else ops.gemm_int4(x2, *self.tensors, self.group_size)
@@ -304,10 +301,10 @@ FEW_ROWS = 96
 # 0.85x at 1024 and 0.74x at 2048; int4 2.5-2.9x at 256-2048 rows (ATen's int4 GEMM converts every weight to
 # float32), so no limit.
 FUSED_ROWS = {"bf16": 160, "int8": 512, "int4": sys.maxsize}
-# ... and from this many rows on for quantized weights: below, dequantizing blocks is slower than ATen's int8 kernel
-# and than our int4 GEMV row by row. A [3584, 1024] matrix, our time / ATen's at 2, 4, 8 and 16 rows: int4 2.3,
-# 1.9, 1.15, 0.77 (vs _weight_int4pack_mm_for_cpu; row by row 0.86, 0.98, 0.99 at 2, 4, 8, and against `gemm_int4`
-# 1.00x at 11, 1.07x at 12); int8 1.34, 1.07, 0.64, 0.53 (vs _weight_int8pack_mm).
+# ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
+# faster than dequantizing blocks. A [3584, 1024] matrix from memory, the GEMV row by row against `gemm_int8` /
+# `gemm_int4`: int8 0.62, 0.71, 0.79, 0.91 at 2-5 rows, 1.02 at 6; int4 0.35, 0.52, 0.82 at 2, 4, 8 rows, 1.00 at
+# 11, 1.07 at 12. (ATen's kernels, which ran there before, were slower than both at these rows.)
 FUSED_MIN_ROWS = {"int8": 6, "int4": 12}
 
 

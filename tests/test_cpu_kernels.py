@@ -498,23 +498,27 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [2, 5, 11])
-def test_int4_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(rows):
-    # Fewer rows than FUSED_MIN_ROWS take the GEMV row by row (faster than ATen's int4 kernel there): the same
-    # numbers as one row at a time, close to ATen's
+@pytest.mark.parametrize(("mode", "rows"), [("int8", 2), ("int8", 5), ("int4", 2), ("int4", 5), ("int4", 11)])
+def test_quantized_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(mode, rows):
+    # Fewer rows than FUSED_MIN_ROWS take the GEMV row by row (faster than ATen's kernels there): the same numbers
+    # as one row at a time, close to ATen's
     torch.manual_seed(7)
-    qw = QuantizedWeight.from_float(torch.randn(192, 256, dtype=torch.bfloat16), "int4", 64)
+    qw = QuantizedWeight.from_float(torch.randn(192, 256, dtype=torch.bfloat16), mode, 64)
     X = torch.randn(rows, 256, dtype=torch.bfloat16)
     ops = cpu_kernels.ops()
-    y = ops.gemv_int4(qw.blocks, X, 64)
-    assert torch.equal(y, torch.stack([ops.gemv_int4(qw.blocks, x, 64) for x in X]))
+
+    def gemv(x):
+        return ops.gemv_int8(qw.q, qw.scale, x) if mode == "int8" else ops.gemv_int4(qw.blocks, x, 64)
+
+    y = gemv(X)
+    assert torch.equal(y, torch.stack([gemv(x) for x in X]))
     with torch.no_grad():
         assert torch.equal(qw(X[None]), y[None])
         with cpu_kernels.disabled():
             aten = qw(X)
     torch.testing.assert_close(y, aten, rtol=2e-2, atol=2e-2 * aten.abs().max().item())
     with pytest.raises(RuntimeError, match="x must be"):
-        ops.gemv_int4(qw.blocks, X[None], 64)
+        gemv(X[None])
 
 
 @needs_kernels

@@ -139,7 +139,7 @@ def _build() -> None:
 
     @torch.library.register_fake("mixtral_cpu::gemv_int8")
     def _(Q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(Q.shape[0])
+        return x.new_empty((*x.shape[:-1], Q.shape[0]))
 
     @torch.library.register_fake("mixtral_cpu::gemv_int4")
     def _(blocks: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:

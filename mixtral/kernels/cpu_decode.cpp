@@ -1107,35 +1107,35 @@ torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int
   return out;
 }
 
+// W x for x [K] -> [N], or for x [M, K] -> [M, N] one row after another, each reading W again: a few rows still
+// beat ATen's weight-only kernels, which convert every weight to float32 (a [3584, 1024] matrix from memory, our time
+// / ATen's: int8 0.42x at one row, 0.63x at 2, 0.70x at 3, 0.80x at 4, 0.55x at 5, and 0.91x `gemm_int8` at 5; int4
+// 0.53x at one row, 0.86x at 2, 0.98x at 4, 0.99x at 8 and as fast as `gemm_int4` at 11).
+torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 1 || x.dim() == 2, name, ": x must be [K] or [M, K], got ", x.sizes());
+  check_weight(x, "x", x.dim());
+  TORCH_CHECK(x.size(-1) == W.K, name, ": weights of ", W.K, " columns and x ", x.sizes());
+  const int64_t M = x.dim() == 1 ? 1 : x.size(0);
+  auto out = x.dim() == 1 ? torch::empty({W.N}, x.options()) : torch::empty({M, W.N}, x.options());
+  for (int64_t i = 0; i < M; ++i)
+    project({W}, Vector(bf16_data(x) + i * W.K, W.K, W.format, W.group), bf16_out(out) + i * W.N);
+  return out;
+}
+
 // int8 weight-only: (Q [N, K] @ x [K]) * scale [N] -> [N] bf16, the function torch._weight_int8pack_mm computes
-// (with x in 15-bit fixed point, see `Fixed`; rounded once).
+// (with x in 15-bit fixed point, see `Fixed`; rounded once); x [M, K] -> [M, N] (see `gemv_rows`).
 torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, const torch::Tensor& x) {
   check_int8(Q, scale, 2);  // (not `matrix`: it would take non-int8 weights for another format)
-  const Weights W{Format::kInt8, Q.data_ptr(), bf16_data(scale), Q.size(0), Q.size(1), 0};
-  check_weight(x, "x", 1);
-  TORCH_CHECK(x.size(0) == W.K, "gemv_int8: Q ", Q.sizes(), " and x ", x.sizes(), " need x of Q's columns");
-  auto out = torch::empty({W.N}, x.options());
-  project({W}, Vector(bf16_data(x), W.K, Format::kInt8), bf16_out(out));
-  return out;
+  return gemv_rows(Weights{Format::kInt8, Q.data_ptr(), bf16_data(scale), Q.size(0), Q.size(1), 0}, x, "gemv_int8");
 }
 
 // int4 weight-only: the int4 matrix `blocks` [N / 64, K / group, group * 32 + 256] (see `dot_blocks_i4`) times x
 // [K] -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes on the same numbers (x in fixed point,
-// see `Fixed`). x [M, K] -> [M, N]: one row after another, each reading the weights again: up to ~11 rows still
-// as fast as ATen's int4 kernel, which converts every weight to float32 (a [3584, 1024] matrix: 0.5x its time at
-// one row, 0.86x at 2, 0.98x at 4, 0.99x at 8; beyond, `gemm_int4` is faster).
+// see `Fixed`); x [M, K] -> [M, N] (see `gemv_rows`).
 torch::Tensor gemv_int4(const torch::Tensor& blocks, const torch::Tensor& x, int64_t group) {
   check_int4(blocks, 3, group);  // (not `matrix`: it would take weights of another format)
   const auto [N, K] = int4_shape(blocks, group);
-  const Weights W{Format::kInt4, blocks.data_ptr(), nullptr, N, K, group};
-  TORCH_CHECK(x.dim() == 1 || x.dim() == 2, "gemv_int4: x must be [K] or [M, K], got ", x.sizes());
-  check_weight(x, "x", x.dim());
-  TORCH_CHECK(x.size(-1) == K, "gemv_int4: weights of ", K, " columns and x ", x.sizes());
-  const int64_t M = x.dim() == 1 ? 1 : x.size(0);
-  auto out = x.dim() == 1 ? torch::empty({N}, x.options()) : torch::empty({M, N}, x.options());
-  for (int64_t i = 0; i < M; ++i)
-    project({W}, Vector(bf16_data(x) + i * K, K, Format::kInt4, group), bf16_out(out) + i * N);
-  return out;
+  return gemv_rows(Weights{Format::kInt4, blocks.data_ptr(), nullptr, N, K, group}, x, "gemv_int4");
 }
 
 // [W_0; W_1; ...] @ x: one call for several bf16 matrices of K columns (e.g. wq, wk, wv), their rows split over
