@@ -9,10 +9,11 @@ LM head (int8 in both modes: it is 14% of the bench model's active bytes, and in
 for little speed). The router, norms and embedding stay in the model's dtype: the router decides which
 experts run (a flipped top-k is a large error), the norms are tiny, and one embedding row is read per token.
 
-Kernels (measured on our CPUs before choosing, see the README): PyTorch's own `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` (AVX-512/AMX code inside ATen) read int8/int4 weights much faster than a
-bf16 GEMV reads bf16; torchao's eager int8 path was 5x slower than bf16, so we call the ATen ops directly.
-Every quantized weight can also `dequantize()` itself: the reference the tests compare the kernels with.
+Kernels (measured on our CPUs before choosing, see the README): on CPUs with AVX-512 our own
+(`kernels/cpu_decode.cpp`: integer dot products for up to a few rows, dequantized tiles beyond), which ran
+2-2.4x faster than PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` at one row; elsewhere
+those ATen ops (torchao's eager int8 path was 5x slower than bf16). Every quantized weight can also
+`dequantize()` itself: the reference the tests compare the kernels with.
 
 int4 weights sit in memory and on disk as one uint8 tensor `blocks` [..., N/64, G, group_size * 32 + 256]:
 for each block of 64 output rows and each group of input channels, the group's columns in PyTorch's
