@@ -11,7 +11,7 @@ experts run (a flipped top-k is a large error), the norms are tiny, and one embe
 
 Kernels (measured on our CPUs before choosing, see the README): on CPUs with AVX-512 our own
 (`kernels/cpu_decode.cpp`: integer dot products for up to a few rows, dequantized tiles beyond), which ran
-2-2.4x faster than PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` at one row; elsewhere
+1.9-2.4x faster than PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` at one row; elsewhere
 those ATen ops (torchao's eager int8 path was 5x slower than bf16). Every quantized weight can also
 `dequantize()` itself: the reference the tests compare the kernels with.
 
