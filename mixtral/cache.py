@@ -16,21 +16,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
-
-
-def attention_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S]: query at position i sees key at position j iff j <= i (and i - W < j).
-
-    Key positions below zero mark empty cache slots or padding: never attended to. A padding query
-    (position < 0) would see nothing; it sees every key instead of producing NaNs (its output is garbage
-    that nobody reads).
-    """
-    q = qpos_BT[:, :, None]
-    k = kpos_BS[:, None, :]
-    allowed = (k >= 0) & (k <= q)
-    if window is not None:
-        allowed &= k > q - window
-    return (allowed | (q < 0))[:, None]
+from .kernels.ops import attention_mask
 
 
 class KVCache:

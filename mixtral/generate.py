@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import CacheRows, KVCache
-from .model import Transformer
+from .kernels import cpu_step
+from .model import Block, RMSNorm, Transformer
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,8 @@ def compile_model(model: Transformer) -> bool:
     _keep_eager()
     # One compiled entry per (block, prefill/decode shape): more than dynamo's default of 8 cache entries.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(model.layers))
-    for layer in model.layers:  # the fused one-token CPU kernel (Block.forward) stays outside: nothing to compile
-        layer.ops = torch.compile(layer.ops, dynamic=False)
+    for layer in model.layers:  # (the fused one-token CPU step, `decode_step`, runs outside them: nothing to compile)
+        layer.forward = torch.compile(layer.forward, dynamic=False)
     model.compiled = True
     return True
 
@@ -228,10 +229,29 @@ def prefill(
 
 @torch.no_grad()
 def decode_step(model: Transformer, cache: KVCache, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
-    """One new token per sequence, each at its own position (-1: an idle row); returns logits [B, V]."""
+    """One new token per sequence, each at its own position (-1: an idle row); returns logits [B, V].
+
+    One sequence in a bf16 `KVCache` on a CPU takes the fused one-call step (`kernels/cpu_step.py`) where it can
+    run: the same logits as the model's code, which runs everywhere else."""
+    step = _fused_step(model, cache, tokens_B)
+    if step is not None and int(pos_B) >= 0:
+        logits, router_LBE = step(int(tokens_B), int(pos_B), cache)
+        if model.keep_router_logits:
+            model.router_logits = list(router_LBE.unbind(0))
+        return logits[:, 0].float()
     device = model.embed.weight.device
     logits = model(tokens_B.view(-1, 1).to(device), positions=pos_B.view(-1, 1).to(device), cache=cache)
     return logits[:, 0].float()
+
+
+def _fused_step(model: Transformer, cache: KVCache, tokens_B: torch.Tensor) -> cpu_step.Step | None:
+    """The fused one-token step for this call, or None: one token of a one-row bf16 `KVCache` on a CPU, gradients
+    off, and a step the model allows now (`cpu_step.plan`)."""
+    if tokens_B.numel() != 1 or type(cache) is not KVCache or cache.batch_size != 1 or torch.is_grad_enabled():
+        return None
+    if tokens_B.device.type != "cpu" or cache.k[0].dtype != torch.bfloat16:
+        return None
+    return cpu_step.plan(model, Block, RMSNorm)
 
 
 # ---- streaming text ----------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ from .checkpoint import (
     targets_of_stored,
 )
 from .config import ModelConfig
+from .kernels import ops
+from .kernels.ops import Experts, Routing
 from .model import Transformer
 
 TOKENS = ("replicated", "sharded")
@@ -527,29 +529,23 @@ class ParallelExperts:
         self.replicated = state.tokens == "replicated"
 
     def __call__(
-        self,
-        x_TD: torch.Tensor,
-        w1_EFD: torch.Tensor,
-        w2_EDF: torch.Tensor,
-        w3_EFD: torch.Tensor,
-        weights_TK: torch.Tensor,
-        idx_TK: torch.Tensor,
-        local: Callable[..., torch.Tensor],
+        self, x_TD: torch.Tensor, stack: Experts, routing: Routing, local: Callable[..., torch.Tensor]
     ) -> torch.Tensor:
+        weights_TK, idx_TK = routing
         if self.tp > 1:
             # Every TP rank computes part of F for all its tokens: the gradients of x and of the router
             # weights are partial on each rank and summed backwards.
             x_TD, weights_TK = copy_to_group(x_TD, self.tp_group), copy_to_group(weights_TK, self.tp_group)
         T = x_TD.shape[0]
         if self.ep == 1:
-            out_TD = local(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+            out_TD = local(x_TD, stack, Routing(weights_TK, idx_TK))
         else:
             if self.replicated:
                 lo, hi = _chunk(T, self.ep, self.ep_rank)
                 x_TD = _split(x_TD, self.ep_group, self.ep_rank, self.ep)
                 weights_TK = _split(weights_TK, self.ep_group, self.ep_rank, self.ep)
                 idx_TK = idx_TK[lo:hi]
-            out_TD = self._exchange(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK, local)
+            out_TD = self._exchange(x_TD, stack, Routing(weights_TK, idx_TK), local)
         if self.tp > 1:
             out_TD = sum_over_group(out_TD, self.tp_group)
         if self.ep > 1 and self.replicated:
@@ -560,23 +556,15 @@ class ParallelExperts:
         return out_TD
 
     def _exchange(
-        self,
-        x_TD: torch.Tensor,
-        w1_EFD: torch.Tensor,
-        w2_EDF: torch.Tensor,
-        w3_EFD: torch.Tensor,
-        weights_TK: torch.Tensor,
-        idx_TK: torch.Tensor,
-        local: Callable[..., torch.Tensor],
+        self, x_TD: torch.Tensor, stack: Experts, routing: Routing, local: Callable[..., torch.Tensor]
     ) -> torch.Tensor:
         """Send each (token, expert) pair to the rank holding the expert, run the experts there, bring the
-        results back, weight and sum them: `experts_grouped` with an all-to-all on each side."""
-        T, K = idx_TK.shape
-        n_local = w1_EFD.shape[0]
+        results back, weight and sum them: `ops.experts`' grouping with an all-to-all on each side."""
+        T = routing.idx_TK.shape[0]
+        n_local = stack.n
         n_experts = n_local * self.ep
-        flat = idx_TK.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, hence by the rank that holds it
-        token_of = order // K
+        flat = routing.idx_TK.reshape(-1)
+        order, token_of = ops.pairs_by_expert(routing.idx_TK)  # grouped by expert, hence by the rank holding it
         counts = torch.bincount(flat, minlength=n_experts)  # pairs this rank sends to each expert
         # From each rank, how many pairs it sends to each of this rank's experts: [ep * n_local].
         recv_counts = torch.empty_like(counts)
@@ -589,17 +577,14 @@ class ParallelExperts:
             torch.arange(n_local, device=flat.device).repeat(self.ep), recv_counts
         ).view(-1, 1)
         ones = torch.ones(local_idx.shape, dtype=torch.float32, device=flat.device)
-        y_recv = local(x_recv, w1_EFD, w2_EDF, w3_EFD, ones, local_idx)
+        y_recv = local(x_recv, stack, Routing(ones, local_idx))
         if _needs_grad(x_recv) and not y_recv.requires_grad:
             # No pair came to this rank's experts, so no expert ran and the result is outside the graph: tie
             # it back in (adding 0) so that this rank, too, runs both all-to-alls backward, in step with the rest.
             y_recv = y_recv + x_recv.sum().to(y_recv.dtype) * 0
         ys = all_to_all(y_recv, send, recv, self.ep_group)
-        # Weight and sum in float32 on the token's own rank, as experts_grouped does.
-        ys = ys.float() * weights_TK.reshape(-1)[order, None]
-        out_TD = torch.zeros((T, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
-        out_TD = out_TD.index_add(0, token_of, ys)
-        return out_TD.to(x_TD.dtype)
+        # Weighted and summed in float32 on the token's own rank, as in `ops.experts`.
+        return ops.combine([ys], routing.weights_TK.reshape(-1)[order], token_of, T)
 
 
 def _split(x: torch.Tensor, group: Any, rank: int, parts: int) -> torch.Tensor:

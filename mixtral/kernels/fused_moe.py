@@ -1,6 +1,7 @@
 """Fused MoE experts for GPUs: every expert of a layer in one grouped-GEMM launch per projection (Triton).
 
-The computation, the same function as `mixtral.moe.experts_grouped` (its reference and its fallback):
+The computation, the same function as `ops.experts` (its reference; `ops.experts_triton` falls back to it where
+this kernel cannot run):
 1. `align_by_expert`: the T*K (token, expert) pairs sorted by expert, each expert's group padded to a
    multiple of BLOCK_M so that every block of BLOCK_M rows belongs to one expert. Tensor ops only, on
    the device, with no host synchronisation (the buffers are sized for the worst case), so the kernel
@@ -23,13 +24,9 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-from ..moe import experts_grouped, grouped_by_expert
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,15 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"tensors on {device} need a CUDA GPU (or TRITON_INTERPRET=1 to interpret the kernel on the CPU)"
 
 
+def unavailable_reason(x_TD: torch.Tensor, *weights: torch.Tensor) -> str | None:
+    """Why the kernel cannot run on these tensors (no triton, tensors neither on a GPU nor interpreted, or
+    gradients needed: the kernel has no backward), or None when it can."""
+    reason = triton_unavailable_reason(x_TD.device)
+    if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, *weights)):
+        reason = "gradients are needed and the kernel has no backward"
+    return reason
+
+
 def align_by_expert(idx_TK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs sorted by expert, each expert's group padded to a multiple of `block_m`.
 
@@ -111,28 +117,6 @@ def quantize_int8(w_EOI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def experts_grouped_int8(
-    x_TD: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-    w3_EFD: torch.Tensor,
-    weights_TK: torch.Tensor,
-    idx_TK: torch.Tensor,
-    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """The plain PyTorch path for int8 experts: each used expert dequantized to x's dtype, then as
-    `experts_grouped`. The reference for the int8 kernel and its fallback."""
-    s1, s2, s3 = scales
-
-    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
-        w1 = w1_EFD[e].to(x_TD.dtype) * s1[e, :, None].to(x_TD.dtype)
-        w2 = w2_EDF[e].to(x_TD.dtype) * s2[e, :, None].to(x_TD.dtype)
-        w3 = w3_EFD[e].to(x_TD.dtype) * s3[e, :, None].to(x_TD.dtype)
-        return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
-
-    return grouped_by_expert(x_TD, weights_TK, idx_TK, w1_EFD.shape[0], expert)
-
-
 def fused_experts(
     x_TD: torch.Tensor,
     w1_EFD: torch.Tensor,
@@ -143,25 +127,12 @@ def fused_experts(
     *,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     config: KernelConfig | None = None,
-    fallback: bool = True,
 ) -> torch.Tensor:
-    """MoE experts through the fused Triton kernel (same signature and result as `experts_grouped`).
-
-    Where the kernel cannot run — no triton, tensors neither on a GPU nor interpreted (TRITON_INTERPRET=1),
-    or gradients needed (the kernel has no backward) — the plain path runs instead, with a warning; with
-    `fallback=False` that is an error.
-    """
-    reason = triton_unavailable_reason(x_TD.device)
-    needs_grad = any(t.requires_grad for t in (x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK))
-    if reason is None and torch.is_grad_enabled() and needs_grad:
-        reason = "gradients are needed and the kernel has no backward"
+    """MoE experts through the fused Triton kernel (the same result as `ops.experts`). Where it cannot run
+    (`unavailable_reason`) that is an error: `ops.experts_triton` is the entry that falls back."""
+    reason = unavailable_reason(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK)
     if reason is not None:
-        if not fallback:
-            raise RuntimeError(f"the fused MoE Triton kernel cannot run: {reason}")
-        warnings.warn(f"fused MoE kernel unavailable, using the plain PyTorch path: {reason}", stacklevel=2)
-        if scales is not None:
-            return experts_grouped_int8(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK, scales)
-        return experts_grouped(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, idx_TK)
+        raise RuntimeError(f"the fused MoE Triton kernel cannot run: {reason}")
     if scales is None and w1_EFD.dtype != x_TD.dtype:
         raise TypeError(f"expert weights are {w1_EFD.dtype} but activations {x_TD.dtype}; int8 weights need scales")
     if scales is not None:

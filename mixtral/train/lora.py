@@ -69,6 +69,7 @@ def apply_lora(model: Transformer, rank: int, alpha: float, targets: tuple[str, 
         parametrize.register_parametrization(module, attr, delta)
         params += [delta.A, delta.B]
     model.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    model.version += 1
     return params
 
 
@@ -128,4 +129,5 @@ def merge_lora(model: Transformer) -> Transformer:
     del model.lora
     for p in model.parameters():
         p.requires_grad_(True)
+    model.version += 1
     return model

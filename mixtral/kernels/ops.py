@@ -1,0 +1,481 @@
+"""The one place that picks an implementation per operation: linear, rms_norm, rotary embedding, attention,
+swiglu / experts and combine. Each op looks at the device, dtype, weight format and row count, and calls our
+CPU kernels (`cpu.py`, `cpu_decode.cpp`), the Triton MoE kernel (`fused_moe.py`) or plain PyTorch; every
+threshold that decides it sits here, and each op's plain PyTorch reference (`*_reference`) beside it. The
+tests compare each fast path with its reference; docs/kernels.md says why each kernel and threshold is what it is.
+
+The model (`model.py`) and the MoE block (`moe.py`) call these functions and nothing else of the runtime.
+
+A CPU kernel runs only without gradients (training takes the PyTorch paths, which autograd knows) and only
+where it computes the same function: the same products, summed in float32 and rounded once.
+
+Shape legend: B batch, T query tokens, S key tokens, H query heads, G key/value heads, d head dim,
+D model dim, E experts, F expert hidden dim, K experts per token, N output channels, P (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu
+from .weights import QuantizedView, QuantizedWeight, aten_scales_zeros, dequantized, int4_parts
+
+Weight = torch.Tensor | QuantizedWeight | QuantizedView
+
+# ---- thresholds ------------------------------------------------------------------------------------------------
+
+# Up to this many rows (the tokens of one expert in a prefill, a short prompt, decode at batch <= 96) a bf16 matmul
+# runs as our GEMM kernel of a few rows; beyond, oneDNN's (F.linear) is faster.
+FEW_ROWS = 96
+
+# Up to this many rows a bf16 or quantized expert (`swiglu`), and a matmul with quantized weights, run as our kernels'
+# fused calls; beyond, F.linear (int8: on its weights dequantized per call) and ATen's int4 kernel. int4 has no limit:
+# ATen's int4 GEMM converts every weight to float32.
+FUSED_ROWS = {"bf16": 160, "int8": 512, "int4": sys.maxsize}
+
+# ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
+# faster than dequantizing blocks.
+FUSED_MIN_ROWS = {"int8": 6, "int4": 12}
+
+# From this many rows on (a prefill, compute-bound) an int8 matmul outside our kernels dequantizes the weight (one
+# cheap pass) and runs the bf16 GEMM: ATen's int8 kernel multiplies at about a third of its speed.
+DEQUANT_ROWS = 32
+
+# Query rows x key positions up to which a one-sequence prompt's attention runs row by row in our decode attention
+# kernel; above, PyTorch's flash attention (made for long queries) wins.
+ROW_ATTENTION_MAX = 512 * 512
+
+
+def _cpu_ops(x: torch.Tensor) -> Any:
+    """Our CPU kernels for bf16 x on a CPU without gradients, else None."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return None
+    return cpu.ops()
+
+
+# ---- linear ----------------------------------------------------------------------------------------------------
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """`F.linear(x, w)` for a plain weight or a quantized one (`weights.py`).
+
+    Plain weights, without gradients on a CPU: bf16 rows go to our kernels, one row to the matrix-vector product
+    (it streams w at the memory bandwidth, where F.linear's x @ w.T reads at ~2/3 of it), 2 to FEW_ROWS rows to the
+    GEMM of a few rows; without them one row is `torch.mv`. All compute the same dot products in float32, rounded
+    once (in a different order); F.linear stays the path everywhere else (autograd, many rows, GPUs)."""
+    if isinstance(w, QuantizedWeight):
+        w = w.view_all()
+    if isinstance(w, QuantizedView):
+        return _linear_quantized(x, w)
+    if x.device.type == "cpu" and w.dim() == 2 and x.shape[-1] and not torch.is_grad_enabled():
+        rows = x.numel() // x.shape[-1]
+        ops = cpu.ops() if w.dtype == x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 else None
+        if ops is not None and 0 < rows <= FEW_ROWS and w.is_contiguous():
+            x2 = x.reshape(rows, -1).contiguous()
+            y = ops.gemv(w, x2.view(-1)) if rows == 1 else ops.gemm(x2, w)
+            return y.view(*x.shape[:-1], w.shape[0])
+        if rows == 1:  # torch.mv pays ~40 us a call but streams w faster than F.linear at one row
+            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """`linear` in plain PyTorch: F.linear on the (dequantized) weight."""
+    if isinstance(w, QuantizedWeight):
+        w = w.view_all()
+    return F.linear(x.to(w.dtype), dequantized(w)).to(x.dtype)
+
+
+def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
+    """x [..., K] @ w.T -> [..., N] with a quantized kernel (activations in the scales' dtype).
+
+    Our AVX-512 kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products, row by
+    row; FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16 tiles of the weights dequantized a block at a
+    time (int8: bit for bit `dequantize()` then `gemm`). Elsewhere ATen's int8 / int4 kernels, or (int8, many rows)
+    the dense GEMM on the weight dequantized for this call."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != w.dtype:
+        x2 = x2.to(w.dtype)
+    rows, int8 = x2.shape[0], w.mode == "int8"
+    if 0 < rows <= FUSED_ROWS[w.mode] and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
+        ops = cpu.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
+        if ops is not None and all(t.is_contiguous() for t in w.tensors):
+            x2 = x2.contiguous()
+            if rows < FUSED_MIN_ROWS[w.mode] and not (int8 and x2.shape[1] % 16):  # (% 16: see below)
+                y = ops.gemv_int8(*w.tensors, x2) if int8 else ops.gemv_int4(*w.tensors, x2, w.group_size)
+                return y.view(*x.shape[:-1], -1).to(x.dtype)
+            if rows >= FUSED_MIN_ROWS[w.mode] and (x2.shape[1] % 32 == 0 or not int8):
+                y = ops.gemm_int8(x2, *w.tensors) if int8 else ops.gemm_int4(x2, *w.tensors, w.group_size)
+                return y.view(*x.shape[:-1], -1).to(x.dtype)
+    if int8 and (rows >= DEQUANT_ROWS or x2.shape[1] % 16):
+        # torch._weight_int8pack_mm (2.13) also gives wrong sums when K is not a multiple of 16.
+        return F.linear(x2, w.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
+    if int8:
+        y = torch._weight_int8pack_mm(x2.contiguous(), *w.tensors)
+    else:
+        packed, sz = int4_parts(w.tensors[0], w.group_size, w.dtype)
+        y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, w.group_size, aten_scales_zeros(sz))
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection module applied to x: a plain nn.Linear (or a quantized weight) through `linear`; a module with
+    hooks (such as tensor parallelism's all-reduce) by calling it, so that its hooks run."""
+    if not (m._forward_hooks or m._forward_pre_hooks):
+        if type(m) is nn.Linear:
+            return linear(x, m.weight)
+        if isinstance(m, QuantizedWeight):
+            return linear(x, m)
+    return m(x)
+
+
+def qkv_one_row(wq: nn.Module, wk: nn.Module, wv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """[q; k; v] of a single token (x [1, 1, D]) in one kernel call, or None where the kernel cannot run (then one
+    projection each): bf16 nn.Linear without hooks only."""
+    ws = [kernel_tensors(m) for m in (wq, wk, wv)]
+    if any(w is None or len(w) != 1 for w in ws) or x.shape[-1] % 32 or not x.is_contiguous():
+        return None
+    ops = _cpu_ops(x)
+    return None if ops is None else ops.gemv_cat([w[0] for w in ws], x.reshape(-1))
+
+
+def kernel_tensors(w: nn.Module | torch.Tensor | QuantizedView) -> list[torch.Tensor] | None:
+    """A weight as the CPU kernels take it: [w] for plain bf16 (a tensor, or an nn.Linear without hooks), [q, scale]
+    for int8, [blocks] for int4 (bf16 scales), all contiguous on the CPU; None for anything else (the caller then
+    takes the PyTorch path)."""
+    if isinstance(w, QuantizedWeight):
+        w = w.view_all()
+    if isinstance(w, QuantizedView):
+        if w.dtype != torch.bfloat16:
+            return None
+        tensors = list(w.tensors)
+    elif type(w) is nn.Linear and not (w._forward_hooks or w._forward_pre_hooks):
+        tensors = [w.weight]
+    elif type(w) in (torch.Tensor, nn.Parameter):
+        tensors = [w]
+    else:
+        return None
+    if not isinstance(w, QuantizedView) and tensors[0].dtype != torch.bfloat16:
+        return None
+    return tensors if all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) else None
+
+
+def int4_group(w: Any) -> int:
+    """The int4 group size of a weight (0 for anything else)."""
+    if isinstance(w, QuantizedWeight | QuantizedView) and w.mode == "int4":
+        return w.group_size
+    return 0
+
+
+# ---- rms_norm --------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm_reference`; bf16 on a CPU without gradients in one kernel call with the same roundings (the
+    reference is ~10 small ops)."""
+    if x.dtype == weight.dtype and x.is_contiguous():
+        ops = _cpu_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 (bf16 sums of squares lose too much), cast back, then scale: the same order of roundings
+    # as the reference implementations.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+# ---- rotary embedding ------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The rotary frequencies [d/2], float32: the angle of pair i at position p is p * inv_freq[i]."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def rope_cos_sin(
+    pos_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, d] for the rotate-half layout, angles computed in float32."""
+    angles = pos_BT.float()[..., None] * rope_inv_freq(head_dim, theta, pos_BT.device)  # [B, T, d/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of each head by the position's angles ("rotate-half" layout, the one Hugging Face
+    checkpoints use; consolidated checkpoints are permuted into it when loaded)."""
+    half = x_BHTd.shape[-1] // 2
+    rotated = torch.cat((-x_BHTd[..., half:], x_BHTd[..., :half]), dim=-1)
+    return x_BHTd * cos_BTd[:, None] + rotated * sin_BTd[:, None]
+
+
+# ---- attention -------------------------------------------------------------------------------------------------
+
+
+def attention_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: query at position i sees key at position j iff j <= i (and i - W < j).
+
+    Key positions below zero mark empty cache slots or padding: never attended to. A padding query (position < 0)
+    would see nothing; it sees every key instead of producing NaNs (its output is garbage that nobody reads)."""
+    q = qpos_BT[:, :, None]
+    k = kpos_BS[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return (allowed | (q < 0))[:, None]
+
+
+def attention(
+    q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), masked) v, query head h reading key/value head h // (H / G).
+
+    bf16 on a CPU without gradients goes to our kernel (`decode_attention`, the same sums in float32) for one new
+    token per sequence (decode): PyTorch's CPU flash attention pays a large fixed cost per call for a single query
+    row. A short prompt of one sequence (T * S <= ROW_ATTENTION_MAX) goes there too, each query row as a sequence
+    of its own over the same keys (views, no copies)."""
+    B, _, T, d = q_BHTd.shape
+    ops = _cpu_ops(q_BHTd) if d % 32 == 0 else None
+    if ops is not None:
+        scale = d**-0.5
+        if T == 1:
+            return ops.decode_attention(q_BHTd.contiguous(), k_BGSd, v_BGSd, mask_B1TS.contiguous(), scale)
+        if B == 1 and T * k_BGSd.shape[2] <= ROW_ATTENTION_MAX:
+            q_T = q_BHTd[0].transpose(0, 1).unsqueeze(2).contiguous()  # [T, H, 1, d]: query rows as a batch
+            k, v = k_BGSd.expand(T, -1, -1, -1), v_BGSd.expand(T, -1, -1, -1)
+            out_TH1d = ops.decode_attention(q_T, k, v, mask_B1TS[0, 0, :, None, None, :].contiguous(), scale)
+            return out_TH1d.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, T, d] (a view)
+    return attention_reference(q_BHTd, k_BGSd, v_BGSd, mask_B1TS)
+
+
+def attention_reference(
+    q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor
+) -> torch.Tensor:
+    gqa = q_BHTd.shape[1] != k_BGSd.shape[1]
+    return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_B1TS, enable_gqa=gqa)
+
+
+# ---- experts ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A layer's stacked SwiGLU experts: w1, w3 [E, F, D], w2 [E, D, F] (tensors or quantized weights)."""
+
+    w1: Any
+    w2: Any
+    w3: Any
+
+    @property
+    def n(self) -> int:
+        return self.w1.shape[0]
+
+    def __getitem__(self, e: int) -> tuple[Any, Any, Any]:
+        """Expert e's (w1, w2, w3): views, no copies."""
+        return self.w1[e], self.w2[e], self.w3[e]
+
+
+class Routing(NamedTuple):
+    """Each token's chosen experts, best first, and their weights (float32)."""
+
+    weights_TK: torch.Tensor
+    idx_TK: torch.Tensor
+
+
+def swiglu(x: torch.Tensor, w1_FD: Weight, w2_DF: Weight, w3_FD: Weight) -> torch.Tensor:
+    """One SwiGLU expert: w2( silu(w1 x) * (w3 x) ). A few rows of bf16 on a CPU with the kernels (an expert's
+    tokens in a prefill) go to one fused call (`swiglu`, `swiglu_int8`, `swiglu_int4`): the op-by-op expert on bf16
+    or dequantized weights (int8: the same sums and roundings; int4: the sums in another order), without writing out
+    and reading back the two [rows, F] products, and reading the quantized bytes."""
+    kind = _fused_swiglu(x, w1_FD, w2_DF, w3_FD)
+    if kind is None:
+        return linear(F.silu(linear(x, w1_FD)) * linear(x, w3_FD), w2_DF)
+    ops = cpu.ops()
+    if kind == "bf16":
+        return ops.swiglu(x, w1_FD, w2_DF, w3_FD)
+    if kind == "int8":
+        return ops.swiglu_int8(x, *w1_FD.tensors, *w2_DF.tensors, *w3_FD.tensors)
+    return ops.swiglu_int4(x, *w1_FD.tensors, *w2_DF.tensors, *w3_FD.tensors, w1_FD.group_size)
+
+
+def swiglu_reference(x: torch.Tensor, w1_FD: Weight, w2_DF: Weight, w3_FD: Weight) -> torch.Tensor:
+    w1, w2, w3 = (dequantized(w) for w in (w1_FD, w2_DF, w3_FD))
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def _fused_swiglu(x: torch.Tensor, *weights: Weight) -> str | None:
+    """Which fused call `swiglu` can make ("bf16", "int8" or "int4"), or None: 2 (quantized: FUSED_MIN_ROWS) to
+    FUSED_ROWS rows (per format) of bf16 without gradients on a CPU with the kernels; contiguous bf16 weights, or
+    int8 / int4 views (one group size) with bf16 scales; dims multiples of 32 (int4: of 64 and of the group size)."""
+    if x.dim() != 2 or x.shape[0] < 2 or not x.is_contiguous() or _cpu_ops(x) is None:
+        return None
+    D = x.shape[1]
+    if all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
+        F_ = weights[1].shape[1]
+        return "bf16" if D % 32 == 0 and F_ % 32 == 0 and x.shape[0] <= FUSED_ROWS["bf16"] else None
+    views = [w for w in weights if isinstance(w, QuantizedView) and all(t.is_contiguous() for t in w.tensors)]
+    if len(views) != 3 or len({(w.mode, w.group_size, w.dtype) for w in views}) != 1:
+        return None
+    if views[0].dtype != x.dtype:
+        return None
+    if not FUSED_MIN_ROWS[views[0].mode] <= x.shape[0] <= FUSED_ROWS[views[0].mode]:
+        return None
+    F_ = views[0].shape[0]
+    if views[0].mode == "int8":
+        return "int8" if D % 32 == 0 and F_ % 32 == 0 else None
+    group = views[0].group_size
+    return "int4" if all(n % 64 == 0 and n % group == 0 for n in (D, F_)) and group % 16 == 0 else None
+
+
+def experts(x_TD: torch.Tensor, stack: Experts, routing: Routing) -> torch.Tensor:
+    """Each token's chosen experts, scaled by their router weights and summed (in float32, rounded once) -> [T, D].
+
+    A single token without gradients (decode at batch 1) runs its K experts directly (`experts_decode`); more tokens
+    are grouped by expert, one matmul per used expert (`grouped_by_expert`)."""
+    if routing.idx_TK.shape[0] == 1 and not torch.is_grad_enabled():
+        return experts_decode(x_TD, stack, routing)
+    return grouped_by_expert(x_TD, routing, stack.n, lambda e, h: swiglu(h, *stack[e]))
+
+
+def grouped_by_expert(
+    x_TD: torch.Tensor, routing: Routing, n_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Sort the T*K (token, expert) pairs by expert, run `expert(e, rows)` once per used expert on a contiguous
+    slice of its rows, then scale by the router weights and sum each token's k outputs. Experts nobody chose cost
+    nothing."""
+    T = routing.idx_TK.shape[0]
+    order, token_of = pairs_by_expert(routing.idx_TK)
+    counts = torch.bincount(routing.idx_TK.reshape(-1), minlength=n_experts).tolist()  # slice bounds, on the host
+    xs = x_TD[token_of]
+    ys, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            ys.append(expert(e, xs[start : start + n]))
+            start += n
+    if not ys:  # no tokens
+        return x_TD.new_zeros(x_TD.shape)
+    return combine(ys, routing.weights_TK.reshape(-1)[order], token_of, T)
+
+
+def pairs_by_expert(idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T*K (token, expert) pairs sorted by expert, token order kept inside each expert: (order_P, the index of
+    each sorted pair among the T*K; token_of_P, the token it came from)."""
+    order = torch.argsort(idx_TK.reshape(-1), stable=True)
+    return order, order // idx_TK.shape[1]
+
+
+def combine(ys: list[torch.Tensor], weights_P: torch.Tensor, token_of_P: torch.Tensor, T: int) -> torch.Tensor:
+    """The experts' outputs (one after another: the pairs sorted by expert) scaled by their router weights and summed
+    per token -> [T, D]: in float32, each token's k contributions added in pair order from 0, rounded once. bf16 on a
+    CPU with the kernels: one call (`combine`, the same products and sums in the same order)."""
+    ops = _cpu_ops(ys[0]) if all(y.dtype == torch.bfloat16 for y in ys) else None
+    if ops is not None:
+        return ops.combine([y.contiguous() for y in ys], weights_P.float().contiguous(), token_of_P.contiguous(), T)
+    return combine_reference(ys, weights_P, token_of_P, T)
+
+
+def combine_reference(
+    ys: list[torch.Tensor], weights_P: torch.Tensor, token_of_P: torch.Tensor, T: int
+) -> torch.Tensor:
+    y_PD = torch.cat(ys).float() * weights_P[:, None]
+    out_TD = torch.zeros((T, y_PD.shape[1]), dtype=torch.float32, device=y_PD.device)
+    out_TD.index_add_(0, token_of_P, y_PD)
+    return out_TD.to(ys[0].dtype)
+
+
+def experts_decode(x_TD: torch.Tensor, stack: Experts, routing: Routing) -> torch.Tensor:
+    """For a handful of tokens (decode): each token runs its K chosen experts directly, indexing their weights in
+    place (a view, no copy). Cost: T*K expert calls whatever the number of experts.
+
+    The chosen ids are read on the host (one small read per layer: on a CPU that is no device sync). Scaling and the
+    sum over the K experts happen in float32, rounded once, as in the other paths. bf16, int8 and int4 experts of one
+    token on a CPU with the kernels run as one fused call (`experts`, `experts_int8`, `experts_int4`: the same
+    roundings, the matrix-vector products at the memory bandwidth)."""
+    weights_TK, idx_TK = routing
+    fused = _fused_experts_cpu(x_TD, stack) if x_TD.shape[0] == 1 else None
+    if fused is not None:
+        ops, tensors = cpu.ops(), [t for ts in fused for t in ts]
+        if not isinstance(stack.w1, QuantizedWeight):
+            return ops.experts(x_TD, *tensors, weights_TK, idx_TK)
+        if stack.w1.mode == "int8":
+            return ops.experts_int8(x_TD, *tensors, weights_TK, idx_TK)
+        return ops.experts_int4(x_TD, *tensors, weights_TK, idx_TK, stack.w1.group_size)
+    chosen = idx_TK.tolist()
+    out_TD = torch.empty((x_TD.shape[0], x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
+    for t, chosen_t in enumerate(chosen):
+        x = x_TD[t : t + 1]
+        acc = None
+        for k, e in enumerate(chosen_t):
+            y = swiglu(x, *stack[e]).float() * weights_TK[t, k]
+            acc = y if acc is None else acc + y
+        out_TD[t : t + 1] = acc
+    return out_TD.to(x_TD.dtype)
+
+
+def _fused_experts_cpu(x_TD: torch.Tensor, stack: Experts) -> list[list[torch.Tensor]] | None:
+    """The experts' tensors as the CPU decode kernel takes them (`kernel_tensors`), or None where it cannot run: the
+    kernels unavailable, x not bf16 on the CPU, weights of mixed formats or int4 group sizes, dims not multiples of
+    32 (int4: of 64)."""
+    if x_TD.device.type != "cpu" or x_TD.dtype != torch.bfloat16 or cpu.ops() is None:
+        return None
+    weights = (stack.w1, stack.w2, stack.w3)
+    tensors = [kernel_tensors(w) for w in weights]
+    if any(ts is None for ts in tensors):
+        return None
+    kinds = {(w.mode, w.group_size) if isinstance(w, QuantizedWeight) else "bf16" for w in weights}
+    if len(kinds) > 1:
+        return None
+    multiple = 64 if int4_group(weights[0]) else 32
+    if x_TD.shape[1] % multiple or weights[0].shape[1] % multiple:
+        return None
+    return tensors
+
+
+def experts_triton(
+    x_TD: torch.Tensor,
+    stack: Experts,
+    routing: Routing,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: Any = None,
+    fallback: bool = True,
+) -> torch.Tensor:
+    """The fused Triton kernel (`fused_moe.py`): one grouped-GEMM launch per projection for all experts; int8
+    experts with float32 per-channel `scales`. Where it cannot run (no triton, CPU tensors outside
+    TRITON_INTERPRET=1, autograd) the plain path runs instead with a warning (`experts`, or
+    `experts_int8_reference`); with `fallback=False` that is an error."""
+    from . import fused_moe  # triton itself is imported only when the kernel launches: it is optional
+
+    reason = fused_moe.unavailable_reason(x_TD, stack.w1, stack.w2, stack.w3, routing.weights_TK)
+    if reason is None or not fallback:
+        return fused_moe.fused_experts(x_TD, stack.w1, stack.w2, stack.w3, *routing, scales=scales, config=config)
+    warnings.warn(f"fused MoE kernel unavailable, using the plain PyTorch path: {reason}", stacklevel=2)
+    if scales is not None:
+        return experts_int8_reference(x_TD, stack, routing, scales)
+    return experts(x_TD, stack, routing)
+
+
+def experts_int8_reference(
+    x_TD: torch.Tensor, stack: Experts, routing: Routing, scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """The plain path for the Triton kernel's int8 experts (int8 tensors, float32 per-output-channel `scales`): each
+    used expert dequantized to x's dtype, then grouped as `experts`. The reference for that kernel and its fallback."""
+
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+        weights = (stack.w1, stack.w2, stack.w3)
+        w1, w2, w3 = (w[e].to(x_TD.dtype) * s[e, :, None].to(x_TD.dtype) for w, s in zip(weights, scales, strict=True))
+        return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
+
+    return grouped_by_expert(x_TD, routing, stack.n, expert)
