@@ -13,22 +13,29 @@ import torch
 
 import mixtral
 from mixtral import cli
-from mixtral import model as model_module
-from mixtral.cache import KVCache, attention_mask
+from mixtral.cache import KVCache
 from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
 from mixtral.kernels import cpu as cpu_kernels
-from mixtral.model import Block, RMSNorm, Transformer, attend
-from mixtral.moe import FUSED_MIN_ROWS, FUSED_ROWS, experts_decode, experts_reference, grouped_by_expert, swiglu
-from mixtral.quantize import (
+from mixtral.kernels import cpu_step
+from mixtral.kernels import ops as kops
+from mixtral.kernels.ops import (
     FEW_ROWS,
-    QuantizedWeight,
-    aten_scales_zeros,
-    int4_parts,
+    FUSED_MIN_ROWS,
+    FUSED_ROWS,
+    Experts,
+    Routing,
+    attention,
+    attention_mask,
+    experts_decode,
+    grouped_by_expert,
     linear,
-    quantize_int8,
-    quantize_model,
+    swiglu,
 )
+from mixtral.kernels.weights import QuantizedWeight, aten_scales_zeros, int4_parts, quantize_int8
+from mixtral.model import RMSNorm, Transformer
+from mixtral.moe import experts_reference
+from mixtral.quantize import QuantizedLinear, quantize_model
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -69,9 +76,9 @@ def test_combine_equals_the_pytorch_sum_bit_for_bit(T, K, D, monkeypatch):
     real = cpu_kernels.ops().combine
     monkeypatch.setattr(torch.ops.mixtral_cpu, "combine", lambda *a: calls.append(len(a[0])) or real(*a))
     with torch.no_grad():
-        fast = grouped_by_expert(x, weights, idx, E, expert)
+        fast = grouped_by_expert(x, Routing(weights, idx), E, expert)
         with cpu_kernels.disabled():
-            plain = grouped_by_expert(x, weights, idx, E, expert)
+            plain = grouped_by_expert(x, Routing(weights, idx), E, expert)
     assert calls == [len(set(idx.flatten().tolist()))]  # one call, given each used expert's output
     assert fast.dtype == torch.bfloat16 and torch.equal(fast, plain)
     with pytest.raises(RuntimeError, match="names token"):
@@ -297,11 +304,11 @@ def test_fused_experts_equal_the_reference_dispatch(top_k):
     x = torch.randn(1, D, dtype=torch.bfloat16)
     weights, idx = torch.softmax(torch.randn(1, top_k), -1), torch.randperm(E)[:top_k][None]
     with torch.no_grad():
-        fast = experts_decode(x, w1, w2, w3, weights, idx)
-        ref = experts_reference(x, w1, w2, w3, weights, idx)
+        fast = experts_decode(x, Experts(w1, w2, w3), Routing(weights, idx))
+        ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))
         with cpu_kernels.disabled():
-            plain = experts_decode(x, w1, w2, w3, weights, idx)
-        exact = experts_reference(x.float(), w1.float(), w2.float(), w3.float(), weights, idx)
+            plain = experts_decode(x, Experts(w1, w2, w3), Routing(weights, idx))
+        exact = experts_reference(x.float(), Experts(w1.float(), w2.float(), w3.float()), Routing(weights, idx))
     assert fast.dtype == torch.bfloat16 and fast.shape == (1, D)
     torch.testing.assert_close(fast, ref, rtol=2e-2, atol=2e-2)
     assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
@@ -355,9 +362,9 @@ def test_decode_attention_equals_sdpa(B, H, G, S, d, peak):
     mask = torch.rand(B, 1, 1, S) < 0.7
     mask[..., 0] = True  # every row attends to something
     with torch.no_grad():
-        fast = attend(q, k, v, mask)
+        fast = attention(q, k, v, mask)
         with cpu_kernels.disabled():
-            plain = attend(q, k, v, mask)
+            plain = attention(q, k, v, mask)
     assert fast.shape == (B, H, 1, d)
     _assert_attention_close(fast, plain, q, k, v, mask)
     with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
@@ -380,11 +387,11 @@ def test_a_short_prompts_attention_runs_row_by_row_and_equals_sdpa(H, G, T, pref
     real = cpu_kernels.ops().decode_attention
     monkeypatch.setattr(torch.ops.mixtral_cpu, "decode_attention", lambda q, *a: calls.append(q.shape) or real(q, *a))
     with torch.no_grad():
-        fast = attend(q, k, v, mask)
+        fast = attention(q, k, v, mask)
         with cpu_kernels.disabled():
-            plain = attend(q, k, v, mask)
-        monkeypatch.setattr(model_module, "ROW_ATTENTION_MAX", T * S - 1)
-        attend(q, k, v, mask)  # one position more than the limit: flash attention
+            plain = attention(q, k, v, mask)
+        monkeypatch.setattr(kops, "ROW_ATTENTION_MAX", T * S - 1)
+        attention(q, k, v, mask)  # one position more than the limit: flash attention
     assert calls == [(T, H, 1, d)]
     assert fast.shape == (1, H, T, d)
     _assert_attention_close(fast, plain, q, k, v, mask)
@@ -463,10 +470,10 @@ def test_quantized_experts_equal_the_reference_on_dequantized_weights(mode, grou
     x = torch.randn(1, D, dtype=torch.bfloat16)
     weights, idx = torch.softmax(torch.randn(1, 2), -1), torch.tensor([[5, 2]])
     with torch.no_grad():
-        fast = experts_decode(x, w1, w2, w3, weights, idx)
+        fast = experts_decode(x, Experts(w1, w2, w3), Routing(weights, idx))
         with cpu_kernels.disabled():
-            plain = experts_decode(x, w1, w2, w3, weights, idx)  # torch's int8 / int4 kernel
-        ref = experts_reference(x, w1, w2, w3, weights, idx)  # dequantized weights
+            plain = experts_decode(x, Experts(w1, w2, w3), Routing(weights, idx))  # torch's int8 / int4 kernel
+        ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))  # dequantized weights
     torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
     # the reference runs on weights dequantized to bf16 (int4 values rounded), the kernels on exact ones
     assert _max_err(fast, ref.float()) <= 1.5 * _max_err(plain, ref.float()) + 1e-2
@@ -554,29 +561,37 @@ def _decode(model: Transformer, steps: int, dtype: torch.dtype = torch.bfloat16)
     return torch.cat(logits)
 
 
+def _count_fused_steps(monkeypatch) -> list[bool]:
+    """Record, at each decode step, whether the fused one-call step ran."""
+    ran: list[bool] = []
+    original = cpu_step.Step.__call__
+
+    def run(self, *args):
+        ran.append(True)
+        return original(self, *args)
+
+    monkeypatch.setattr(cpu_step.Step, "__call__", run)
+    return ran
+
+
+def _plain_decode(model: Transformer, steps: int, monkeypatch, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`_decode` op by op (no fused step)."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu_step, "plan", lambda *args: None)
+        return _decode(model, steps, dtype)
+
+
 @needs_kernels
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("window", [None, 8])
-def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
+def test_the_fused_step_equals_the_model_code(mode, window, monkeypatch):
     """`decode_token` (a whole step for one token in one kernel call: embedding, rotary angles, cache slot and mask,
-    every layer, norm and LM head) and `decode_layer` (one block per call) against the model's own code with the
-    single-op kernels: the same roundings, so the same logits and router logits bit for bit (rolling cache
-    included)."""
+    every layer, norm and LM head) against the model's own code with the single-op kernels: the same roundings, so
+    the same logits and router logits bit for bit (rolling cache included)."""
     config, model = _small_model(7, window)
     if mode != "bf16":
         quantize_model(model, mode, group_size=32)
     model.keep_router_logits = True
-    calls = {"model": [], "block": []}
-
-    def counted(cls, kind):
-        original = cls._decode_fused
-
-        def run(self, *args):
-            out = original(self, *args)
-            calls[kind].append(out is not None)
-            return out
-
-        monkeypatch.setattr(cls, "_decode_fused", run)
 
     def steps() -> tuple[torch.Tensor, torch.Tensor]:
         cache = KVCache(config, 1, 40, dtype=torch.bfloat16)
@@ -588,46 +603,28 @@ def test_fused_decode_layer_equals_the_block_code(mode, window, monkeypatch):
             router.append(torch.cat(model.router_logits))
         return torch.cat(logits), torch.stack(router)
 
-    counted(Transformer, "model")
-    counted(Block, "block")
-    layers = steps()
-    assert calls["model"] == [True] * 20 and calls["block"] == []
-    monkeypatch.setattr(Transformer, "_decode_fused", lambda self, *args: None)
-    per_block = steps()
-    assert calls["block"] == [True] * (2 * 20)
-    monkeypatch.setattr(Block, "_decode_fused", lambda self, *args: None)
+    ran = _count_fused_steps(monkeypatch)
+    fused = steps()
+    assert len(ran) == 20
+    monkeypatch.setattr(cpu_step, "plan", lambda *args: None)
     plain = steps()
-    for fast in (layers, per_block):
-        assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
+    assert len(ran) == 20
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
 
 
 @needs_kernels
-def test_the_fused_step_runs_hooks_on_blocks_op_by_op(monkeypatch):
+def test_the_fused_step_leaves_hooks_to_the_model_code(monkeypatch):
     """A forward hook on a block, or one registered for every module, is not skipped by the one-call step: such a
-    step runs block by block (and gives the same logits)."""
+    step runs op by op (and gives the same logits)."""
     _, model = _small_model(9)
-
-    def steps() -> torch.Tensor:
-        return _decode(model, 3)
-
-    fast = steps()
+    fast = _decode(model, 3)
     seen = []
     with model.layers[1].register_forward_hook(lambda mod, args, out: seen.append(1)):
-        assert torch.equal(steps(), fast) and len(seen) == 4  # the prefill and 3 decode steps
+        assert torch.equal(_decode(model, 3), fast) and len(seen) == 4  # the prefill and 3 decode steps
     with torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append(2)):
-        assert torch.equal(steps(), fast) and seen.count(2) > 4 * 2
-    ran = []
-    original = Transformer._decode_fused
-    monkeypatch.setattr(Transformer, "_decode_fused", lambda self, *a: ran.append(original(self, *a)) or ran[-1])
-    assert torch.equal(steps(), fast) and len(ran) == 3 and all(r is not None for r in ran)
-
-
-def _plain_decode(model: Transformer, steps: int, monkeypatch, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """`_decode` op by op (no fused step)."""
-    with monkeypatch.context() as m:
-        m.setattr(Block, "_decode_fused", lambda self, *args: None)
-        m.setattr(Transformer, "_decode_fused", lambda self, *args: None)
-        return _decode(model, steps, dtype)
+        assert torch.equal(_decode(model, 3), fast) and seen.count(2) > 4 * 2
+    ran = _count_fused_steps(monkeypatch)
+    assert torch.equal(_decode(model, 3), fast) and len(ran) == 3
 
 
 @needs_kernels
@@ -637,12 +634,10 @@ def test_the_one_call_step_takes_any_lm_head(head, monkeypatch):
     (its group size passed along), with the logits of the op-by-op code bit for bit."""
     _, model = _small_model(11, tie=head == "tied")
     if head == "int4":
-        model.output = QuantizedWeight.from_float(model.output.weight.detach(), "int4", 32)
-    ran = []
-    original = Transformer._decode_fused
-    monkeypatch.setattr(Transformer, "_decode_fused", lambda self, *a: ran.append(original(self, *a)) or ran[-1])
+        model.output = QuantizedLinear.from_float(model.output.weight.detach(), "int4", 32)
+    ran = _count_fused_steps(monkeypatch)
     fast = _decode(model, 4)
-    assert len(ran) == 4 and all(r is not None for r in ran)
+    assert len(ran) == 4
     assert torch.equal(fast, _plain_decode(model, 4, monkeypatch))
 
 
@@ -654,8 +649,7 @@ def test_the_one_call_step_takes_any_lm_head(head, monkeypatch):
 )  # fmt: skip
 def test_the_fused_step_runs_hooks_on_the_modules_it_covers(where):
     """`decode_token` computes the embedding, every block's modules, the final norm and the LM head itself: with a
-    forward hook on any of them the step runs op by op (block by block where only a block's own hooks are set), so
-    the hook sees every token, and the logits are the same."""
+    forward hook on any of them the step runs op by op, so the hook sees every token, and the logits are the same."""
     _, model = _small_model(9)
     fast = _decode(model, 3)
     seen = []
@@ -668,20 +662,20 @@ def test_the_one_call_step_names_a_bad_token_or_position():
     """A token id outside the vocabulary, or a position past a full cache, is refused before the cache changes."""
     _, model = _small_model(9)
     cache = KVCache(model.config, 1, 8, dtype=torch.bfloat16)
-    with torch.no_grad():
-        with pytest.raises(IndexError, match="token id 512 is outside the vocabulary of 512"):
-            model(torch.tensor([[512]]), positions=torch.tensor([0]), cache=cache)
-        with pytest.raises(ValueError, match="position 8 does not fit a cache of 8 positions"):
-            model(torch.tensor([[5]]), positions=torch.tensor([8]), cache=cache)
-        assert (cache.slot_pos == -1).all()
-        with cpu_kernels.disabled(), pytest.raises(ValueError, match="position 8 does not fit a cache of 8 positions"):
-            model(torch.tensor([[5]]), positions=torch.tensor([8]), cache=cache)  # the op-by-op code says the same
+    with pytest.raises(IndexError, match="token id 512 is outside the vocabulary of 512"):
+        decode_step(model, cache, torch.tensor([512]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="position 8 does not fit a cache of 8 positions"):
+        decode_step(model, cache, torch.tensor([5]), torch.tensor([8]))
+    assert (cache.slot_pos == -1).all()
+    with cpu_kernels.disabled(), pytest.raises(ValueError, match="position 8 does not fit a cache of 8 positions"):
+        decode_step(model, cache, torch.tensor([5]), torch.tensor([8]))  # the op-by-op code says the same
 
 
 @needs_kernels
-def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypatch):
-    """`Block._fused_args` is cached: quantizing in place, a forward hook on a projection and a conversion to
-    float32 after fused decoding must each be seen by the next step (decoded as their op-by-op code does)."""
+def test_the_fused_steps_arguments_follow_changes_to_the_model(monkeypatch):
+    """The step's arguments are derived once per model version: quantizing in place, a forward hook on a projection
+    and a conversion to float32 after fused decoding must each be seen by the next step (decoded as their op-by-op
+    code does)."""
     _, model = _small_model(8)
 
     def steps(dtype=torch.bfloat16) -> torch.Tensor:
@@ -691,14 +685,14 @@ def test_the_fused_layers_cached_arguments_follow_changes_to_the_model(monkeypat
         return _plain_decode(model, 4, monkeypatch, dtype)
 
     derived = []
-    derive = Block._derive_fused_args
-    monkeypatch.setattr(Block, "_derive_fused_args", lambda self: derived.append(self) or derive(self))
+    derive = cpu_step._derive
+    monkeypatch.setattr(cpu_step, "_derive", lambda *args: derived.append(1) or derive(*args))
     bf16 = steps()
-    assert len(derived) == 2  # once per block for all 4 decode steps
+    assert len(derived) == 1  # once for all 4 decode steps
     assert torch.equal(bf16, plain())
     quantize_model(model, "int8")
     int8 = steps()
-    assert torch.equal(int8, plain()) and not torch.equal(int8, bf16)
+    assert len(derived) == 2 and torch.equal(int8, plain()) and not torch.equal(int8, bf16)
 
     seen = []
     handle = model.layers[1].attn.wq.register_forward_hook(lambda mod, args, out: seen.append(out.shape))

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import mixtral
-from mixtral.moe import experts_decode, experts_grouped, experts_reference, route
-from mixtral.quantize import linear
+from mixtral.kernels.ops import Experts, Routing, experts_decode, linear
+from mixtral.kernels.ops import experts as experts_grouped
+from mixtral.moe import experts_reference, route
 
 gen = importlib.import_module("mixtral.generate")  # the module (`mixtral.generate` is also a function)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -31,9 +32,9 @@ def test_decode_dispatch_equals_reference(dtype, T):
     x = torch.randn(T, D, dtype=dtype)
     weights, idx = route(torch.randn(T, E), 2)
     with torch.no_grad():
-        ref = experts_reference(x, w1, w2, w3, weights, idx).float()
-        fast = experts_decode(x, w1, w2, w3, weights, idx).float()
-        grouped = experts_grouped(x, w1, w2, w3, weights, idx).float()  # T == 1 goes to experts_decode
+        ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx)).float()
+        fast = experts_decode(x, Experts(w1, w2, w3), Routing(weights, idx)).float()
+        grouped = experts_grouped(x, Experts(w1, w2, w3), Routing(weights, idx)).float()  # T == 1: experts_decode
     assert torch.allclose(fast, ref, rtol=tol(dtype), atol=tol(dtype) * ref.abs().max())
     assert torch.allclose(grouped, ref, rtol=tol(dtype), atol=tol(dtype) * ref.abs().max())
 

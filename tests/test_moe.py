@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from mixtral.config import get_preset
+from mixtral.kernels.ops import Experts, Routing
+from mixtral.kernels.ops import experts as experts_grouped
 from mixtral.model import Transformer
-from mixtral.moe import experts_grouped, experts_reference, route
+from mixtral.moe import experts_reference, route
 
 
 def random_experts(E=8, D=32, F=48, dtype=torch.float32, seed=0):
@@ -33,8 +35,8 @@ def test_grouped_equals_reference(top_k, tokens):
     w1, w2, w3 = random_experts()
     x = torch.randn(tokens, 32)
     weights, idx = route(torch.randn(tokens, 8) * 3, top_k)
-    ref = experts_reference(x, w1, w2, w3, weights, idx)
-    fast = experts_grouped(x, w1, w2, w3, weights, idx)
+    ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))
+    fast = experts_grouped(x, Experts(w1, w2, w3), Routing(weights, idx))
     assert torch.allclose(fast, ref, atol=1e-5)
 
 
@@ -46,8 +48,8 @@ def test_grouped_skips_unused_experts_and_matches_in_bf16():
     # poison the unused experts: a grouped path that touched them would produce NaN
     for w in (w1, w2, w3):
         w[[1, 2, 3, 4, 6, 7]] = float("nan")
-    fast = experts_grouped(x, w1, w2, w3, weights, idx)
-    ref = experts_reference(x, w1, w2, w3, weights, idx)
+    fast = experts_grouped(x, Experts(w1, w2, w3), Routing(weights, idx))
+    ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))
     assert fast.dtype == torch.bfloat16 and not fast.isnan().any()
     assert torch.allclose(fast.float(), ref.float(), atol=1e-2)
 

@@ -15,13 +15,14 @@ from mixtral.config import get_preset
 from mixtral.kernels.fused_moe import (
     KernelConfig,
     align_by_expert,
-    experts_grouped_int8,
     fused_experts,
     quantize_int8,
     triton_unavailable_reason,
 )
+from mixtral.kernels.ops import Experts, Routing, experts_int8_reference, experts_triton
+from mixtral.kernels.ops import experts as experts_grouped
 from mixtral.model import Transformer
-from mixtral.moe import experts_grouped, experts_reference, route
+from mixtral.moe import experts_reference, route
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(
@@ -94,8 +95,8 @@ def test_align_sorts_by_expert_and_pads_each_group(T, K, E, block):
 def test_kernel_equals_reference(T, K, E):
     w1, w2, w3 = random_experts(E=E)
     x, weights, idx = routed(T, E, K)
-    ref = experts_reference(x, w1, w2, w3, weights, idx)
-    out = fused_experts(x, w1, w2, w3, weights, idx, config=SMALL, fallback=False)
+    ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))
+    out = fused_experts(x, w1, w2, w3, weights, idx, config=SMALL)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert (out - ref).abs().max().item() <= 1e-5
 
@@ -106,8 +107,8 @@ def test_kernel_default_tiles_equal_reference():
     w1, w2, w3 = random_experts(E=8, D=32, F=48)
     for T in (3, 300):  # below and above the decode/prefill switch
         x, weights, idx = routed(T, 8, 2, D=32)
-        out = fused_experts(x, w1, w2, w3, weights, idx, fallback=False)
-        assert (out - experts_grouped(x, w1, w2, w3, weights, idx)).abs().max().item() <= 1e-5
+        out = fused_experts(x, w1, w2, w3, weights, idx)
+        assert (out - experts_grouped(x, Experts(w1, w2, w3), Routing(weights, idx))).abs().max().item() <= 1e-5
 
 
 @needs_triton
@@ -115,11 +116,11 @@ def test_int8_kernel_equals_int8_reference():
     w1, w2, w3 = random_experts(E=4)
     (q1, s1), (q2, s2), (q3, s3) = (quantize_int8(w) for w in (w1, w2, w3))
     x, weights, idx = routed(21, 4, 2)
-    out = fused_experts(x, q1, q2, q3, weights, idx, scales=(s1, s2, s3), config=SMALL, fallback=False)
-    ref = experts_grouped_int8(x, q1, q2, q3, weights, idx, (s1, s2, s3))
+    out = fused_experts(x, q1, q2, q3, weights, idx, scales=(s1, s2, s3), config=SMALL)
+    ref = experts_int8_reference(x, Experts(q1, q2, q3), Routing(weights, idx), (s1, s2, s3))
     assert (out - ref).abs().max().item() <= 1e-5
     # and int8 stays close to the unquantized experts
-    full = experts_reference(x, w1, w2, w3, weights, idx)
+    full = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))
     assert (out - full).abs().max().item() <= 0.05 * full.abs().max().item()
 
 
@@ -131,9 +132,9 @@ def test_kernel_never_reads_unused_experts():
     weights = torch.full((16, 2), 0.5)
     for w in (w1, w2, w3):
         w[[1, 2, 3, 4, 6, 7]] = float("nan")  # a kernel that touched them would produce NaN
-    out = fused_experts(x, w1, w2, w3, weights, idx, config=SMALL, fallback=False)
+    out = fused_experts(x, w1, w2, w3, weights, idx, config=SMALL)
     assert not out.isnan().any()
-    assert (out - experts_reference(x, w1, w2, w3, weights, idx)).abs().max().item() <= 1e-5
+    assert (out - experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))).abs().max().item() <= 1e-5
 
 
 @needs_triton
@@ -160,10 +161,10 @@ def test_falls_back_to_the_plain_path_where_triton_cannot_run(monkeypatch):
     w1, w2, w3 = random_experts()
     x, weights, idx = routed(9, 4, 2)
     with pytest.warns(UserWarning, match="using the plain PyTorch path"):
-        out = fused_experts(x, w1, w2, w3, weights, idx)
-    assert torch.equal(out, experts_grouped(x, w1, w2, w3, weights, idx))
+        out = experts_triton(x, Experts(w1, w2, w3), Routing(weights, idx))
+    assert torch.equal(out, experts_grouped(x, Experts(w1, w2, w3), Routing(weights, idx)))
     with pytest.raises(RuntimeError, match="the fused MoE Triton kernel cannot run"):
-        fused_experts(x, w1, w2, w3, weights, idx, fallback=False)
+        experts_triton(x, Experts(w1, w2, w3), Routing(weights, idx), fallback=False)
 
 
 @needs_triton
@@ -172,6 +173,6 @@ def test_gradients_take_the_plain_path():
     w1, w2, w3 = (w.requires_grad_() for w in random_experts())
     x, weights, idx = routed(9, 4, 2)
     with pytest.warns(UserWarning, match="the kernel has no backward"):
-        out = fused_experts(x, w1, w2, w3, weights, idx)
+        out = experts_triton(x, Experts(w1, w2, w3), Routing(weights, idx))
     out.sum().backward()
     assert w1.grad is not None and w1.grad.abs().sum() > 0

@@ -15,6 +15,7 @@ D model dim, E experts, F expert hidden dim, K experts per token, N output chann
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu
-from .weights import QuantizedView, QuantizedWeight, aten_scales_zeros, dequantized, int4_parts
+from .weights import QuantizedView, QuantizedWeight, aten_scales_zeros, dequantized, int4_parts, pack_int4, unpack_int4
 
 Weight = torch.Tensor | QuantizedWeight | QuantizedView
 
@@ -122,8 +123,19 @@ def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x2.contiguous(), *w.tensors)
     else:
         packed, sz = int4_parts(w.tensors[0], w.group_size, w.dtype)
+        if not _aten_int4pack_is_ours():
+            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(packed), 1)
         y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, w.group_size, aten_scales_zeros(sz))
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+@functools.cache
+def _aten_int4pack_is_ours() -> bool:
+    """Whether ATen's int4 CPU kernel reads our int4pack bytes as they are. Its layout depends on the CPU it was
+    dispatched for (the AVX-512 one is ours; others differ), so it is asked once: where it differs, each call
+    converts the unpacked values into ATen's layout."""
+    q = torch.arange(64 * 32, dtype=torch.int32).reshape(64, 32) % 16
+    return torch.equal(pack_int4(q), torch._convert_weight_to_int4pack_for_cpu(q, 1))
 
 
 def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
