@@ -5,7 +5,8 @@ AVX512-BF16, -VNNI and -VBMI, no C++ compiler, a failed build, or `MIXTRAL_CPU_K
 Callers then use the plain PyTorch path, which computes the same function (see `quantize.linear` and
 `moe.experts_decode`); `status()` says which path is in use and why, and a failed build is reported once on stderr.
 
-The build takes about a minute the first time and is cached (torch's extension folder, keyed by the source).
+The build takes a minute or two the first time and is kept in a folder of this installed copy's own
+(`build_directory`), keyed by the source and flags.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,15 +89,41 @@ def disabled() -> Iterator[None]:
         _ops, _reason = saved
 
 
+def build_directory(name: str) -> Path:
+    """Where this installed copy builds the kernels: a folder of its own under the user's cache (MIXTRAL_KERNEL_DIR
+    or $XDG_CACHE_HOME/mixtral/kernels), named by the Python environment, torch version and location of this copy,
+    so that two installs (two venvs) never share, nor rebuild each other's, build."""
+    root = os.environ.get("MIXTRAL_KERNEL_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    owner = f"{sys.prefix}|{torch.__version__}|{SOURCE.parent.resolve()}"
+    copy = hashlib.sha256(owner.encode()).hexdigest()[:12]
+    base = Path(root) if os.environ.get("MIXTRAL_KERNEL_DIR") else Path(root) / "mixtral" / "kernels"
+    return base / copy / name
+
+
 def _build() -> None:
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
     # Named by a hash of the source and flags: a changed source is a new name, so "not built yet" is exact.
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
     name = f"mixtral_cpu_decode_{digest}"
-    if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
-        print("mixtral: compiling the CPU decode kernels (once; about a minute)...", file=sys.stderr, flush=True)
-    load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    folder = build_directory(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = not any(folder.glob(f"{name}*.so"))
+    if fresh:
+        print(f"mixtral: compiling the CPU kernels into {folder} (once per install; 1-3 minutes)...", file=sys.stderr)
+        sys.stderr.flush()
+    start = time.perf_counter()
+    load(
+        name,
+        [str(SOURCE)],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )
+    if fresh:
+        print(f"mixtral: CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
     @torch.library.register_fake("mixtral_cpu::gemv")
     def _(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
