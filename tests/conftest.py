@@ -63,6 +63,18 @@ def make_hf_model(seed: int = 0, **overrides):
     return model
 
 
+def tiny_model(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float32, std: float | None = None):
+    """A random `mixtral.Transformer` of `config` (default: the "tiny" preset) in eval mode, seeded; with `std`, its
+    weights re-drawn N(0, std) (unit norms) by the model's own initialiser."""
+    import mixtral
+
+    torch.manual_seed(seed)
+    model = mixtral.Transformer(config or mixtral.get_preset("tiny"))
+    if std is not None:
+        model.init_weights(std=std)
+    return model.to(dtype).eval()
+
+
 def save_hf(model, path: Path) -> Path:
     model.save_pretrained(path)
     return path

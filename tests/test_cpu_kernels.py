@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import mixtral
 from mixtral import cli
@@ -546,10 +547,7 @@ def _small_model(seed: int, window: int | None = None, tie: bool = False) -> tup
         dim=128, n_layers=2, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, n_experts=4,
         max_seq_len=64, sliding_window=window, tie_embeddings=tie,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    model.init_weights(std=0.05)
-    return config, model.to(torch.bfloat16).eval()
+    return config, tiny_model(config, seed=seed, dtype=torch.bfloat16, std=0.05)
 
 
 def _decode(model: Transformer, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 import mixtral
 from mixtral.kernels.ops import Experts, Routing, experts_decode, linear
@@ -57,8 +58,7 @@ def test_single_row_projection_equals_f_linear(dtype):
 
 
 def tiny(dtype=torch.float32) -> mixtral.Transformer:
-    torch.manual_seed(0)
-    return mixtral.Transformer(mixtral.get_preset("tiny")).to(dtype).eval()
+    return tiny_model(dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 import mixtral
 from mixtral.checkpoint import CheckpointError
@@ -37,8 +38,7 @@ DTYPES = [torch.bfloat16, torch.float32]
 
 
 def model(dtype=torch.bfloat16, seed: int = 0) -> mixtral.Transformer:
-    torch.manual_seed(seed)
-    return mixtral.Transformer(CONFIG).to(dtype).eval()
+    return tiny_model(CONFIG, seed=seed, dtype=dtype)
 
 
 def test_int4_packing_is_the_kernels_layout():
