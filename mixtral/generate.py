@@ -181,9 +181,9 @@ def compile_model(model: Transformer) -> bool:
     The expert dispatch (`MoE.dispatch`) and the cache update (`KVCache._update`) are marked to stay
     eager (they read a few ids on the host and index by them: a graph break either way), so the compiled
     regions are the attention and routing around them: norms, projections, rotary embedding, softmax and
-    the residual adds fused into few kernels. Measured on our 2-core Xeon (README): no faster than eager
-    at decode, about 10% faster at prefill, and it costs about a minute of compiling per process.
-    Without a working compiler the model stays eager and computes the same function."""
+    the residual adds fused into few kernels: it pays at prefill, not at decode, and costs a compile per
+    process (docs/performance.md has the figures). Without a working compiler the model stays eager and
+    computes the same function."""
     if getattr(model, "compiled", False):
         return True
     if not compile_available():
