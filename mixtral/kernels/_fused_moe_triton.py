@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _gate_up_kernel(
     x_ptr,  # [T, D], rows contiguous

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -122,11 +123,42 @@ def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
     if int8:
         y = torch._weight_int8pack_mm(x2.contiguous(), *w.tensors)
     else:
+        packed, sz = _aten_int4(w)
+        y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, w.group_size, sz)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def _aten_int4(w: QuantizedView) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight as ATen's int4 kernel takes it (packed bytes in its layout for this CPU, scales and zeros
+    [G, N, 2]). Where ATen's layout is ours the blocks are split per call (a copy of the weight's size, cheap beside
+    the kernel); where it differs, converting is not cheap, so it is done once per weight and kept beside it (the
+    weight's memory twice: only on CPUs without our kernels)."""
+    if _aten_int4pack_is_ours() or w.source is None:
         packed, sz = int4_parts(w.tensors[0], w.group_size, w.dtype)
         if not _aten_int4pack_is_ours():
-            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(packed), 1)
-        y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, w.group_size, aten_scales_zeros(sz))
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+            packed = _to_aten_int4pack(packed)
+        return packed, aten_scales_zeros(sz)
+    parent, index = w.source
+    blocks = parent.blocks
+    cached = _aten_int4_cache.get(parent)
+    if cached is None or cached[0] is not blocks:
+        packed, sz = int4_parts(blocks, parent.group_size, parent.scale_dtype)
+        cached = _aten_int4_cache[parent] = (blocks, _to_aten_int4pack(packed), aten_scales_zeros(sz))
+    _, packed, sz = cached
+    return (packed, sz) if index is None else (packed[index], sz[index])
+
+
+def _to_aten_int4pack(packed: torch.Tensor) -> torch.Tensor:
+    """Our int4pack bytes [..., N, K/2] in ATen's layout for this CPU."""
+    lead = packed.shape[:-2]
+    flat = [
+        torch._convert_weight_to_int4pack_for_cpu(unpack_int4(p), 1) for p in packed.reshape(-1, *packed.shape[-2:])
+    ]
+    return torch.stack(flat).reshape(*lead, *flat[0].shape)
+
+
+# ATen-layout int4 weights, per weight, on CPUs where ATen's layout is not ours (see `_aten_int4`).
+_aten_int4_cache: weakref.WeakKeyDictionary[QuantizedWeight, tuple] = weakref.WeakKeyDictionary()
 
 
 @functools.cache

@@ -143,12 +143,12 @@ class QuantizedWeight(nn.Module):
     def __getitem__(self, i: int) -> QuantizedView:
         if self.mode == "int8":
             return QuantizedView("int8", (self.q[i], self.scale[i]), 0, self.dtype)
-        return QuantizedView("int4", (self.blocks[i],), self.group_size, self.dtype)
+        return QuantizedView("int4", (self.blocks[i],), self.group_size, self.dtype, (self, i))
 
     def view_all(self) -> QuantizedView:
         if self.mode == "int8":
             return QuantizedView("int8", (self.q, self.scale), 0, self.dtype)
-        return QuantizedView("int4", (self.blocks,), self.group_size, self.dtype)
+        return QuantizedView("int4", (self.blocks,), self.group_size, self.dtype, (self, None))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.view_all().dequantize(dtype)
@@ -162,11 +162,19 @@ class QuantizedWeight(nn.Module):
 class QuantizedView:
     """One matrix of a `QuantizedWeight` (a plain object: cheap to make per expert per token)."""
 
-    __slots__ = ("dtype", "group_size", "mode", "tensors")
+    __slots__ = ("dtype", "group_size", "mode", "source", "tensors")
 
-    def __init__(self, mode: str, tensors: tuple[torch.Tensor, ...], group_size: int, dtype: torch.dtype) -> None:
-        """tensors: (q, scale) for int8, (blocks,) for int4; dtype: the scales'."""
-        self.mode, self.tensors, self.group_size, self.dtype = mode, tensors, group_size, dtype
+    def __init__(
+        self,
+        mode: str,
+        tensors: tuple[torch.Tensor, ...],
+        group_size: int,
+        dtype: torch.dtype,
+        source: tuple[QuantizedWeight, int | None] | None = None,
+    ) -> None:
+        """tensors: (q, scale) for int8, (blocks,) for int4; dtype: the scales'; source: the weight this is a view of
+        and the index of the view in it (None: all of it), for what is derived once per weight."""
+        self.mode, self.tensors, self.group_size, self.dtype, self.source = mode, tensors, group_size, dtype, source
 
     @property
     def shape(self) -> torch.Size:
