@@ -7,6 +7,8 @@
 # A finished run (runs/code/NAME/model exists) is skipped; an interrupted one resumes from its checkpoint.
 # DEADLINE=HH:MM (UTC, today) keeps a pair of runs from starting when the pair is not expected to finish in
 # time (estimated from the runs before it, the larger size at SLOWER x the time); unset: no limit.
+# STOP_AT=HH:MM (UTC, today) stops a run still training then (it keeps its last checkpoint; the analysis
+# reports it as stopped), so that nothing trains past it.
 set -euo pipefail
 bin=${MIXTRAL:-.venv/bin/mixtral}
 py=${PYTHON:-.venv/bin/python}
@@ -38,7 +40,9 @@ for name in $runs; do
     resume=()
     [ -d "$out/checkpoint" ] && resume=(--resume)
     echo "$(date -u +%H:%M:%S) $name: training (log: $out.log)"
-    "$bin" train --config "experiments/code/$name.toml" "${resume[@]}" >"$out.log" 2>&1
+    limit=()
+    [ -n "${STOP_AT:-}" ] && limit=(timeout $(( $(date -u -d "$STOP_AT" +%s) - $(date -u +%s) )))
+    "${limit[@]}" "$bin" train --config "experiments/code/$name.toml" "${resume[@]}" >"$out.log" 2>&1 || true
     last_s=$(( $(date -u +%s) - start ))
     echo "$(date -u +%H:%M:%S) $name: $(grep '^done:' "$out.log" || tail -1 "$out.log")"
 done
