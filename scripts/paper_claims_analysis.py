@@ -9,7 +9,8 @@ experiments/code/S-{moe,dense}.toml, and writes into docs/paper-claims/:
 - load_S-moe.png: each expert's share of first choices per layer over training (from metrics.jsonl);
 - routing_S-moe/: `mixtral routing` on the held-out code files (repeat rates against chance and the
   shuffled baseline, expert share by token class, the token view coloured by expert);
-- results.md and results.json: the table, the verdicts, and the routing tables;
+- results.md and results.json: the table, the verdicts, and the routing tables; readme_table.md: a short
+  table for the README;
 and replaces the text between `<!-- results:begin -->` and `<!-- results:end -->` of docs/paper-claims.md
 with results.md. Every final model is also evaluated on 1024 held-out sequences spread evenly over the split
 (262k tokens from every held-out module; the runs' curves use the split's first 32 sequences), which also
@@ -145,7 +146,8 @@ def plot_curves(sizes: list[str], infos: dict, path: Path) -> None:
                        ylabel="nats / token")  # fmt: skip
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         ys = [v for k in ("moe", "dense") for _, v in infos.get(f"{size}-{k}", {}).get("evals", [])[1:]]
         if ys:
             axes[0, j].set_ylim(min(ys) - 0.05, max(ys) + 0.05)
@@ -266,6 +268,28 @@ def results_markdown(sizes: list[str], infos: dict, routing: dict, prefix: str) 
     return text
 
 
+def readme_table(sizes: list[str], infos: dict) -> str:
+    """A short table for the README: per size, held-out loss of MoE and dense and the busiest expert."""
+    lines = [
+        "| size | parameters MoE / dense (active) | tokens | held-out loss MoE | dense | MoE - dense "
+        "| busiest expert, first choices (per layer) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in sizes:
+        moe, dense = infos.get(f"{size}-moe", {}), infos.get(f"{size}-dense", {})
+        if not (moe.get("full_eval") and dense.get("full_eval")):
+            lines.append(f"| {size} | not finished | | | | | |")
+            continue
+        m, d = moe["full_eval"], dense["full_eval"]
+        busiest = ", ".join(pct(max(row)) for row in m["first_choice_share"])
+        lines.append(
+            f"| {size} | {moe['params_total'] / 1e6:.2f}M / {dense['params_total'] / 1e6:.2f}M "
+            f"({moe['params_active'] / 1e6:.2f}M) | {moe['tokens_seen'] / 1e6:.2f}M | {m['loss']:.4f} | "
+            f"{d['loss']:.4f} | {m['loss'] - d['loss']:+.4f} | {busiest} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["xs", "s"])
@@ -319,6 +343,7 @@ def main() -> None:
     prefix = (out.relative_to(doc.parent).as_posix() + "/") if out.is_relative_to(doc.parent) else f"{out}/"
     text = results_markdown(args.sizes, infos, routing, prefix)
     (out / "results.md").write_text(text.replace(prefix, ""))
+    (out / "readme_table.md").write_text(readme_table(args.sizes, infos))
     keep = ("name", "status", "params_total", "params_active", "params_embedding", "tokens_planned", "tokens_seen")
     keep += ("evals", "final_eval", "full_eval", "tokens_per_s", "train_last_first_choice", "train_last_max_load")
     summary = {n: {k: v for k, v in i.items() if k in keep} for n, i in infos.items()}
