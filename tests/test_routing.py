@@ -104,3 +104,110 @@ def test_layer_out_of_range(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     with pytest.raises(ValueError, match=r"--layer 5 is out of range: the model has layers 0\.\.1"):
         write_report(model, mixtral.load_tokenizer(), [tmp_path / "a.txt"], tmp_path / "out", layer=5)
+
+
+# ---- token classes of Python source (synthetic) -------------------------------------------------------------
+
+
+def test_python_char_classes():
+    from mixtral.routing import TOKEN_CLASSES, python_char_classes
+
+    src = 'def f(x):\n    return x + 1  # one\ns = "a b"\n'
+    names = [TOKEN_CLASSES[c] for c in python_char_classes(src)]
+    expect = {
+        "def": "keyword", "f": "identifier", "(": "operator", "    ": "whitespace", "return": "keyword",
+        "+": "operator", "1": "number", "# one": "comment", '"a b"': "string", "=": "operator",
+    }  # fmt: skip
+    for text, cls in expect.items():
+        i = src.index(text) if text != "f" else src.index("f(")
+        assert set(names[i : i + len(text)]) == {cls}, text
+    assert names[src.index("\n")] == "whitespace"
+    # an unterminated construct stops tokenizing: the classes found before it stay
+    broken = "x = 1\ny = (\n"
+    names = [TOKEN_CLASSES[c] for c in python_char_classes(broken)]
+    assert names[0] == "identifier" and names[2] == "operator"
+
+
+class _Pieces:
+    """A tokenizer stand-in with fixed pieces (sentencepiece conventions: \u2581 for a space, <0xNN> bytes)."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, pieces):
+        self.pieces = ["<unk>", "<s>", "</s>", *pieces]
+
+    def id_to_piece(self, i):
+        return self.pieces[i]
+
+
+def test_piece_spans_with_dummy_prefix_and_bytes():
+    from mixtral.routing import piece_spans
+
+    text = "if é:\n  x"  # é is two bytes in UTF-8, spelled by two byte pieces
+    tok = _Pieces(["\u2581if", "\u2581", "<0xC3>", "<0xA9>", ":", "<0x0A>", "\u2581\u2581", "x"])
+    ids = [1, *range(3, 11)]
+    spans = piece_spans(tok, ids, text)
+    assert [text[a:b] for a, b in spans] == ["", "if", " ", "é", "", ":", "\n", "  ", "x"]
+    # without a dummy prefix the first piece spells the first characters
+    tok = _Pieces(["if", "\u2581x"])
+    assert piece_spans(tok, [1, 3, 4], "if x") == [(0, 0), (0, 2), (2, 4)]
+    with pytest.raises(ValueError, match="do not spell"):
+        piece_spans(tok, [3, 4], "else")
+
+
+def test_token_classes_take_the_first_non_whitespace_character():
+    from mixtral.routing import TOKEN_CLASSES, token_classes
+
+    src = "for i in x:\n    pass\n"
+    tok = _Pieces(
+        ["\u2581for", "\u2581i", "\u2581in", "\u2581x", ":", "<0x0A>", "\u2581\u2581\u2581\u2581", "pass", "<0x0A>"]
+    )
+    ids = [1, *range(3, 12)]
+    names = [TOKEN_CLASSES[c] if c >= 0 else None for c in token_classes(tok, ids, src).tolist()]
+    assert names == [None, "keyword", "identifier", "keyword", "identifier", "operator", "whitespace",
+                     "whitespace", "keyword", "whitespace"]  # fmt: skip
+
+
+def test_token_classes_on_the_real_tokenizer_cover_the_text():
+    from mixtral.routing import piece_spans, token_classes
+
+    tokenizer = mixtral.load_tokenizer()
+    src = 'class A:\n    """Doc."""\n\n    def m(self, n=3):  # é\n        return [n ** 2 for _ in "ab"]\n'
+    ids = tokenizer.encode(src, bos=True)
+    spans = piece_spans(tokenizer, ids, src)
+    assert "".join(src[a:b] for a, b in spans) == src
+    classes = token_classes(tokenizer, ids, src)
+    assert classes.shape == (len(ids),) and classes[0] == -1 and (classes[1:] >= 0).all()
+
+
+def test_share_by_class_counts_first_choices():
+    from mixtral.routing import TOKEN_CLASSES, analyze, markdown_table, share_by_class
+
+    kw, ident = TOKEN_CLASSES.index("keyword"), TOKEN_CLASSES.index("identifier")
+    # one layer, 4 experts: keywords always go to expert 0, identifiers half to 1 and half to 2
+    choices = torch.tensor([[[0, 3], [1, 3], [0, 3], [2, 3], [3, 0]]])
+    r = Routed("a.py", [1, 5, 6, 7, 8], choices, [0], torch.tensor([kw, ident, kw, ident, -1]))
+    counts, shares = share_by_class([r], n_experts=4)
+    assert counts[kw] == 2 and counts[ident] == 2 and counts.sum() == 4
+    assert shares[0, kw].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert shares[0, ident].tolist() == [0.0, 0.5, 0.5, 0.0]
+    report = analyze([r], n_experts=4, top_k=2)
+    assert report["class_tokens"]["keyword"] == 2 and set(report["share_by_class"]) == {"keyword", "identifier"}
+    table = markdown_table(report)
+    assert "| keyword | 2 | **100%** | 0% | 0% | 0% | e0 (100%) |" in table
+    assert "| all | 4 |" in table
+    # texts without classes (not Python) give no class table
+    plain = Routed("a.txt", [1, 5, 6, 7, 8], choices, [0])
+    assert "share_by_class" not in analyze([plain], n_experts=4, top_k=2)
+
+
+def test_first_choice_load_logged_by_the_trainer():
+    from mixtral.train.loss import first_choice_load
+
+    # two layers, four tokens, three experts: layer 0 sends 3 tokens to expert 2, layer 1 two each to experts 0 and 2
+    logits = [
+        torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.5]]),
+        torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 5.0]]),
+    ]
+    load = first_choice_load(logits, n_experts=3)
+    assert load.tolist() == [[0.25, 0.0, 0.75], [0.5, 0.0, 0.5]]

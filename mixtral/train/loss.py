@@ -69,6 +69,15 @@ def expert_load(router_logits: Sequence[torch.Tensor], n_experts: int, top_k: in
     return torch.stack(rows)
 
 
+def first_choice_load(router_logits: Sequence[torch.Tensor], n_experts: int) -> torch.Tensor:
+    """Share of tokens whose first choice is each expert, per layer, [layers, E]; 1/E is balanced."""
+    rows = []
+    for r in router_logits:
+        idx = r.detach().argmax(dim=-1)
+        rows.append(torch.bincount(idx, minlength=n_experts).float() / idx.numel())
+    return torch.stack(rows)
+
+
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions where `mask` is true (float32 for stability)."""
     losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")

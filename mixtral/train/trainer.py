@@ -40,7 +40,7 @@ from ..model import Transformer
 from ..tokenizer import load_tokenizer
 from .data import Loader, PackedSequences, expand_paths, load_tokenized, split_heldout
 from .lora import ATTENTION_TARGETS, apply_lora, save_adapter
-from .loss import cross_entropy, expert_load, load_balancing_loss, router_z_loss
+from .loss import cross_entropy, expert_load, first_choice_load, load_balancing_loss, router_z_loss
 
 STATE_FILE = "train_state.pt"
 
@@ -337,7 +337,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, mc = self.cfg, self.model.config
         ce_sum = aux_sum = z_sum = 0.0
-        loads = []
+        loads, firsts = [], []
         for _ in range(cfg.grad_accum):
             # Every rank draws the same batch and keeps its own rows.
             inputs, targets, mask = (t[self.ep_rank :: self.ep].to(self.device) for t in self.loader.next())
@@ -355,6 +355,7 @@ class Trainer:
             (loss * self.ep / cfg.grad_accum).backward()
             ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
             loads.append(expert_load(router, mc.n_experts, mc.top_k))
+            firsts.append(first_choice_load(router, mc.n_experts))
         if not self.distributed:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -365,9 +366,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        load = torch.stack(loads).mean(0)
+        load, first = torch.stack(loads).mean(0), torch.stack(firsts).mean(0)
         if self.ep > 1:  # every rank routes as many tokens: the mean of the ranks' shares
             load = parallel.sum_over_group(load, self.group) / self.ep
+            first = parallel.sum_over_group(first, self.group) / self.ep
         n = cfg.grad_accum
         return {
             "step": self.step,
@@ -379,6 +381,9 @@ class Trainer:
             # the busiest expert's share of the routed tokens relative to a fair share (1.0 = balanced)
             "max_load": float(load.max() * mc.n_experts),
             "max_load_by_layer": [round(x, 3) for x in (load.max(dim=1).values * mc.n_experts).tolist()],
+            # per layer and expert: share of the routed (token, slot) pairs, and of the tokens' first choices
+            "expert_load": [[round(x, 4) for x in row] for row in load.tolist()],
+            "first_choice_load": [[round(x, 4) for x in row] for row in first.tolist()],
         }
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
