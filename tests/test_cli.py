@@ -13,7 +13,8 @@ import torch
 
 import mixtral
 import mixtral.cli
-from mixtral.generate import SamplingParams, generate_stream
+from mixtral.generate import generate_stream
+from mixtral.sampling import SamplingParams
 from mixtral.tokenizer import load_tokenizer
 
 MIXTRAL = str(Path(sys.executable).parent / "mixtral")

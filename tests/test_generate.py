@@ -9,8 +9,9 @@ from conftest import make_hf_model, random_tokens
 import mixtral
 from mixtral.cache import KVCache
 from mixtral.config import get_preset
-from mixtral.generate import SamplingParams, generate, generate_stream, prefill, process_logits, sample
+from mixtral.generate import generate, generate_stream, prefill
 from mixtral.model import Transformer
+from mixtral.sampling import SamplingParams, process_logits, sample
 
 VOCAB = 300
 

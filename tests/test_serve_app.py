@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import mixtral
-from mixtral.generate import SamplingParams, logprobs, process_logits
+from mixtral.sampling import SamplingParams, logprobs, process_logits
 from mixtral.serve import Engine, create_app
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
