@@ -1,5 +1,6 @@
 """Mixtral: the sparse mixture-of-experts language model, end to end."""
 
+from .builtin import BUILTIN
 from .cache import KVCache
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
@@ -9,6 +10,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "BUILTIN",
     "PRESETS",
     "CheckpointError",
     "ConfigError",

@@ -76,6 +76,11 @@ def machine() -> dict:
     }
 
 
+def machine_line(info: dict | None = None) -> str:
+    """The machine, versions and date on one line, for the top of a benchmark's output."""
+    return " | ".join(f"{k} {v}" for k, v in (info or machine()).items())
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
@@ -265,8 +270,8 @@ def quality_report(
     built-in model): KL, top-1 agreement and loss on the first `n_seqs` windows of `seq_len` tokens of
     `texts` (fixed prompts: every position of each window is a next-token prediction). With `save_dir`,
     the quantized checkpoints are written there (for `mixtral eval`)."""
+    from .builtin import default_checkpoint
     from .checkpoint import load_model
-    from .cli import default_checkpoint
     from .quantize import quantize_model, save_quantized
     from .tokenizer import load_tokenizer
     from .train.data import expand_paths, read_documents, tokenize
@@ -300,7 +305,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     info = machine()
-    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    print(machine_line(info), flush=True)
     bandwidth = memory_bandwidth_gbs()
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s (torch.sum over 512 MB, median of 7)", flush=True)
     results: dict = {"machine": info, "bandwidth_gbs": bandwidth, "args": vars(args).copy(), "rows": []}
