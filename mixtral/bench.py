@@ -300,6 +300,7 @@ def quality_report(
 def run_benchmark(args: argparse.Namespace) -> dict:
     from .checkpoint import load_model, save_model
     from .config import get_preset
+    from .generate import prepare_kernels
     from .model import Transformer
     from .quantize import active_weight_bytes, quantize_model, save_quantized, weight_bytes
 
@@ -321,6 +322,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             model = model.to_empty(device="cpu").to(torch.bfloat16)
             model.init_weights()
             model.eval()
+        prepare_kernels(model)  # a first run builds them here, not inside a timed child
         # Both peers read the same bf16 weights (transformers wants the HF layout, which save_model writes).
         src = Path(tmp) / "bf16"
         save_model(model, src)

@@ -13,12 +13,15 @@ loop that strings them together.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .cache import CacheRows, KVCache
+from .kernels import cpu as cpu_kernels
 from .model import Transformer
 from .sampling import SamplingParams, TokenLogprob, logprobs, sample
 
@@ -179,6 +182,26 @@ class TextStream:
         piece = self.text[self.sent : end]
         self.sent = end
         return piece
+
+
+# ---- the kernels ---------------------------------------------------------------------------------------------
+
+# Loading kernels built before takes well under this; longer means they were built now (a minute or more).
+KERNEL_BUILD_NOTICE_S = 10.0
+
+
+def prepare_kernels(model: Transformer) -> None:
+    """Build (the first time in an installed copy: a minute or two) or load the CPU kernels `model` runs on,
+    now rather than inside its first forward pass: so that the build is not counted as a prompt's time, and
+    a server is ready only once they are. The kernels' module says when it builds and when it cannot; the
+    build's time is said here."""
+    if model.embed.weight.device.type != "cpu":
+        return
+    start = time.perf_counter()
+    ready = cpu_kernels.ops() is not None
+    took = time.perf_counter() - start
+    if ready and took >= KERNEL_BUILD_NOTICE_S:
+        print(f"mixtral: CPU kernels ready (built in {took:.0f} s)", file=sys.stderr, flush=True)
 
 
 # ---- one sequence ------------------------------------------------------------------------------------------

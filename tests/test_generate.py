@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import make_hf_model, random_tokens
@@ -9,11 +11,13 @@ from conftest import make_hf_model, random_tokens
 import mixtral
 from mixtral.cache import KVCache
 from mixtral.config import get_preset
-from mixtral.generate import generate, generate_stream, prefill
+from mixtral.generate import generate, generate_stream, prefill, prepare_kernels
+from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Transformer
 from mixtral.sampling import SamplingParams, process_logits, sample
 
 VOCAB = 300
+generate_module = importlib.import_module("mixtral.generate")  # the module (`mixtral.generate` is also a function)
 
 
 def tiny_model(window: int | None = None, seed: int = 0) -> Transformer:
@@ -213,3 +217,16 @@ def test_context_length_is_enforced():
         generate(model, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"top_p=1\.5 is invalid"):
         generate(model, [[1]], max_new_tokens=2, top_p=1.5)
+
+
+def test_prepare_kernels_says_how_long_a_build_took(monkeypatch, capsys):
+    model = tiny_model()
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: object())  # built and loaded ...
+    prepare_kernels(model)
+    assert capsys.readouterr().err == ""  # ... at once: they were built before, nothing to say
+    monkeypatch.setattr(generate_module, "KERNEL_BUILD_NOTICE_S", 0.0)  # as if loading them took a build's time
+    prepare_kernels(model)
+    assert "mixtral: CPU kernels ready (built in " in capsys.readouterr().err
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: None)  # unavailable: the kernels' module says why, once
+    prepare_kernels(model)
+    assert capsys.readouterr().err == ""

@@ -173,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _say(f"ready: serving {model_name!r} at {url}/v1 (KV cache {rows})")
 
     engine.on_failure, engine.on_ready = failed, ready
-    _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded)")
+    _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded and its kernels are ready)")
     server.run(sockets=[sock])
     if engine.load_error is not None:
         raise CLIError(f"loading the model failed: {engine.load_error}")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
-from ..generate import Event, SequenceState
+from ..generate import Event, SequenceState, prepare_kernels
 from ..model import Transformer
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
@@ -157,8 +157,8 @@ class Stats:
 class Engine:
     """Owns the model; serves `Request`s with continuous batching on its own thread.
 
-    `load` builds (model, tokenizer) on that thread, so an HTTP server can answer /health while the
-    model loads. `max_batch` rows are decoded together; at most `max_queue` more sequences wait for a row.
+    `load` builds (model, tokenizer) on that thread, and the CPU kernels are built or loaded after it, so
+    an HTTP server can answer /health (503, "loading") until both are done. `max_batch` rows are decoded together; at most `max_queue` more sequences wait for a row.
     `steps` wraps the model and its cache (`LockstepSteps` under torchrun). With lock-step steps a failed
     forward pass is fatal (the other ranks cannot be brought back in step): the engine fails and calls
     `on_failure`, and the process should exit so that torchrun ends the others.
@@ -277,6 +277,7 @@ class Engine:
     def _main(self) -> None:
         try:
             model, tokenizer = self._load()
+            prepare_kernels(model)  # "loading" until they are built: the first request does not wait for them
             context = model.config.max_seq_len if self._max_seq_len is None else self._max_seq_len
             if context > model.config.max_seq_len:
                 raise ValueError(
