@@ -8,7 +8,9 @@ loop that strings them together.
   a seeded sequence gives the same output alone or in a batch), streams its text and ends it on EOS, a
   stop string or max_new_tokens; the server's scheduler runs its sequences through it too;
 - `generate_stream` / `generate` run a batch of prompts to completion; each sequence stops on its own,
-  and text is streamed piece by piece.
+  and text is streamed piece by piece;
+- `prepare_kernels` builds (once per installed copy) or loads the CPU kernels before anything is timed or
+  served, rather than inside the first forward pass.
 """
 
 from __future__ import annotations

@@ -158,10 +158,11 @@ class Engine:
     """Owns the model; serves `Request`s with continuous batching on its own thread.
 
     `load` builds (model, tokenizer) on that thread, and the CPU kernels are built or loaded after it, so
-    an HTTP server can answer /health (503, "loading") until both are done. `max_batch` rows are decoded together; at most `max_queue` more sequences wait for a row.
-    `steps` wraps the model and its cache (`LockstepSteps` under torchrun). With lock-step steps a failed
-    forward pass is fatal (the other ranks cannot be brought back in step): the engine fails and calls
-    `on_failure`, and the process should exit so that torchrun ends the others.
+    an HTTP server can answer /health (503, "loading") until both are done. `max_batch` rows are decoded
+    together; at most `max_queue` more sequences wait for a row. `steps` wraps the model and its cache
+    (`LockstepSteps` under torchrun). With lock-step steps a failed forward pass is fatal (the other ranks
+    cannot be brought back in step): the engine fails and calls `on_failure`, and the process should exit
+    so that torchrun ends the others.
     """
 
     def __init__(
