@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import bench, cli_args, parallel
+from .builtin import BUILTIN, default_checkpoint  # noqa: F401 - the old names: tests/test_cpu_kernels.py, README
 from .checkpoint import find_checkpoint, load_model, save_model, stored_dtype
 from .config import PRESETS, get_preset
 from .generate import generate_stream
