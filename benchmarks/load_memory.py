@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import machine_header, memory_bandwidth_gbs
 
 import mixtral
+from mixtral.bench import machine_line, memory_bandwidth_gbs
 
 # Each loader runs in a fresh process that reports its own peak RSS (VmHWM: ru_maxrss would include the
 # parent's peak from before the exec) and the RSS just after its imports, so the import overhead can be
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--preset", default="bench-791m", help="model shape (see mixtral.config.PRESETS)")
     parser.add_argument("--runs", type=int, default=3, help="runs per loader; the median is reported")
     args = parser.parse_args()
-    print(machine_header())
+    print(machine_line())
     print(f"memory read bandwidth: {memory_bandwidth_gbs():.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt"

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import machine_header
 
 import mixtral
-from mixtral.generate import SamplingParams, generate_stream
+from mixtral.bench import machine_line
+from mixtral.generate import generate_stream
+from mixtral.sampling import SamplingParams
 
 
 @dataclass
@@ -150,7 +151,7 @@ def main() -> None:
         parser.error("--url needs the --checkpoint it serves (for the offline peer)")
 
     torch.set_num_threads(args.threads)
-    print(machine_header())
+    print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint
         if path is None:

@@ -1,13 +1,16 @@
 """Mixtral: the sparse mixture-of-experts language model, end to end."""
 
+from .builtin import BUILTIN
 from .cache import KVCache
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
-from .generate import SamplingParams, generate, generate_stream
+from .generate import generate, generate_stream
 from .model import Transformer
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "BUILTIN",
     "PRESETS",
     "CheckpointError",
     "ConfigError",

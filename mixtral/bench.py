@@ -76,6 +76,11 @@ def machine() -> dict:
     }
 
 
+def machine_line(info: dict | None = None) -> str:
+    """The machine, versions and date on one line, for the top of a benchmark's output."""
+    return " | ".join(f"{k} {v}" for k, v in (info or machine()).items())
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
@@ -265,8 +270,8 @@ def quality_report(
     built-in model): KL, top-1 agreement and loss on the first `n_seqs` windows of `seq_len` tokens of
     `texts` (fixed prompts: every position of each window is a next-token prediction). With `save_dir`,
     the quantized checkpoints are written there (for `mixtral eval`)."""
+    from .builtin import default_checkpoint
     from .checkpoint import load_model
-    from .cli import default_checkpoint
     from .quantize import quantize_model, save_quantized
     from .tokenizer import load_tokenizer
     from .train.data import expand_paths, read_documents, tokenize
@@ -295,12 +300,13 @@ def quality_report(
 def run_benchmark(args: argparse.Namespace) -> dict:
     from .checkpoint import load_model, save_model
     from .config import get_preset
+    from .generate import prepare_kernels
     from .model import Transformer
     from .quantize import active_weight_bytes, quantize_model, save_quantized, weight_bytes
 
     torch.set_num_threads(args.threads)
     info = machine()
-    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    print(machine_line(info), flush=True)
     bandwidth = memory_bandwidth_gbs()
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s (torch.sum over 512 MB, median of 7)", flush=True)
     results: dict = {"machine": info, "bandwidth_gbs": bandwidth, "args": vars(args).copy(), "rows": []}
@@ -316,6 +322,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             model = model.to_empty(device="cpu").to(torch.bfloat16)
             model.init_weights()
             model.eval()
+        prepare_kernels(model)  # a first run builds them here, not inside a timed child
         # Both peers read the same bf16 weights (transformers wants the HF layout, which save_model writes).
         src = Path(tmp) / "bf16"
         save_model(model, src)

@@ -7,163 +7,21 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from . import parallel
-from .checkpoint import CheckpointError, find_checkpoint, load_model, save_model, stored_dtype
-from .config import PRESETS, ConfigError, get_preset
-from .generate import SamplingParams, compile_model, generate_stream
+from . import bench, cli_args, parallel
+from .checkpoint import find_checkpoint, load_model, save_model, stored_dtype
+from .config import PRESETS, get_preset
+from .generate import generate_stream
 from .model import Transformer
 from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model, save_quantized
-from .tokenizer import Tokenizer, load_tokenizer
+from .sampling import SamplingParams
+from .serve import cli as serve_cli
+from .tokenizer import Tokenizer
+from .train import cli as train_cli
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-BUILTIN = Path(__file__).parent / "data" / "builtin"
-
-
-class CLIError(Exception):
-    """A problem with the command's input, reported as one line without a traceback."""
-
-
-def default_checkpoint() -> Path:
-    """The built-in model shipped inside the package (a small Mixtral trained on Shakespeare)."""
-    if not (BUILTIN / "config.json").is_file():
-        raise CLIError(f"no --checkpoint given and the built-in model is missing ({BUILTIN}); pass --checkpoint DIR")
-    return BUILTIN
-
-
-# ---- shared flags ---------------------------------------------------------------------------------------
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        help="checkpoint folder: Hugging Face layout (config.json + model*.safetensors) or Mistral's "
-        "(params.json + consolidated.safetensors / consolidated.00.pth); default: the built-in model",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="dtype to compute in; 'auto' keeps the dtype the weights are stored in (default: auto)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument(
-        "--ep",
-        type=int,
-        default=1,
-        metavar="N",
-        help="expert parallelism: split each layer's experts over N processes (run under torchrun; default: 1)",
-    )
-    p.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        metavar="N",
-        help="tensor parallelism: split attention heads and expert hidden dims over N processes (under torchrun)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=list(QUANT_MODES),
-        help="weight-only quantization after loading (CPU): experts and attention projections (int8 per output "
-        "channel, int4 per group), LM head int8; router, norms and embedding stay as loaded",
-    )
-    p.add_argument(
-        "--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size (default: 64)"
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile the blocks (CPU). Off by default: on the 2-core machine we measured it costs ~75 s "
-        "per process and decodes no faster (README); falls back to eager where no compiler works",
-    )
-    p.add_argument(
-        "--tokenizer",
-        metavar="PATH",
-        help="tokenizer.model or tokenizer.json to use; default: the checkpoint's own, else the Mixtral v1 "
-        "tokenizer shipped in mistral-common",
-    )
-
-
-def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help=f"tokens to generate at most (default: {max_new_tokens}, or the room left in the context if less)",
-    )
-    p.set_defaults(default_max_new_tokens=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 picks the most likely token (default: 0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: off")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability; 0: off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats; 1: off")
-    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same output")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (default: 512)")
-
-
-def _sampling(args: argparse.Namespace, n_prompt: int, context: int) -> SamplingParams:
-    """The sampling flags; without --max-new-tokens, the command's default capped to the room in the context
-    (an explicit value beyond the context is refused when generation starts)."""
-    max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:
-        max_new_tokens = min(args.default_max_new_tokens, context - n_prompt)
-        if max_new_tokens < 1:
-            raise CLIError(f"the prompt is {n_prompt} tokens and fills the model's context of {context} tokens")
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
-    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    path = args.checkpoint or default_checkpoint()
-    if args.quantize and (args.ep > 1 or args.tp > 1):
-        raise CLIError("--quantize does not combine with --ep/--tp")
-    if args.ep > 1 or args.tp > 1:
-        device = parallel.init_distributed(_device(args.device).type)  # cuda:LOCAL_RANK with NCCL, or gloo
-        parallel.quiet_other_ranks()  # one copy of the streamed text: rank 0's
-        torch.manual_seed(parallel.broadcast_from_main(torch.initial_seed()))  # unseeded sampling agrees
-        model = parallel.load_model_parallel(path, ep=args.ep, tp=args.tp, dtype=dtype, device=device)
-    else:
-        model = load_model(path, dtype=dtype, device=_device(args.device))
-        if args.quantize:
-            if model.embed.weight.device.type != "cpu":
-                raise CLIError("--quantize uses CPU kernels; use --device cpu")
-            model = quantize_model(model, args.quantize, args.group_size)
-        if args.compile and model.embed.weight.device.type == "cpu":
-            compile_model(model)
-    tokenizer = load_tokenizer(args.tokenizer or path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CLIError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is only "
-            f"{model.config.vocab_size}; pass the matching --tokenizer"
-        )
-    return model, tokenizer
+# ---- generating text ----------------------------------------------------------------------------------------
 
 
 def _stream(model: Transformer, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, args) -> tuple:
@@ -176,7 +34,7 @@ def _stream(model: Transformer, tokenizer: Tokenizer, ids: list[int], params: Sa
     ):
         if t_first is None:
             t_first = time.perf_counter()
-        n += ev.token != tokenizer.eos_id
+        n += ev.generated
         if ev.text:
             pieces.append(ev.text)
             sys.stdout.write(ev.text)
@@ -198,14 +56,14 @@ def _timings(n_prompt: int, n_gen: int, prefill_s: float, decode_s: float) -> st
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer = _load(args)
+    model, tokenizer = cli_args.load(args)
     prompt = args.prompt
     if prompt == "-":  # only rank 0 reads stdin
         prompt = parallel.broadcast_from_main(sys.stdin.read() if parallel.is_main_process() else None)
     ids = tokenizer.encode(prompt, bos=not args.no_bos)
     if not ids:
-        raise CLIError("the prompt is empty and --no-bos leaves no token to start from")
-    params = _sampling(args, len(ids), model.config.max_seq_len)
+        raise cli_args.CLIError("the prompt is empty and --no-bos leaves no token to start from")
+    params = cli_args.sampling_params(args, len(ids), model.config.max_seq_len)
     _, n, prefill_s, decode_s = _stream(model, tokenizer, ids, params, args)
     sys.stdout.write("\n")
     if parallel.is_main_process():
@@ -213,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model, tokenizer = _load(args)
+    model, tokenizer = cli_args.load(args)
     interactive = sys.stdin.isatty()
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
@@ -252,7 +110,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
             continue
-        params = _sampling(args, len(ids), context)
+        params = cli_args.sampling_params(args, len(ids), context)
         try:
             answer, n, prefill_s, decode_s = _stream(model, tokenizer, ids, params, args)
             sys.stdout.write("\n")
@@ -268,7 +126,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    ckpt = find_checkpoint(args.checkpoint or default_checkpoint())
+    ckpt = find_checkpoint(cli_args.checkpoint(args))
     cfg = ckpt.config
     total, active = cfg.param_counts()
     info = {
@@ -292,8 +150,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    model = load_model(args.checkpoint or default_checkpoint(), dtype=dtype)
+    model = load_model(cli_args.checkpoint(args), dtype=cli_args.dtype(args.dtype))
     save_quantized(quantize_model(model, args.mode, args.group_size), args.out)
     print(f"wrote an {args.mode} checkpoint to {args.out}", file=sys.stderr)
 
@@ -301,7 +158,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_routing(args: argparse.Namespace) -> None:
     from .routing import markdown_table, write_report
 
-    model, tokenizer = _load(args)
+    model, tokenizer = cli_args.load(args)
     report = write_report(model, tokenizer, args.text, args.out, args.layer, args.max_tokens)
     print(markdown_table(report), end="")
     print(f"wrote routing.json, routing.md, routing_share.png and routing_tokens.html to {args.out}", file=sys.stderr)
@@ -310,7 +167,7 @@ def cmd_routing(args: argparse.Namespace) -> None:
 def cmd_init(args: argparse.Namespace) -> None:
     config = get_preset(args.preset)
     torch.manual_seed(args.seed)
-    model = Transformer(config).to(DTYPES[args.dtype])
+    model = Transformer(config).to(cli_args.DTYPES[args.dtype])
     save_model(model, args.out)
     total, _ = config.param_counts()
     print(f"wrote a random {args.preset} model ({total / 1e6:.1f}M parameters, {args.dtype}) to {args.out}")
@@ -328,10 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a prompt, streaming the text to stdout",
         description="Continue a prompt, streaming the text to stdout; timings go to stderr.",
     )
-    _add_model_flags(p)
+    cli_args.add_model_flags(p)
     p.add_argument("--prompt", required=True, help="the text to continue ('-' reads it from stdin)")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
-    _add_sampling_flags(p, max_new_tokens=128)
+    cli_args.add_sampling_flags(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -340,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-turn chat in the Mixtral Instruct v1 format. On a terminal: type a "
         "message, Ctrl-C stops an answer, Ctrl-D quits. Piped: each input line is a user message.",
     )
-    _add_model_flags(p)
+    cli_args.add_model_flags(p)
     p.add_argument("--system", metavar="TEXT", help="system message for the whole conversation")
     p.add_argument("--verbose", action="store_true", help="print timings after each answer to stderr")
-    _add_sampling_flags(p, max_new_tokens=256)
+    cli_args.add_sampling_flags(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
@@ -363,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write (replaced if it exists)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored dtype (default: float32)")
+    p.add_argument("--dtype", choices=list(cli_args.DTYPES), default="float32", help="stored dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_init)
 
@@ -374,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(per layer and text), how often consecutive tokens keep the same expert against chance, "
         "a heat map PNG and a token-level HTML view.",
     )
-    _add_model_flags(p)
+    cli_args.add_model_flags(p)
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to route (one source each)")
     p.add_argument("--out", default="routing", metavar="DIR", help="output folder (default: routing)")
     p.add_argument("--layer", type=int, help="layer for the token-level view (default: the middle one)")
@@ -389,32 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint to quantize; default: the built-in model")
     p.add_argument("--mode", choices=list(QUANT_MODES), required=True, help="int8 (per channel) or int4 (per group)")
     p.add_argument("--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="activation and scale dtype")
+    p.add_argument("--dtype", choices=["auto", *cli_args.DTYPES], default="auto", help="activation and scale dtype")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
     p.set_defaults(func=cmd_quantize)
 
-    from .bench import add_command as add_bench_command
-    from .serve.cli import add_command as add_serve_command
-    from .train.cli import add_command as add_train_commands
-
-    add_serve_command(sub)
-    add_train_commands(sub)
-    add_bench_command(sub)
+    serve_cli.add_command(sub)
+    train_cli.add_command(sub)
+    bench.add_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (CLIError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"mixtral {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. piped into `head`
-        return 0
-    finally:
-        parallel.shutdown()
-    return 0
+    return cli_args.run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

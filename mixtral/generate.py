@@ -1,137 +1,30 @@
-"""Generation as small functions: prefill, decode one step, sample; and the batched, streaming loop that
-strings them together.
+"""Generation as small functions: prefill, decode one step, one sequence's step; and the batched, streaming
+loop that strings them together.
 
 - `prefill` runs prompts (in chunks) through the model into their cache rows, returning the logits of
   each prompt's last token;
 - `decode_step` feeds one token per sequence, each at its own position;
-- `sample` picks the next token of one sequence under its `SamplingParams` and its own RNG, so a seeded
-  sequence gives the same output alone or in a batch;
-- `generate_stream` / `generate` run a batch of prompts to completion; each sequence stops on its own
-  (EOS, a stop string, max_new_tokens), and text is streamed piece by piece.
+- `SequenceState.step` samples one sequence's next token (sampling.py, under its own seeded generator, so
+  a seeded sequence gives the same output alone or in a batch), streams its text and ends it on EOS, a
+  stop string or max_new_tokens; the server's scheduler runs its sequences through it too;
+- `generate_stream` / `generate` run a batch of prompts to completion; each sequence stops on its own,
+  and text is streamed piece by piece;
+- `prepare_kernels` builds (once per installed copy) or loads the CPU kernels before anything is timed or
+  served, rather than inside the first forward pass.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .cache import CacheRows, KVCache
+from .kernels import cpu as cpu_kernels
 from .kernels import cpu_step
 from .model import Block, RMSNorm, Transformer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. temperature 0 is greedy; the filters apply in the order
-    repetition penalty, presence/frequency penalties, temperature, top-k, top-p, min-p."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    min_p: float = 0.0  # 0: off
-    repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the prompt or output
-    # OpenAI's penalties, on generated tokens only: logit -= presence * (count > 0) + frequency * count
-    presence_penalty: float = 0.0  # 0: off; in [-2, 2]
-    frequency_penalty: float = 0.0  # 0: off; in [-2, 2]
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # generation ends when the text contains one; it is not part of the output
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
-            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
-            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
-            ("presence_penalty", _penalty(self.presence_penalty), "a number in [-2, 2]"),
-            ("frequency_penalty", _penalty(self.frequency_penalty), "a number in [-2, 2]"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-        ]
-        for name, ok, valid in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {valid}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _penalty(x: object) -> bool:
-    return _finite(x) and -2 <= x <= 2  # type: ignore[operator]
-
-
-# ---- sampling -------------------------------------------------------------------------------------------
-
-
-def process_logits(
-    logits_V: torch.Tensor, params: SamplingParams, history: torch.Tensor, prompt_len: int = 0
-) -> torch.Tensor:
-    """Apply the penalties and filters; removed tokens get -inf. `history` holds the ids seen so far, the
-    first `prompt_len` of them the prompt: the repetition penalty counts them all, the presence and
-    frequency penalties only the generated ones (as OpenAI's do)."""
-    logits = logits_V.float().clone()
-    if params.repetition_penalty != 1.0 and history.numel():
-        seen = logits[history]
-        logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
-    generated = history[prompt_len:]
-    if (params.presence_penalty or params.frequency_penalty) and generated.numel():
-        counts = torch.bincount(generated, minlength=logits.numel()).to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    if params.greedy:
-        return logits
-    logits /= params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits[logits < kth] = -math.inf
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, -1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop = probs.cumsum(-1) - probs >= params.top_p
-        logits[order[drop]] = -math.inf
-    if params.min_p > 0.0:
-        probs = torch.softmax(logits, -1)
-        logits[probs < params.min_p * probs.max()] = -math.inf
-    return logits
-
-
-def sample(
-    logits_V: torch.Tensor,
-    params: SamplingParams,
-    history: torch.Tensor,
-    generator: torch.Generator | None,
-    prompt_len: int = 0,
-) -> int:
-    """The next token for one sequence (`history` and `prompt_len` as in `process_logits`)."""
-    logits = process_logits(logits_V, params, history, prompt_len)
-    if params.greedy:
-        return int(logits.argmax())
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def logprobs(logits_V: torch.Tensor, token: int, top_n: int = 0) -> tuple[float, list[tuple[int, float]]]:
-    """The log-probability of `token` and the `top_n` most likely (id, log-probability) pairs, best first,
-    under the model's own distribution (the raw logits: before penalties, temperature and filters)."""
-    logp = torch.log_softmax(logits_V.float(), -1)
-    top: list[tuple[int, float]] = []
-    if top_n > 0:
-        values, ids = torch.topk(logp, min(top_n, logp.numel()))
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return float(logp[token]), top
-
+from .sampling import SamplingParams, TokenLogprob, logprobs, sample
 
 # ---- compiling the model --------------------------------------------------------------------------------------
 
@@ -311,29 +204,101 @@ class TextStream:
         return piece
 
 
-# ---- the generation loop -------------------------------------------------------------------------------------
+# ---- the kernels ---------------------------------------------------------------------------------------------
+
+
+def prepare_kernels(model: Transformer) -> None:
+    """Build (the first time in an installed copy: a minute or two) or load the CPU kernels `model` runs on,
+    now rather than inside its first forward pass: so that the build is not counted as a prompt's time, and
+    a server is ready only once they are. The kernels' module says when it builds, how long that took, and
+    why they cannot run where they cannot."""
+    if model.embed.weight.device.type == "cpu":
+        cpu_kernels.ops()
+
+
+# ---- one sequence ------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Event:
     """One step of one sequence: the new token, the text it completes, and why the sequence ended (None
-    while it goes on). On an EOS the token is the EOS id, which is not part of the output."""
+    while it goes on). On an EOS the token is the EOS id (and `eos` is set), which is not part of the
+    output. The server also sends events without a token: a sequence cut by an `error`."""
 
     index: int
-    token: int
+    token: int | None
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprob: TokenLogprob | None = None  # when asked for (`top_logprobs`), on every token but an EOS
+    error: str | None = None
+    eos: bool = False
+
+    @property
+    def generated(self) -> bool:
+        """Whether this event adds a token to the output."""
+        return self.token is not None and not self.eos
 
 
-@dataclass
-class _Seq:
-    prompt: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    history: list[int]
-    stream: TextStream | None
-    out: list[int] = field(default_factory=list)
-    done: bool = False
+class SequenceState:
+    """One sequence being generated: its prompt, `SamplingParams` and own seeded generator, the tokens so
+    far and its text stream. `step` samples the next token from the sequence's logits and says what
+    happened as an `Event`: the sequence ends on the EOS token (`eos_id`; None: never), a stop string
+    (which needs a `tokenizer`) or `max_new_tokens`. The batched loop below and the server's scheduler
+    both run their sequences through it."""
+
+    def __init__(
+        self,
+        index: int,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        tokenizer=None,
+        eos_id: int | None = None,
+        top_logprobs: int | None = None,
+    ) -> None:
+        self.index = index
+        self.prompt = list(prompt)
+        self.params = params
+        self.eos_id = eos_id
+        self.top_logprobs = top_logprobs  # None: no logprobs; k: the chosen token's and the k most likely
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.stream = None if tokenizer is None else TextStream(tokenizer, self.prompt, params.stop)
+        self.history = list(self.prompt)  # the prompt, then every generated token (an EOS is not one)
+        self.n_out = 0  # generated tokens
+        self.done = False
+
+    @property
+    def position(self) -> int:
+        """The position of the newest token: the one to feed to the model next."""
+        return len(self.history) - 1
+
+    def step(self, logits_V: torch.Tensor) -> Event:
+        """Sample the next token from `logits_V` (this sequence's, for its next position) and take it."""
+        history = torch.tensor(self.history, dtype=torch.long)
+        token = sample(logits_V, self.params, history, self.generator, len(self.prompt))
+        if token == self.eos_id:
+            self.done = True
+            return Event(self.index, token, self._rest(), "stop", eos=True)
+        lp = None
+        if self.top_logprobs is not None:
+            lp = TokenLogprob(token, *logprobs(logits_V, token, self.top_logprobs))
+        self.history.append(token)
+        self.n_out += 1
+        text = self.stream.push(token) if self.stream is not None else ""
+        if self.stream is not None and self.stream.stopped:
+            reason = "stop"
+        elif self.n_out >= self.params.max_new_tokens:
+            reason, text = "length", text + self._rest()
+        else:
+            return Event(self.index, token, text, logprob=lp)
+        self.done = True
+        return Event(self.index, token, text, reason, lp)
+
+    def _rest(self) -> str:
+        return self.stream.finish() if self.stream is not None else ""
+
+
+# ---- the generation loop -------------------------------------------------------------------------------------
 
 
 def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
@@ -357,7 +322,7 @@ def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], params: 
 def generate_stream(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),  # noqa: B008 - frozen: safe to share
     *,
     tokenizer=None,
     eos_id: int | None = 2,
@@ -374,11 +339,10 @@ def generate_stream(
     check_prompts(model, prompts, params)
     if tokenizer is None and any(p.stop for p in params):
         raise ValueError("stop strings need a tokenizer to decode the generated text")
-    seqs = []
-    for p, sp in zip(prompts, params, strict=True):
-        gen = None if sp.seed is None else torch.Generator().manual_seed(sp.seed)
-        stream = None if tokenizer is None else TextStream(tokenizer, p, sp.stop)
-        seqs.append(_Seq(list(p), sp, gen, list(p), stream))
+    seqs = [
+        SequenceState(i, p, sp, tokenizer=tokenizer, eos_id=eos_id)
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+    ]
     B = len(seqs)
     total = max(len(s.prompt) + s.params.max_new_tokens for s in seqs)
     dtype = model.embed.weight.dtype
@@ -390,25 +354,11 @@ def generate_stream(
         for i, s in enumerate(seqs):
             if s.done:
                 continue
-            token = sample(logits[i], s.params, torch.tensor(s.history), s.generator, len(s.prompt))
-            if token == eos_id:
-                s.done = True
-                yield Event(i, token, s.stream.finish() if s.stream else "", "stop")
-                continue
-            s.out.append(token)
-            s.history.append(token)
-            text = s.stream.push(token) if s.stream else ""
-            if s.stream is not None and s.stream.stopped:
-                s.done = True
-                yield Event(i, token, text, "stop")
-                continue
-            if len(s.out) >= s.params.max_new_tokens:
-                s.done = True
-                yield Event(i, token, text + (s.stream.finish() if s.stream else ""), "length")
-                continue
-            yield Event(i, token, text)
-            next_tokens[i] = token
-            next_pos[i] = len(s.history) - 1
+            event = s.step(logits[i])
+            yield event
+            if not s.done:
+                next_tokens[i] = event.token
+                next_pos[i] = s.position
         if all(s.done for s in seqs):
             return
         logits = decode_step(model, cache, next_tokens, next_pos).cpu()
@@ -447,6 +397,6 @@ def generate(
     )
     out: list[list[int]] = [[] for _ in prompts]
     for ev in generate_stream(model, prompts, params, tokenizer=tokenizer, eos_id=eos_id, prefill_chunk=prefill_chunk):
-        if not (ev.finish_reason == "stop" and ev.token == eos_id):
+        if ev.generated:
             out[ev.index].append(ev.token)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import mixtral
-from mixtral.cli import BUILTIN
+from mixtral import BUILTIN
 from mixtral.config import get_preset
 from mixtral.train.loss import cross_entropy
 

@@ -13,7 +13,9 @@ import torch
 
 import mixtral
 import mixtral.cli
-from mixtral.generate import SamplingParams, generate_stream
+from mixtral.generate import generate_stream
+from mixtral.kernels import cpu as cpu_kernels
+from mixtral.sampling import SamplingParams
 from mixtral.tokenizer import load_tokenizer
 
 MIXTRAL = str(Path(sys.executable).parent / "mixtral")
@@ -46,6 +48,18 @@ def test_generate_streams_the_library_output(ckpt):
     assert out.stdout == expected + "\n"
     n_prompt = len(tok.encode("The capital of France is"))
     assert f"prompt: {n_prompt} tokens" in out.stderr and "tokens/s" in out.stderr
+
+
+def test_the_kernels_are_ready_before_the_prompt_is_timed(ckpt, monkeypatch, capsys):
+    # A first run builds the CPU kernels (a minute or more): that must happen before the timing starts, not
+    # inside the first forward pass, where it would count as the prompt's time.
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: calls.append("kernels"))
+    real = mixtral.cli.generate_stream
+    monkeypatch.setattr(mixtral.cli, "generate_stream", lambda *a, **kw: calls.append("timed") or real(*a, **kw))
+    assert mixtral.cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert "timed" in calls and calls[0] == "kernels"
+    assert "tokens/s" in capsys.readouterr().err
 
 
 def test_generate_with_sampling_flags_is_reproducible(ckpt):

@@ -13,7 +13,6 @@ import torch
 from conftest import tiny_model
 
 import mixtral
-from mixtral import cli
 from mixtral.cache import KVCache
 from mixtral.config import ModelConfig
 from mixtral.generate import decode_step, prefill
@@ -319,7 +318,7 @@ def test_fused_experts_equal_the_reference_dispatch(top_k):
 
 @needs_kernels
 def test_the_builtin_model_decodes_the_same_with_and_without_the_kernels():
-    model = mixtral.load_model(cli.default_checkpoint(), dtype=torch.bfloat16)
+    model = mixtral.load_model(mixtral.BUILTIN, dtype=torch.bfloat16)
     prompt = [1, *range(300, 340)]
 
     def steps() -> torch.Tensor:
@@ -400,8 +399,8 @@ def test_a_short_prompts_attention_runs_row_by_row_and_equals_sdpa(H, G, T, pref
 
 def test_turned_off_by_the_environment_falls_back_to_torch_mv():
     code = (
-        "import torch, mixtral; from mixtral import cli; from mixtral.kernels import cpu; print(cpu.status());"
-        "m = mixtral.load_model(cli.default_checkpoint(), dtype=torch.bfloat16);"
+        "import torch, mixtral; from mixtral.kernels import cpu; print(cpu.status());"
+        "m = mixtral.load_model(mixtral.BUILTIN, dtype=torch.bfloat16);"
         "print(len(mixtral.generate(m, [[1, 300, 301]], max_new_tokens=4, eos_id=None)[0]))"
     )
     env = {**os.environ, "MIXTRAL_CPU_KERNELS": "0"}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_hf_model, random_tokens
@@ -9,10 +13,13 @@ from conftest import make_hf_model, random_tokens
 import mixtral
 from mixtral.cache import KVCache
 from mixtral.config import get_preset
-from mixtral.generate import SamplingParams, generate, generate_stream, prefill, process_logits, sample
+from mixtral.generate import generate, generate_stream, prefill, prepare_kernels
+from mixtral.kernels import cpu as cpu_kernels
 from mixtral.model import Transformer
+from mixtral.sampling import SamplingParams, process_logits, sample
 
 VOCAB = 300
+generate_module = importlib.import_module("mixtral.generate")  # the module (`mixtral.generate` is also a function)
 
 
 def tiny_model(window: int | None = None, seed: int = 0) -> Transformer:
@@ -212,3 +219,38 @@ def test_context_length_is_enforced():
         generate(model, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"top_p=1\.5 is invalid"):
         generate(model, [[1]], max_new_tokens=2, top_p=1.5)
+
+
+def test_prepare_kernels_builds_them_for_a_cpu_model_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: calls.append(1))
+    model = tiny_model()
+    prepare_kernels(model)
+    assert calls == [1]
+    model.to("meta")
+    prepare_kernels(model)
+    assert calls == [1]
+
+
+def test_a_kernel_build_goes_to_this_installs_folder_and_says_how_long_it_took(monkeypatch, tmp_path, capsys):
+    """The build (torch's cpp_extension `load`, faked here) goes to a folder of this installed copy's own, says
+    where before it starts and how long it took after; a second load of a finished build says nothing."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("MIXTRAL_KERNEL_DIR", str(tmp_path))
+    builds = []
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        builds.append(build_directory)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.library, "register_fake", lambda name: lambda fn: fn)
+    cpu_kernels._build()
+    err = capsys.readouterr().err
+    assert len(builds) == 1 and Path(builds[0]).parent.parent == tmp_path
+    assert f"compiling the CPU kernels into {builds[0]}" in err and "CPU kernels built in" in err
+    cpu_kernels._build()  # built before: loaded, quietly
+    assert len(builds) == 2 and builds[1] == builds[0] and capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "prefix", "/another/venv")  # another install: another folder
+    assert cpu_kernels.build_directory("x").parent != Path(builds[0]).parent

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import mixtral
-from mixtral.generate import SamplingParams, generate_stream
+from mixtral.generate import generate_stream
+from mixtral.sampling import SamplingParams
 
 MODEL = "tiny"
 MAX_BATCH = 8

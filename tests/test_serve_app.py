@@ -12,7 +12,8 @@ import torch
 from fastapi.testclient import TestClient
 
 import mixtral
-from mixtral.generate import SamplingParams, logprobs, process_logits
+from mixtral.kernels import cpu as cpu_kernels
+from mixtral.sampling import SamplingParams, logprobs, process_logits
 from mixtral.serve import Engine, create_app
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
@@ -49,6 +50,25 @@ def test_health_is_503_while_loading_then_200(tiny):
         release.set()
         wait_for(lambda: client.get("/health").status_code == 200)
         assert client.get("/health").json() == {"status": "ok", "model": "tiny"}
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_health_is_503_until_the_cpu_kernels_are_built(tiny, monkeypatch):
+    building, release = threading.Event(), threading.Event()
+
+    def ops():  # a first run: the kernels build for a while after the model has loaded
+        building.set()
+        release.wait(30)
+
+    monkeypatch.setattr(cpu_kernels, "ops", ops)
+    engine = Engine(lambda: tiny, max_batch=2)
+    with TestClient(create_app(engine, model_name="tiny")) as client:
+        assert building.wait(30)
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 503
+        release.set()
+        wait_for(lambda: client.get("/health").status_code == 200)
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mixtral.config import get_preset
-from mixtral.generate import SamplingParams, TextStream, generate_stream
+from mixtral.generate import TextStream, generate_stream
 from mixtral.model import Transformer
+from mixtral.sampling import SamplingParams
 from mixtral.tokenizer import load_tokenizer
 
 

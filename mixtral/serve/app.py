@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine import SHUTDOWN_MESSAGE, UNAVAILABLE, Engine, QueueFull, Request, TokenLogprob, Unavailable
+from ..sampling import TokenLogprob
+from .engine import SHUTDOWN_MESSAGE, UNAVAILABLE, Engine, QueueFull, Request, Unavailable
 from .protocol import (
     APIError,
     Job,
@@ -238,8 +239,7 @@ async def _frames(engine: Engine, request: Request, job: Job) -> AsyncIterator[b
             yield _sse(_error_for(ev.error).body())
             yield _sse("[DONE]")
             return
-        if ev.token is not None:
-            n_tokens += 1
+        n_tokens += ev.generated
         if ev.text or ev.logprob is not None:
             yield chunk(ev.index, ev.text, ev.logprob, None)
             offsets[ev.index] += len(ev.text)
@@ -265,8 +265,7 @@ async def _collect(engine: Engine, request: Request, job: Job) -> tuple[int, dic
             error = _error_for(ev.error)
             return error.status, error.body()
         texts[ev.index].append(ev.text)
-        if ev.token is not None:
-            n_tokens += 1
+        n_tokens += ev.generated
         if ev.logprob is not None:
             lps[ev.index].append(ev.logprob)
         if ev.finish_reason is not None:

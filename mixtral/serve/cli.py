@@ -9,13 +9,13 @@ import argparse
 import os
 import socket
 import sys
-from pathlib import Path
+
+from .. import cli_args
+from ..cli_args import CLIError
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `serve` on the `mixtral` command's subparsers."""
-    from .. import cli  # the shared model flags; imported here, when cli.py itself is fully loaded
-
     p = subparsers.add_parser(
         "serve",
         help="serve the model over an OpenAI-compatible HTTP API (continuous batching)",
@@ -26,7 +26,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         "with --ep/--tp, rank 0 serves HTTP and every rank runs each step on its shard of the model "
         "(torchrun kills its workers 30 s after it is signalled: keep --shutdown-timeout below that).",
     )
-    cli._add_model_flags(p)
+    cli_args.add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
     p.add_argument(
@@ -96,7 +96,6 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 def cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
-    from .. import cli
     from ..checkpoint import find_checkpoint
 
     try:
@@ -107,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .server import Server
         from .steps import LockstepSteps, Steps
     except ImportError as e:
-        raise cli.CLIError(f"mixtral serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
+        raise CLIError(f"mixtral serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 
     for flag, value, least in [
         ("--port", args.port, 0),
@@ -118,18 +117,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ("--threads", args.threads if args.threads is not None else 1, 1),
     ]:
         if value < least:
-            raise cli.CLIError(f"{flag} {value} is invalid: must be >= {least}")
+            raise CLIError(f"{flag} {value} is invalid: must be >= {least}")
     if not args.shutdown_timeout >= 0:
-        raise cli.CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
+        raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
     if args.api_key == "":
-        raise cli.CLIError("--api-key is empty")
+        raise CLIError("--api-key is empty")
     # Fail fast on what can be checked before the server starts (the weights load in the background).
-    path = Path(args.checkpoint).expanduser() if args.checkpoint else cli.default_checkpoint()
+    path = cli_args.checkpoint(args)
     ckpt = find_checkpoint(path)
     context = ckpt.config.max_seq_len
     if args.max_seq_len is not None and args.max_seq_len > context:
-        raise cli.CLIError(f"--max-seq-len {args.max_seq_len} is more than the model's context of {context} tokens")
-    cli._device(args.device)
+        raise CLIError(f"--max-seq-len {args.max_seq_len} is more than the model's context of {context} tokens")
+    cli_args.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     lockstep = args.ep > 1 or args.tp > 1
@@ -137,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .. import parallel
 
         parallel.check_layout(ckpt.config, args.ep, args.tp)  # before joining, so that every rank says it
-        parallel.init_distributed(cli._device(args.device).type)
+        parallel.init_distributed(cli_args.device(args.device).type)
         parallel.check_layout(ckpt.config, args.ep, args.tp, torch.distributed.get_world_size())
         if not parallel.is_main_process():
             _follow(args)
@@ -148,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     engine = Engine(
-        lambda: cli._load(args),
+        lambda: cli_args.load(args),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_seq_len=args.max_seq_len,
@@ -174,13 +173,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _say(f"ready: serving {model_name!r} at {url}/v1 (KV cache {rows})")
 
     engine.on_failure, engine.on_ready = failed, ready
-    _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded)")
+    _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded and its kernels are ready)")
     server.run(sockets=[sock])
     if engine.load_error is not None:
-        raise cli.CLIError(f"loading the model failed: {engine.load_error}")
+        raise CLIError(f"loading the model failed: {engine.load_error}")
     if lockstep and not engine.closed:
         # The other ranks wait for a stop that will not come: a failed status makes torchrun end them.
-        raise cli.CLIError("the scheduler did not stop cleanly (see the log above); ending the other ranks")
+        raise CLIError("the scheduler did not stop cleanly (see the log above); ending the other ranks")
     if lockstep:
         parallel.shutdown()
     _say("stopped")
@@ -188,11 +187,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _follow(args: argparse.Namespace) -> None:
     """Every rank but 0 under torchrun: load this rank's shard, then run rank 0's steps until it stops."""
-    from .. import cli, parallel
+    from .. import parallel
     from ..cache import KVCache
     from .steps import Steps, follow
 
-    model, _ = cli._load(args)  # the same collectives, in the same order, as rank 0's loader
+    model, _ = cli_args.load(args)  # the same collectives, in the same order, as rank 0's loader
     context = args.max_seq_len or model.config.max_seq_len
     weight = model.embed.weight
     cache = KVCache(model.config, args.max_batch, context, dtype=weight.dtype, device=weight.device)
@@ -206,8 +205,6 @@ def _say(message: str) -> None:
 
 def _listen(host: str, port: int) -> socket.socket:
     """A bound socket (uvicorn starts listening on it), so the port is known before the server starts."""
-    from ..cli import CLIError
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:

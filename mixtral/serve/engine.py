@@ -7,7 +7,8 @@ Every turn of the loop:
 2. prefills: runs one prompt chunk of the sequences still reading their prompt (a token budget per
    turn, so a long prompt does not stall everyone else's decoding);
 3. samples the next token of every sequence whose logits are fresh, each under its own
-   `SamplingParams` and its own seeded generator, and hands the text to its request;
+   `SamplingParams` and its own seeded generator, and hands the text to its request (one
+   `SequenceState.step`, as in `generate_stream`: the same end-of-sequence, stop-string and length rules);
 4. runs one `decode_step` over the whole cache: every decoding row advances by one token, each at its
    own position; idle rows (position -1) write nothing.
 
@@ -37,8 +38,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
-from ..generate import SamplingParams, TextStream, logprobs, sample
+from ..generate import Event, SequenceState, prepare_kernels
 from ..model import Transformer
+from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .steps import HEARTBEAT, Steps
 
@@ -64,26 +66,6 @@ class Unavailable(Exception):
 
 class QueueFull(Exception):
     """Every cache row is busy and the waiting queue is full."""
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (id, logprob), most likely first
-
-
-@dataclass
-class Event:
-    """What one sequence did in one step. `token` is None on events that add no output token (an EOS,
-    an error); a sequence's last event has a `finish_reason` ("stop" or "length") or an `error`."""
-
-    index: int  # the sequence's choice index within its request
-    text: str = ""
-    token: int | None = None
-    logprob: TokenLogprob | None = None
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 class Request:
@@ -141,20 +123,19 @@ class Request:
             self.engine.cancel(self)
 
 
-@dataclass(eq=False)
-class _Seq:
-    request: Request
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    stream: TextStream
-    history: list[int]
-    row: int = -1
-    prefilled: int = 0  # prompt tokens already in the cache
-    n_out: int = 0  # generated tokens (an EOS is not counted)
-    logits: torch.Tensor | None = None  # [V] for the next token, when fresh
-    next_token: int | None = None  # to feed at the next decode step
+class _Seq(SequenceState):
+    """One sequence (choice) of a request in the scheduler: its state as in `generate_stream` (the index is
+    the choice's index within its request), and where it is in the cache."""
+
+    def __init__(self, request: Request, index: int, prompt: list[int], params: SamplingParams, tokenizer) -> None:
+        super().__init__(
+            index, prompt, params, tokenizer=tokenizer, eos_id=tokenizer.eos_id, top_logprobs=request.top_logprobs
+        )
+        self.request = request
+        self.row = -1
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.logits: torch.Tensor | None = None  # [V] for the next token, when fresh
+        self.next_token: int | None = None  # to feed at the next decode step
 
 
 @dataclass
@@ -176,11 +157,12 @@ class Stats:
 class Engine:
     """Owns the model; serves `Request`s with continuous batching on its own thread.
 
-    `load` builds (model, tokenizer) on that thread, so an HTTP server can answer /health while the
-    model loads. `max_batch` rows are decoded together; at most `max_queue` more sequences wait for a row.
-    `steps` wraps the model and its cache (`LockstepSteps` under torchrun). With lock-step steps a failed
-    forward pass is fatal (the other ranks cannot be brought back in step): the engine fails and calls
-    `on_failure`, and the process should exit so that torchrun ends the others.
+    `load` builds (model, tokenizer) on that thread, and the CPU kernels are built or loaded after it, so
+    an HTTP server can answer /health (503, "loading") until both are done. `max_batch` rows are decoded
+    together; at most `max_queue` more sequences wait for a row. `steps` wraps the model and its cache
+    (`LockstepSteps` under torchrun). With lock-step steps a failed forward pass is fatal (the other ranks
+    cannot be brought back in step): the engine fails and calls `on_failure`, and the process should exit
+    so that torchrun ends the others.
     """
 
     def __init__(
@@ -246,10 +228,7 @@ class Engine:
                 )
             request.engine = self
             for i, (prompt, params) in enumerate(zip(request.prompts, request.params, strict=True)):
-                gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-                assert self.tokenizer is not None
-                stream = TextStream(self.tokenizer, prompt, params.stop)
-                self._waiting.append(_Seq(request, i, prompt, params, gen, stream, list(prompt)))
+                self._waiting.append(_Seq(request, i, prompt, params, self.tokenizer))
             self.stats.requests_accepted += 1
             self.stats.waiting = len(self._waiting)
             self._cond.notify()
@@ -299,6 +278,7 @@ class Engine:
     def _main(self) -> None:
         try:
             model, tokenizer = self._load()
+            prepare_kernels(model)  # "loading" until they are built: the first request does not wait for them
             context = model.config.max_seq_len if self._max_seq_len is None else self._max_seq_len
             if context > model.config.max_seq_len:
                 raise ValueError(
@@ -360,7 +340,8 @@ class Engine:
                 log.error("generation failed:\n%s", traceback.format_exc())
                 with self._cond:
                     for s in list(self._running):
-                        self._finish(s, Event(s.index, error=f"generation failed: {type(e).__name__}: {e}"), "error")
+                        error = f"generation failed: {type(e).__name__}: {e}"
+                        self._finish(s, Event(s.index, None, error=error), "error")
                     self._steps.reset()
 
     def _deadline_passed(self) -> bool:
@@ -389,7 +370,7 @@ class Engine:
 
     def _abort_all(self, message: str) -> None:
         for s in list(self._running) + list(self._waiting):
-            self._finish(s, Event(s.index, error=message), "aborted")
+            self._finish(s, Event(s.index, None, error=message), "aborted")
         self._sync_gauges()
 
     def _release(self, s: _Seq) -> None:
@@ -424,7 +405,6 @@ class Engine:
         self.stats.rows_free = len(self._free_rows)
 
     def _step(self) -> None:
-        eos = self.tokenizer.eos_id
         running = list(self._running)
 
         # Prefill: one chunk each, oldest first, within a token budget (at least one chunk per turn).
@@ -445,25 +425,13 @@ class Engine:
             if s.logits is None or s.prefilled < len(s.prompt):
                 continue
             logits, s.logits = s.logits, None
-            token = sample(logits, s.params, torch.tensor(s.history, dtype=torch.long), s.generator, len(s.prompt))
-            lp = None
-            if s.request.top_logprobs is not None:
-                lp = TokenLogprob(token, *logprobs(logits, token, s.request.top_logprobs))
-            if token == eos:
-                finished.append((s, Event(s.index, s.stream.finish(), finish_reason="stop"), "completed"))
-                continue
-            s.history.append(token)
-            s.n_out += 1
-            self.stats.generation_tokens += 1
-            text = s.stream.push(token)
-            if s.stream.stopped:
-                finished.append((s, Event(s.index, text, token, lp, finish_reason="stop"), "completed"))
-            elif s.n_out >= s.params.max_new_tokens:
-                event = Event(s.index, text + s.stream.finish(), token, lp, finish_reason="length")
+            event = s.step(logits)
+            self.stats.generation_tokens += event.generated
+            if s.done:
                 finished.append((s, event, "completed"))
             else:
-                s.request._post(Event(s.index, text, token, lp))
-                s.next_token = token
+                s.request._post(event)
+                s.next_token = event.token
         if finished:
             with self._cond:
                 for s, event, outcome in finished:
@@ -478,7 +446,7 @@ class Engine:
             pos_B = torch.full((self.max_batch,), -1, dtype=torch.long)
             for s in feeding:
                 tokens_B[s.row] = s.next_token
-                pos_B[s.row] = len(s.history) - 1
+                pos_B[s.row] = s.position
                 s.next_token = None
             logits_BV = self._steps.decode(tokens_B, pos_B).cpu()
             for s in feeding:

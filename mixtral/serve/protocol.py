@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generate import SamplingParams
+from ..sampling import SamplingParams, TokenLogprob
 from ..tokenizer import Tokenizer
-from .engine import TokenLogprob
 
 MAX_STOP = 16  # stop strings per request
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .. import cli_args
+
 HELP = {
     "data": "training data: text files (a document per file, or per blank-line block with --split paragraph) "
     'and/or JSONL files ({"text": ...} or {"messages": [...]} chats, loss on assistant tokens only)',
@@ -157,14 +159,12 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from ..checkpoint import load_model
-    from ..cli import default_checkpoint
     from ..tokenizer import load_tokenizer
     from .data import PackedSequences, expand_paths, read_documents, tokenize
     from .trainer import evaluate
 
-    path = args.checkpoint or default_checkpoint()
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_model(path, dtype=dtype)
+    path = cli_args.checkpoint(args)
+    model = load_model(path, dtype=cli_args.dtype(args.dtype))
     tokenizer = load_tokenizer(path)
     data = tokenize(read_documents(expand_paths(args.text)), tokenizer)
     seq_len = args.seq_len or model.config.max_seq_len

@@ -1,0 +1,190 @@
+"""What the commands share: the model flags and loading by them, the sampling flags and `SamplingParams` by
+them, and running a command with its errors as one line (`CLIError`). Used by `mixtral` (cli.py), `mixtral
+serve` (serve/cli.py), `mixtral train` / `eval` (train/cli.py) and `mixtral bench` (bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import parallel
+from .builtin import default_checkpoint
+from .checkpoint import CheckpointError, load_model
+from .config import ConfigError
+from .generate import compile_model, prepare_kernels
+from .model import Transformer
+from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    """A problem with the command's input, reported as one line without a traceback."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command (`args.func`); its input errors are one line on stderr and exit status 2."""
+    try:
+        args.func(args)
+    except (CLIError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"mixtral {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    finally:
+        parallel.shutdown()
+    return 0
+
+
+# ---- the model --------------------------------------------------------------------------------------------
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="checkpoint folder: Hugging Face layout (config.json + model*.safetensors) or Mistral's "
+        "(params.json + consolidated.safetensors / consolidated.00.pth); default: the built-in model",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="dtype to compute in; 'auto' keeps the dtype the weights are stored in (default: auto)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        metavar="N",
+        help="expert parallelism: split each layer's experts over N processes (run under torchrun; default: 1)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism: split attention heads and expert hidden dims over N processes (under torchrun)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=list(QUANT_MODES),
+        help="weight-only quantization after loading (CPU): experts and attention projections (int8 per output "
+        "channel, int4 per group), LM head int8; router, norms and embedding stay as loaded",
+    )
+    p.add_argument(
+        "--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size (default: 64)"
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the blocks (CPU). Off by default: on the 2-core machine we measured it costs ~75 s "
+        "per process and decodes no faster (README); falls back to eager where no compiler works",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer.model or tokenizer.json to use; default: the checkpoint's own, else the Mixtral v1 "
+        "tokenizer shipped in mistral-common",
+    )
+
+
+def checkpoint(args: argparse.Namespace) -> Path:
+    """The --checkpoint folder, else the built-in model."""
+    if args.checkpoint:
+        return Path(args.checkpoint).expanduser()
+    try:
+        return default_checkpoint()
+    except FileNotFoundError as e:
+        raise CLIError(f"no --checkpoint given and {e}; pass --checkpoint DIR") from None
+
+
+def dtype(name: str) -> torch.dtype | None:
+    """A --dtype value as a torch dtype; None for 'auto' (the stored one)."""
+    return None if name == "auto" else DTYPES[name]
+
+
+def device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer the model flags name, with the kernels it runs on built (`prepare_kernels`)."""
+    path = checkpoint(args)
+    if args.quantize and (args.ep > 1 or args.tp > 1):
+        raise CLIError("--quantize does not combine with --ep/--tp")
+    if args.ep > 1 or args.tp > 1:
+        dev = parallel.init_distributed(device(args.device).type)  # cuda:LOCAL_RANK with NCCL, or gloo
+        parallel.quiet_other_ranks()  # one copy of the streamed text: rank 0's
+        torch.manual_seed(parallel.broadcast_from_main(torch.initial_seed()))  # unseeded sampling agrees
+        model = parallel.load_model_parallel(path, ep=args.ep, tp=args.tp, dtype=dtype(args.dtype), device=dev)
+    else:
+        model = load_model(path, dtype=dtype(args.dtype), device=device(args.device))
+        if args.quantize:
+            if model.embed.weight.device.type != "cpu":
+                raise CLIError("--quantize uses CPU kernels; use --device cpu")
+            model = quantize_model(model, args.quantize, args.group_size)
+        if args.compile and model.embed.weight.device.type == "cpu":
+            compile_model(model)
+    tokenizer = load_tokenizer(args.tokenizer or path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CLIError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is only "
+            f"{model.config.vocab_size}; pass the matching --tokenizer"
+        )
+    prepare_kernels(model)  # before anything is timed
+    return model, tokenizer
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens to generate at most (default: {max_new_tokens}, or the room left in the context if less)",
+    )
+    p.set_defaults(default_max_new_tokens=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 picks the most likely token (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability; 0: off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats; 1: off")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same output")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (default: 512)")
+
+
+def sampling_params(args: argparse.Namespace, n_prompt: int, context: int) -> SamplingParams:
+    """The sampling flags; without --max-new-tokens, the command's default capped to the room in the context
+    (an explicit value beyond the context is refused when generation starts)."""
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = min(args.default_max_new_tokens, context - n_prompt)
+        if max_new_tokens < 1:
+            raise CLIError(f"the prompt is {n_prompt} tokens and fills the model's context of {context} tokens")
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
