@@ -265,9 +265,9 @@ def quality_report(
     built-in model): KL, top-1 agreement and loss on the first `n_seqs` windows of `seq_len` tokens of
     `texts` (fixed prompts: every position of each window is a next-token prediction). With `save_dir`,
     the quantized checkpoints are written there (for `mixtral eval`)."""
-    from .checkpoint import load_model
+    from .checkpoint import load_model, save_quantized
     from .cli import default_checkpoint
-    from .quantize import quantize_model, save_quantized
+    from .quantize import quantize_model
     from .tokenizer import load_tokenizer
     from .train.data import expand_paths, read_documents, tokenize
 
@@ -293,10 +293,10 @@ def quality_report(
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import load_model, save_model, save_quantized
     from .config import get_preset
     from .model import Transformer
-    from .quantize import active_weight_bytes, quantize_model, save_quantized, weight_bytes
+    from .quantize import active_weight_bytes, quantize_model, weight_bytes
 
     torch.set_num_threads(args.threads)
     info = machine()

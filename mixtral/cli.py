@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from . import parallel
-from .checkpoint import CheckpointError, find_checkpoint, load_model, save_model, stored_dtype
+from .checkpoint import CheckpointError, find_checkpoint, load_model, save_model, save_quantized, stored_dtype
 from .config import PRESETS, ConfigError, get_preset
 from .generate import SamplingParams, compile_model, generate_stream
 from .model import Transformer
-from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model, save_quantized
+from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -201,7 +201,7 @@ def test_save_replaces_existing_checkpoint(hf_dir, tmp_path):
 
 
 def test_crash_during_save_leaves_nothing_half_written(hf_dir, tmp_path, monkeypatch):
-    import mixtral.checkpoint as ckpt_mod
+    import mixtral.checkpoint.writer as ckpt_mod
 
     model = mixtral.load_model(hf_dir, dtype=torch.float32)
     out = tmp_path / "out"

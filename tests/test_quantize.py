@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mixtral
-from mixtral.checkpoint import CheckpointError
+from mixtral.checkpoint import CheckpointError, save_quantized
 from mixtral.config import ModelConfig
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.quantize import (
@@ -26,7 +26,6 @@ from mixtral.quantize import (
     quantize_int8,
     quantize_model,
     rows_groups,
-    save_quantized,
     unpack_int4,
     weight_bytes,
 )
