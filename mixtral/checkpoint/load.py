@@ -161,7 +161,9 @@ def place(
     return src.numel() * src.element_size()
 
 
-def _check(t: Target, stored: StoredTensor, full_shape: torch.Size, filled: dict[str, set[int]], ckpt: Checkpoint):
+def _check(
+    t: Target, stored: StoredTensor, full_shape: torch.Size, filled: dict[str, set[int]], ckpt: Checkpoint
+) -> None:
     """The stored tensor's dtype and shape fit its target, which it fills for the first time."""
     file, key = stored.file, stored.key
     if not isinstance(stored.dtype, torch.dtype) or not stored.dtype.is_floating_point:
