@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import find_checkpoint, load_weights, stored_dtype
+from .checkpoint import find_checkpoint, is_expert_param, load_weights, stored_dtype
 from .config import ModelConfig
 from .model import Transformer
 
@@ -131,7 +131,7 @@ class Layout:
     def shard(self, name: str, shape: torch.Size | tuple[int, ...], config: ModelConfig) -> tuple[slice, ...]:
         """The part of the full parameter `name` (of `shape`) that this rank holds, as one slice per dim."""
         full = [slice(0, n) for n in shape]
-        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+        if is_expert_param(name):
             E = shape[0]
             full[0] = _part(E, self.ep, self.ep_rank)
             f_dim = 2 if name.endswith("moe.w2") else 1  # w1/w3 [E, F, D], w2 [E, D, F]
@@ -309,7 +309,7 @@ def reduce_gradients(model: Transformer) -> None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # every rank must take part in the same reduction
-        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+        if is_expert_param(name):
             p.grad.div_(ep)
         else:
             replicated.append(p.grad)
@@ -337,7 +337,7 @@ def clip_grad_norm(model: Transformer, max_norm: float) -> torch.Tensor:
     sq = torch.zeros(3, dtype=torch.float32, device=device)
     for name, g in grads.items():
         n2 = torch.linalg.vector_norm(g.float()) ** 2
-        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+        if is_expert_param(name):
             sq[2] += n2
         elif name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight")):
             sq[1] += n2
