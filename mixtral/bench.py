@@ -271,8 +271,8 @@ def quality_report(
     `texts` (fixed prompts: every position of each window is a next-token prediction). With `save_dir`,
     the quantized checkpoints are written there (for `mixtral eval`)."""
     from .builtin import default_checkpoint
-    from .checkpoint import load_model
-    from .quantize import quantize_model, save_quantized
+    from .checkpoint import load_model, save_quantized
+    from .quantize import quantize_model
     from .tokenizer import load_tokenizer
     from .train.data import expand_paths, read_documents, tokenize
 
@@ -298,11 +298,11 @@ def quality_report(
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import load_model, save_model, save_quantized
     from .config import get_preset
     from .generate import prepare_kernels
     from .model import Transformer
-    from .quantize import active_weight_bytes, quantize_model, save_quantized, weight_bytes
+    from .quantize import active_weight_bytes, quantize_model, weight_bytes
 
     torch.set_num_threads(args.threads)
     info = machine()

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 import torch
 
 from . import bench, cli_args, parallel
-from .checkpoint import find_checkpoint, load_model, save_model, stored_dtype
+from .checkpoint import find_checkpoint, load_model, save_model, save_quantized, stored_dtype
 from .config import PRESETS, get_preset
 from .generate import generate_stream
 from .model import Transformer
-from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model, save_quantized
+from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model
 from .sampling import SamplingParams
 from .serve import cli as serve_cli
 from .tokenizer import Tokenizer

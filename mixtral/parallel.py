@@ -32,27 +32,14 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from .checkpoint import (
-    _PROGRESS_MIN_BYTES,
-    _REMAP_BYTES,
-    CheckpointError,
-    Target,
-    check_complete,
-    expert_pieces,
-    find_checkpoint,
-    interleaved_to_half,
-    iter_pth,
-    stored_dtype,
-    targets_of_stored,
-)
+from .checkpoint import find_checkpoint, is_expert_param, load_weights, stored_dtype
 from .config import ModelConfig
 from .kernels import ops
 from .kernels.ops import Experts, Routing
@@ -146,7 +133,7 @@ class Layout:
     def shard(self, name: str, shape: torch.Size | tuple[int, ...], config: ModelConfig) -> tuple[slice, ...]:
         """The part of the full parameter `name` (of `shape`) that this rank holds, as one slice per dim."""
         full = [slice(0, n) for n in shape]
-        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+        if is_expert_param(name):
             E = shape[0]
             full[0] = _part(E, self.ep, self.ep_rank)
             f_dim = 2 if name.endswith("moe.w2") else 1  # w1/w3 [E, F, D], w2 [E, D, F]
@@ -324,7 +311,7 @@ def reduce_gradients(model: Transformer) -> None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # every rank must take part in the same reduction
-        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+        if is_expert_param(name):
             p.grad.div_(ep)
         else:
             replicated.append(p.grad)
@@ -352,7 +339,7 @@ def clip_grad_norm(model: Transformer, max_norm: float) -> torch.Tensor:
     sq = torch.zeros(3, dtype=torch.float32, device=device)
     for name, g in grads.items():
         n2 = torch.linalg.vector_norm(g.float()) ** 2
-        if name.endswith(("moe.w1", "moe.w2", "moe.w3")):
+        if is_expert_param(name):
             sq[2] += n2
         elif name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight")):
             sq[1] += n2
@@ -596,71 +583,6 @@ def _split(x: torch.Tensor, group: Any, rank: int, parts: int) -> torch.Tensor:
 
 # ---- loading each rank's shard --------------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class _Reader:
-    """Reads slices of one stored tensor (a memory-mapped tensor or a safetensors slice), counting bytes."""
-
-    def __init__(self, path: Path, key: str, source: Any) -> None:
-        self.path, self.key, self.source, self.nbytes = path, key, source, 0
-
-    def __call__(self, index: tuple[slice, ...]) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        try:
-            t = self.source[index]  # only the slice's pages are touched
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r}: {e}") from None
-        self.nbytes += t.numel() * t.element_size()
-        return t
-
-
-@dataclass
-class _Stored:
-    """One tensor in a weight file, not yet read: its shape and dtype, and a reader for any slice of it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype | str  # a string for a safetensors dtype torch has no float for (e.g. "I64")
-    read: _Reader
-
-
-def _stored_tensors(path: Path) -> Iterator[tuple[str, _Stored]]:
-    if path.suffix == ".pth":
-        for key, tensor in iter_pth(path):  # mmap'd: only what _Reader reads is paged in
-            yield key, _Stored(tuple(tensor.shape), tensor.dtype, _Reader(path, key, tensor))
-        return
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    done = 0
-    while done < len(keys):
-        mapped = 0
-        # Reopened every _REMAP_BYTES, as checkpoint.py does, so pages already copied stop counting.
-        with safe_open(path, framework="pt") as f:
-            while done < len(keys) and mapped < _REMAP_BYTES:
-                key = keys[done]
-                try:
-                    sl = f.get_slice(key)
-                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                except SafetensorError as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {key!r}: {e}") from None
-                reader = _Reader(path, key, sl)
-                yield key, _Stored(shape, _ST_DTYPES.get(dtype, dtype), reader)
-                mapped += reader.nbytes
-                done += 1
-
 
 def load_model_parallel(
     path: str | os.PathLike,
@@ -680,91 +602,17 @@ def load_model_parallel(
     ckpt = find_checkpoint(path)
     config = ckpt.config
     check_layout(config, ep, tp)
-    dtype = dtype or stored_dtype(ckpt)
-    device = torch.device(device or "cpu")
     model = Transformer.skeleton(config)
     full_shapes = {name: p.shape for name, p in model.named_parameters()}
     parallelize(model, ep=ep, tp=tp, tokens=tokens)
     layout: Layout = model.parallel.layout
-    dests: dict[str, torch.Tensor] = {}
-    filled: dict[str, set[int]] = {name: set() for name in full_shapes}
-    show = progress if progress is not None else (ckpt.size_bytes >= _PROGRESS_MIN_BYTES and is_main_process())
-    bar = tqdm(total=ckpt.size_bytes, unit="B", unit_scale=True, desc=f"loading {ckpt.path.name}", disable=not show)
-    n_read = 0
-    with bar:
-        for file in ckpt.files:
-            for key, stored in _stored_tensors(file):
-                for t in targets_of_stored(ckpt, file, key, full_shapes):
-                    n_read += _place_shard(
-                        t, key, file, stored, full_shapes[t.param], layout, config, dests, filled, dtype, device
-                    )
-                bar.update(_nbytes(stored))
-    check_complete(ckpt, full_shapes, filled)
-    model.load_state_dict(dests, strict=True, assign=True)
-    model.parallel.bytes_read = n_read
+    model.parallel.bytes_read = load_weights(
+        model,
+        ckpt,
+        full_shapes,
+        dtype=dtype or stored_dtype(ckpt),
+        device=device,
+        progress=False if progress is None and not is_main_process() else progress,
+        shard=partial(layout.shard, config=config),
+    )
     return model.eval()
-
-
-def _nbytes(stored: _Stored) -> int:
-    n = 1
-    for s in stored.shape:
-        n *= s
-    size = stored.dtype.itemsize if isinstance(stored.dtype, torch.dtype) else 1
-    return n * size
-
-
-def _place_shard(
-    t: Target,
-    key: str,
-    file: Path,
-    stored: _Stored,
-    full_shape: torch.Size,
-    layout: Layout,
-    config: ModelConfig,
-    dests: dict[str, torch.Tensor],
-    filled: dict[str, set[int]],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> int:
-    """Check one stored tensor against its target and copy this rank's part of it (cast, on `device`) into
-    `dests`; returns the bytes read."""
-    if not isinstance(stored.dtype, torch.dtype) or not stored.dtype.is_floating_point:
-        raise CheckpointError(f"{file}: tensor {key!r} has dtype {stored.dtype}, expected floating point")
-    shape = list(stored.shape)
-    want = tuple(full_shape[1:]) if t.expert is not None else tuple(full_shape)
-    rows_ok = t.rows is None or (len(shape) >= 2 and shape[-2] >= t.rows[1])
-    if rows_ok and t.rows is not None:
-        shape[-2] = t.rows[1] - t.rows[0]
-    if not rows_ok or tuple(shape) != want:
-        raise CheckpointError(
-            f"{file}: tensor {key!r} has shape {tuple(stored.shape)}, but the config implies "
-            f"{want if t.rows is None else 'rows ' + str(t.rows) + ' of ' + str(want)} "
-            f"for {t.param}; the config does not match the weights"
-        )
-    if t.expert is not None and t.expert >= full_shape[0]:
-        raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the config has {full_shape[0]}")
-    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
-    if pieces & filled[t.param]:
-        raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate key)")
-    filled[t.param] |= pieces
-
-    slices = list(layout.shard(t.param, full_shape, config))
-    if t.expert is not None:
-        own = slices[0]
-        if not own.start <= t.expert < own.stop:
-            return 0  # another rank's expert: checked, not read
-        dest_index: tuple[Any, ...] = (t.expert - own.start,)
-        slices = slices[1:]
-    else:
-        dest_index = ()
-    if t.rows is not None:  # a gate/up half of a stacked tensor: shift dim -2 into the half
-        s = slices[-2]
-        slices[-2] = slice(t.rows[0] + s.start, t.rows[0] + s.stop)
-    src = stored.read(tuple(slices))
-    if t.rope_heads is not None:  # whole heads were read: permute them as load_model does
-        src = interleaved_to_half(src, src.shape[0] // config.head_dim)
-    local_shape = tuple(s.stop - s.start for s in layout.shard(t.param, full_shape, config))
-    if t.param not in dests:
-        dests[t.param] = torch.empty(local_shape, dtype=dtype, device=device)
-    dests[t.param][dest_index].copy_(src)  # casts and moves in one step
-    return src.numel() * src.element_size()

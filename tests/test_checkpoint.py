@@ -201,7 +201,7 @@ def test_save_replaces_existing_checkpoint(hf_dir, tmp_path):
 
 
 def test_crash_during_save_leaves_nothing_half_written(hf_dir, tmp_path, monkeypatch):
-    import mixtral.checkpoint as ckpt_mod
+    import mixtral.checkpoint.writer as ckpt_mod
 
     model = mixtral.load_model(hf_dir, dtype=torch.float32)
     out = tmp_path / "out"
@@ -354,3 +354,43 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="lacks the required field 'hidden_size'"):
         mixtral.load_model(tmp_path)
+
+
+# ---- the reader of stored tensors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_the_reader_gives_shapes_dtypes_slices_and_aligned_copies(tmp_path, fmt):
+    from mixtral.checkpoint import stored_tensors
+
+    torch.manual_seed(0)
+    # an odd-sized tensor first, so that the next one sits at a byte offset no allocator would choose
+    tensors = {
+        "a.odd": torch.randn(3, dtype=torch.bfloat16),
+        "b.q": torch.randint(-127, 128, (4, 6, 10)).to(torch.int8),
+    }
+    tensors["c.w"] = torch.randn(5, 7)
+    path = tmp_path / f"w.{fmt}"
+    save_file(tensors, path) if fmt == "safetensors" else torch.save(tensors, path)
+    seen = {}
+    for key, stored in stored_tensors(path):
+        t = tensors[key]
+        assert (stored.key, stored.file, stored.shape, stored.dtype) == (key, path, tuple(t.shape), t.dtype)
+        assert stored.nbytes == t.numel() * t.element_size()
+        assert torch.equal(stored.read(), t)
+        index = tuple(slice(1, n) for n in t.shape[:2])
+        assert torch.equal(stored.read(index), t[index])
+        copy = stored.read_aligned()
+        assert torch.equal(copy, t) and copy.data_ptr() % 64 == 0
+        seen[key] = stored.bytes_read
+    assert seen.keys() == tensors.keys()
+
+
+def test_a_loaded_quantized_checkpoint_holds_aligned_tensors(hf_dir, tmp_path):
+    """The int8/int4 CPU kernels crash on weights that are not 64-byte aligned."""
+    from mixtral.checkpoint import save_quantized
+    from mixtral.quantize import quantize_model
+
+    save_quantized(quantize_model(mixtral.load_model(hf_dir, dtype=torch.bfloat16), "int8"), tmp_path / "q")
+    loaded = mixtral.load_model(tmp_path / "q")
+    assert all(t.data_ptr() % 64 == 0 for t in [*loaded.parameters(), *loaded.buffers()])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import mixtral
-from mixtral.checkpoint import CheckpointError
+from mixtral.checkpoint import CheckpointError, save_quantized
 from mixtral.config import ModelConfig
 from mixtral.kernels import cpu as cpu_kernels
 from mixtral.kernels.ops import _aten_int4pack_is_ours, linear
@@ -28,7 +28,7 @@ from mixtral.kernels.weights import (
     rows_groups,
     unpack_int4,
 )
-from mixtral.quantize import active_weight_bytes, quantize_model, save_quantized, weight_bytes
+from mixtral.quantize import active_weight_bytes, quantize_model, weight_bytes
 
 # Small, but with the shapes int4 needs: output rows in blocks of 64, inputs in whole groups.
 CONFIG = ModelConfig(

@@ -1,0 +1,50 @@
+"""Reading and writing weights.
+
+reader.py     the one reader of stored tensors: (key, StoredTensor) per weight file, sliceable and
+              memory-mapped, one dtype table; a format (safetensors, .pth; GGUF next) is one function
+layouts.py    the Hugging Face and Mistral layouts and every mapping of their keys to our parameters
+load.py       strict streaming loading of plain checkpoints, whole or one process's shard
+writer.py     the Hugging Face layout, written beside its destination and renamed into place
+quantized.py  quantized checkpoints (our state dict + quantization.json), on the same reader and writer
+"""
+
+from .layouts import (
+    HF_INDEX,
+    HF_SINGLE,
+    Checkpoint,
+    Target,
+    expert_pieces,
+    find_checkpoint,
+    half_to_interleaved,
+    interleaved_to_half,
+    is_expert_param,
+)
+from .load import check_complete, load_model, load_weights, stored_dtype, targets_of_stored
+from .quantized import QUANT_FILE, is_quantized_checkpoint, load_quantized, save_quantized
+from .reader import CheckpointError, StoredTensor, stored_tensors
+from .writer import save_model
+
+__all__ = [
+    "HF_INDEX",
+    "HF_SINGLE",
+    "QUANT_FILE",
+    "Checkpoint",
+    "CheckpointError",
+    "StoredTensor",
+    "Target",
+    "check_complete",
+    "expert_pieces",
+    "find_checkpoint",
+    "half_to_interleaved",
+    "interleaved_to_half",
+    "is_expert_param",
+    "is_quantized_checkpoint",
+    "load_model",
+    "load_quantized",
+    "load_weights",
+    "save_model",
+    "save_quantized",
+    "stored_dtype",
+    "stored_tensors",
+    "targets_of_stored",
+]

@@ -1,0 +1,224 @@
+"""The layouts checkpoints come in, and every mapping between their keys and the model's parameters, both
+ways (`target_of` reading, `hf_tensors` writing).
+
+- Hugging Face: `config.json` + `model.safetensors`, or shards listed in `model.safetensors.index.json`;
+  experts either per expert (`block_sparse_moe.experts.{e}.w1.weight`, what `save_pretrained` writes) or
+  stacked (`mlp.experts.gate_up_proj` / `mlp.experts.down_proj`, the in-memory layout of transformers 5).
+- Mistral consolidated: `params.json` + `consolidated.safetensors` or `consolidated.00.pth`, whose q/k rows
+  are in the interleaved RoPE layout and get permuted into the rotate-half layout the model uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..model import Transformer
+from .reader import CheckpointError
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+
+
+# ---- layouts ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint found on disk: its layout, config and weight files."""
+
+    path: Path
+    layout: str  # "hf" or "mistral"
+    config: ModelConfig
+    config_file: Path
+    files: tuple[Path, ...]
+    # For sharded HF checkpoints: which file the index says holds each key.
+    index: dict[str, str] | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Recognise the layout of a checkpoint directory and read its config."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {root} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {root} is not a directory (expected a folder with config and weights)")
+    if (root / "config.json").is_file():
+        config = read_config(root / "config.json")
+        if (root / HF_INDEX).is_file():
+            index = _read_index(root / HF_INDEX)
+            files = tuple(root / name for name in sorted(set(index.values())))
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{root / HF_INDEX} lists shard {f.name}, which is missing from {root}")
+            return Checkpoint(root, "hf", config, root / "config.json", files, index)
+        if (root / HF_SINGLE).is_file():
+            return Checkpoint(root, "hf", config, root / "config.json", (root / HF_SINGLE,))
+        raise CheckpointError(f"{root} has config.json but neither {HF_SINGLE} nor {HF_INDEX}")
+    if (root / "params.json").is_file():
+        config = read_config(root / "params.json")
+        if (root / "consolidated.safetensors").is_file():
+            files = (root / "consolidated.safetensors",)
+        else:
+            pth = sorted(root.glob("consolidated.*.pth"))
+            if not pth:
+                raise CheckpointError(
+                    f"{root} has params.json but neither consolidated.safetensors nor consolidated.00.pth"
+                )
+            if len(pth) > 1:
+                raise CheckpointError(
+                    f"{root} holds {len(pth)} consolidated.*.pth files (a tensor-parallel split); "
+                    "only a single consolidated file is supported"
+                )
+            files = (pth[0],)
+        return Checkpoint(root, "mistral", config, root / "params.json", files)
+    raise CheckpointError(
+        f"{root} is not a checkpoint: expected config.json with {HF_SINGLE} or {HF_INDEX} (Hugging Face layout), "
+        "or params.json with consolidated.safetensors or consolidated.00.pth (Mistral layout)"
+    )
+
+
+def read_config(path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_file(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors index (needs a 'weight_map' object): {e}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: 'weight_map' must map tensor names to shard files")
+    return weight_map
+
+
+# ---- key mapping ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a stored tensor goes: a parameter, optionally one expert of it and a range of its rows."""
+
+    param: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None  # a slice of the stored tensor's dim -2 (gate/up halves)
+    rope_heads: int | None = None  # permute interleaved-RoPE rows of this many heads
+
+
+_HF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn.wq.weight",
+    "self_attn.k_proj.weight": "attn.wk.weight",
+    "self_attn.v_proj.weight": "attn.wv.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "block_sparse_moe.gate.weight": "moe.gate.weight",
+    "mlp.gate.weight": "moe.gate.weight",
+}
+_HF_TOP = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_MISTRAL_LAYER = {
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "attention.wq.weight": "attn.wq.weight",
+    "attention.wk.weight": "attn.wk.weight",
+    "attention.wv.weight": "attn.wv.weight",
+    "attention.wo.weight": "attn.wo.weight",
+    "feed_forward.gate.weight": "moe.gate.weight",
+}
+_MISTRAL_TOP = {
+    "tok_embeddings.weight": "embed.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_MISTRAL_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+_HF_EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_MISTRAL_EXPERT_RE = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def target_of(key: str, layout: str, config: ModelConfig) -> list[Target] | None:
+    """The parameter(s) a stored tensor fills, or None for a key this layout does not have."""
+    top, layer_re, per_layer, expert_re = (
+        (_HF_TOP, _HF_LAYER_RE, _HF_LAYER, _HF_EXPERT_RE)
+        if layout == "hf"
+        else (_MISTRAL_TOP, _MISTRAL_LAYER_RE, _MISTRAL_LAYER, _MISTRAL_EXPERT_RE)
+    )
+    if key in top:
+        return [Target(top[key])]
+    m = layer_re.fullmatch(key)
+    if m is None:
+        return None
+    prefix, rest = f"layers.{m.group(1)}.", m.group(2)
+    if rest in per_layer:
+        name = per_layer[rest]
+        heads = None
+        if layout == "mistral" and name == "attn.wq.weight":
+            heads = config.n_heads
+        elif layout == "mistral" and name == "attn.wk.weight":
+            heads = config.n_kv_heads
+        return [Target(prefix + name, rope_heads=heads)]
+    if m2 := expert_re.fullmatch(rest):
+        return [Target(f"{prefix}moe.{m2.group(2)}", expert=int(m2.group(1)))]
+    if layout == "hf" and rest == "mlp.experts.gate_up_proj":
+        F_ = config.hidden_dim
+        return [Target(prefix + "moe.w1", rows=(0, F_)), Target(prefix + "moe.w3", rows=(F_, 2 * F_))]
+    if layout == "hf" and rest == "mlp.experts.down_proj":
+        return [Target(prefix + "moe.w2")]
+    return None
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute the rows of a q/k projection from the interleaved-pairs RoPE layout (Mistral's consolidated
+    files: pair i of a head is rows 2i, 2i+1) to the rotate-half layout (rows i and i + d/2)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `interleaved_to_half`."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def is_expert_param(name: str) -> bool:
+    return name.endswith(("moe.w1", "moe.w2", "moe.w3"))
+
+
+def expert_pieces(name: str, shape: torch.Size) -> set[int]:
+    """The pieces a parameter is filled in: its experts for stacked expert tensors, else the whole {0}."""
+    return set(range(shape[0])) if is_expert_param(name) else {0}
+
+
+def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under Hugging Face keys, experts split per expert (what transformers writes)."""
+    to_hf = {v: k for k, v in _HF_LAYER.items() if k.startswith(("input", "post", "self_attn", "block_sparse"))}
+    params = dict(model.named_parameters())
+    for top_key, name in _HF_TOP.items():
+        if name in params:
+            yield top_key, params[name]
+    for i in range(model.config.n_layers):
+        for name, hf in to_hf.items():
+            yield f"model.layers.{i}.{hf}", params[f"layers.{i}.{name}"]
+        for w in ("w1", "w2", "w3"):
+            stacked = params[f"layers.{i}.moe.{w}"]
+            for e in range(stacked.shape[0]):
+                yield f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight", stacked[e]
