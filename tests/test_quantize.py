@@ -251,3 +251,16 @@ def test_generation_with_a_quantized_model_matches_its_reference_path():
     m.set_moe_impl("reference")
     ref = mixtral.generate(m, prompts, max_new_tokens=6)
     assert fast == ref
+
+
+@pytest.mark.parametrize(("mode", "group"), [("int8", 64), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_empty_quantized_weight_has_the_buffers_quantizing_gives(mode, group, dtype):
+    """`QuantizedWeight.empty` (a skeleton's weights, nothing computed) has the buffers `from_float` makes."""
+    w = torch.randn(3, 128, 256, dtype=dtype)
+    full, empty = QuantizedWeight.from_float(w, mode, group), QuantizedWeight.empty(w.shape, mode, group, dtype)
+    assert {n: (t.shape, t.dtype) for n, t in full.named_buffers()} == {
+        n: (t.shape, t.dtype) for n, t in empty.named_buffers()
+    }
+    assert (empty.mode, empty.group_size, empty.dtype, empty.shape) == (full.mode, full.group_size, full.dtype, w.shape)
+    assert all(t.is_meta for t in empty.buffers())

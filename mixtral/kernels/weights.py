@@ -130,6 +130,23 @@ class QuantizedWeight(nn.Module):
         scales_zeros = block_major(torch.stack((scale, zero), dim=-1))  # [..., N, G, 2] -> [..., N/64, G, 64, 2]
         return cls("int4", {"blocks": int4_blocks(pack_int4(q), scales_zeros, group_size)}, group_size, dtype)
 
+    @classmethod
+    def empty(
+        cls, shape: torch.Size, mode: str, group_size: int, dtype: torch.dtype, device: torch.device | str = "meta"
+    ) -> QuantizedWeight:
+        """A weight of logical shape [..., N, K] with buffers of the right shapes and no numbers in them (on the meta
+        device by default: the skeleton that loading fills), computed without quantizing anything."""
+        *lead, N, K = shape
+        if mode == "int8":
+            tensors = {
+                "q": torch.empty((*lead, N, K), dtype=torch.int8, device=device),
+                "scale": torch.empty((*lead, N), dtype=dtype, device=device),
+            }
+            return cls("int8", tensors)
+        width = group_size * INT4_BLOCK // 2 + INT4_BLOCK * 2 * dtype.itemsize  # columns, then (scale, zero) pairs
+        blocks = torch.empty((*lead, N // INT4_BLOCK, K // group_size, width), dtype=torch.uint8, device=device)
+        return cls("int4", {"blocks": blocks}, group_size, dtype)
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the activations this weight works with (its scales')."""
