@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,44 @@ def hf_ckpt(tmp_path_factory):
 def random_tokens(vocab: int, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+# A tiny vocabulary for synthetic training text.
+WORDS = [
+    "the",
+    "king",
+    "said",
+    "to",
+    "his",
+    "son",
+    "that",
+    "the",
+    "queen",
+    "would",
+    "come",
+    "home",
+    "before",
+    "night",
+    "and",
+    "all",
+    "the",
+    "lords",
+    "were",
+    "glad",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small synthetic corpus: 30 text files and a JSONL file of chats (the loss on assistant tokens only, so rows
+    hold different target counts)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(30):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
+    chats = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+        for w in WORDS
+    ]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    return root

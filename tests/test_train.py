@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORDS
 
 import mixtral
 from mixtral.train.data import PackedSequences, load_tokenized, read_documents, tokenize
@@ -21,43 +21,6 @@ from mixtral.train.loss import load_balancing_loss
 from mixtral.train.trainer import ResumeError, TrainConfig, Trainer
 
 MIXTRAL = str(Path(sys.executable).parent / "mixtral")
-WORDS = [
-    "the",
-    "king",
-    "said",
-    "to",
-    "his",
-    "son",
-    "that",
-    "the",
-    "queen",
-    "would",
-    "come",
-    "home",
-    "before",
-    "night",
-    "and",
-    "all",
-    "the",
-    "lords",
-    "were",
-    "glad",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small synthetic corpus: 30 text files and a JSONL file of chats."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(30):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
-    chats = [
-        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
-        for w in WORDS
-    ]
-    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
-    return root
 
 
 def config(corpus: Path, out: Path, **kw) -> TrainConfig:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -26,28 +25,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 BIN = Path(sys.executable).parent
-WORDS = [
-    "the", "king", "said", "to", "his", "son", "that", "the", "queen", "would", "come", "home", "before", "night",
-    "and", "all", "the", "lords", "were", "glad",
-]  # fmt: skip
 # Losses and gradient norms are global values: the same sums in another order, so equal to a few float32 ulps.
 LOSS_ATOL = 1e-5
 PARAM_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Text files and a JSONL file of chats (masked targets: the ranks' rows hold different target counts)."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(30):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
-    chats = [
-        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
-        for w in WORDS
-    ]
-    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
-    return root
 
 
 def _data(corpus: Path) -> list[str]:
