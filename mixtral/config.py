@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,23 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config that cannot describe a working Mixtral model; the message names the field."""
+
+
+# Upper bounds far beyond any real model (Mixtral 8x22B: dim 6144, 56 layers, hidden 16384, 48 heads, vocab 32768,
+# 64k context): a config past one is corrupt or hostile, and building it would allocate without bound.
+LIMITS = {
+    "dim": 1 << 16,
+    "n_layers": 1 << 10,
+    "hidden_dim": 1 << 18,
+    "n_heads": 1 << 10,
+    "n_kv_heads": 1 << 10,
+    "vocab_size": 1 << 22,
+    "n_experts": 1 << 12,
+    "top_k": 1 << 12,
+    "head_dim": 1 << 12,
+    "max_seq_len": 1 << 24,
+}
+MAX_PARAMETERS = 1 << 44  # ~17.6 trillion
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > LIMITS[name]:
+                raise ConfigError(f"{name}={value} is beyond any real model (at most {LIMITS[name]}): corrupt config?")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
@@ -67,10 +87,12 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.param_counts()[0] > MAX_PARAMETERS:
+            raise ConfigError(f"{self.param_counts()[0]:,} parameters is beyond any real model: a corrupt config?")
 
     # ---- derived numbers -------------------------------------------------------------------------------
 
@@ -98,6 +120,8 @@ class ModelConfig:
         if model_type not in (None, "mixtral"):
             raise ConfigError(f"model_type={model_type!r} is not a Mixtral config (expected 'mixtral')")
         rope = hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters must be an object like {{'rope_type': 'default', ...}}, got {rope!r}")
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
             raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
@@ -116,8 +140,8 @@ class ModelConfig:
                 n_experts=hf.get("num_local_experts", 8),
                 top_k=hf.get("num_experts_per_tok", 2),
                 head_dim=hf.get("head_dim"),
-                rope_theta=float(theta),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                rope_theta=_number("rope_theta", theta),
+                norm_eps=_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-5)),
                 max_seq_len=hf.get("max_position_embeddings", 32768),
                 sliding_window=hf.get("sliding_window"),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -171,8 +195,8 @@ class ModelConfig:
                 top_k=moe["num_experts_per_tok"],
                 head_dim=params.get("head_dim"),
                 # Older MoE params.json files omit rope_theta; Mixtral was trained with 1e6.
-                rope_theta=float(params.get("rope_theta", 1e6)),
-                norm_eps=float(params.get("norm_eps", 1e-5)),
+                rope_theta=_number("rope_theta", params.get("rope_theta", 1e6)),
+                norm_eps=_number("norm_eps", params.get("norm_eps", 1e-5)),
                 max_seq_len=params.get("max_seq_len", 32768),
                 sliding_window=params.get("sliding_window"),
                 tie_embeddings=bool(params.get("tied_embeddings", False)),
@@ -204,6 +228,10 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file (JSON expected)") from None
+        except OSError as e:  # unreadable (permissions), a folder, ...
+            raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         try:
@@ -214,6 +242,13 @@ class ModelConfig:
             raise ConfigError(f"{path}: {e}") from None
         except TypeError as e:  # e.g. a field of the wrong JSON type reaching a comparison
             raise ConfigError(f"{path}: a field has the wrong type: {e}") from None
+
+
+def _number(field: str, value: Any) -> float:
+    """A config file's number field as a float, or a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{field} must be a number, got {value!r}")
+    return float(value)
 
 
 PRESETS: dict[str, ModelConfig] = {

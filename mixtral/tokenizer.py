@@ -438,7 +438,20 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
             f"tokenizer path {path} does not exist; expected a tokenizer.model, a tokenizer.json "
             "or a directory holding one"
         )
-    return _load_bytes(path.read_bytes(), str(path))
+    if not path.is_file():
+        raise ValueError(f"tokenizer path {path} is not a regular file; expected a tokenizer.model or tokenizer.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKENIZER_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"tokenizer file {path} cannot be read: {e.strerror or e}") from None
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise ValueError(f"{path} is larger than any tokenizer ({MAX_TOKENIZER_BYTES >> 20} MiB at most)")
+    return _load_bytes(data, str(path))
+
+
+# Mixtral's tokenizer.model is 0.5 MB, a large tokenizer.json ~20 MB: past this a file is not a tokenizer.
+MAX_TOKENIZER_BYTES = 256 << 20
 
 
 def _load_bytes(data: bytes, source: str) -> Tokenizer:

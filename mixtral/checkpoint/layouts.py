@@ -102,8 +102,12 @@ def _read_index(path: Path) -> dict[str, str]:
         weight_map = index["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors index (needs a 'weight_map' object): {e}") from None
-    if not isinstance(weight_map, dict):
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: 'weight_map' must map tensor names to shard files")
+    for shard in set(weight_map.values()):
+        # A shard is a file in the index's own folder: a name reaching outside it (a path, '..') is refused.
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{path} names shard {shard!r}, which is not a file name in {path.parent}")
     return weight_map
 
 
