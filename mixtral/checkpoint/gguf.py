@@ -1,0 +1,241 @@
+"""llama.cpp's GGUF files: a model loaded from one `.gguf` file. Its tensors are read through the one reader
+(`reader.py`, on the `gguf` package: memory-mapped), their keys mapped in `layouts.py`, the config read from the
+file's metadata (`ModelConfig.from_gguf`) and the tokenizer too (`tokenizer.load_tokenizer`), so that a GGUF
+file needs nothing beside it.
+
+What each tensor type becomes. The weights `quantize_model` quantizes (attention projections, experts, LM head)
+keep a quantized form; the others (embedding, norms, router) are dequantized to the model's dtype.
+- F32, F16, BF16: plain weights in the model's dtype.
+- Q4_0 (per 32 weights an fp16 scale d and 4-bit q, w = d * (q - 8)): our int4 with group size 32, the same q,
+  scale d and zero 0: nothing is re-quantized. The scales are held in the model's dtype: exact in float32 and
+  float16, rounded to 8 significant bits in bfloat16 (relative error <= 2^-9 per group; said when loading).
+- Q8_0 (an fp16 scale per 32 int8 weights): our int8 has one scale per output row, so it is dequantized and
+  re-quantized to int8 (said when loading).
+- Every other block type the `gguf` package can dequantize (Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K,
+  IQ*): dequantized by it and re-quantized to the nearest of ours (said when loading): types of fewer than 5.5
+  bits per weight to int4 group 32, wider ones to int8. int4 needs output rows in multiples of 64: a weight with
+  other row counts becomes int8.
+
+The default dtype is the embedding's stored dtype where it is plain (an F32 / F16 / BF16 file loads as it is),
+else bfloat16, the dtype of our int8/int4 CPU kernels.
+
+Loading is strict, as for the other layouts: every parameter filled exactly once, every tensor placed. Tensors
+are converted one matrix (one expert) at a time, so the memory of loading is the result's plus one matrix.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..kernels.weights import INT4_BLOCK, block_major, int4_blocks, pack_int4, quantize_int4, quantize_int8
+from ..model import Transformer
+from ..quantize import is_quantizable, place_quantized
+from .layouts import Checkpoint, Target, expert_pieces, interleaved_to_half, is_expert_param, target_of
+from .reader import CheckpointError, StoredTensor, stored_tensors
+
+GROUP = 32  # the block of Q4_0 and every other GGUF type's scale: our int4 group size for GGUF weights
+PROGRESS_MIN_BYTES = 512 << 20
+# Below this many bits per weight a block type is re-quantized to int4, at or above to int8.
+INT4_MAX_BITS = 5.5
+
+
+def load_gguf(
+    ckpt: Checkpoint,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Transformer:
+    """Load the model in the GGUF file `ckpt` (from `find_checkpoint`); see the module's docstring for what each
+    tensor type becomes. A model with quantized weights runs on the CPU kernels."""
+    file = ckpt.files[0]
+    tensors = list(stored_tensors(file))
+    dtype = dtype or default_dtype(tensors)
+    model = Transformer.skeleton(ckpt.config)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    filled: dict[str, set[int]] = {name: set() for name in expected}
+    kinds: dict[str, str] = {}  # parameter -> "plain", "int8" or "int4"
+    dests: dict[str, dict[str, torch.Tensor]] = {}  # parameter -> its tensors ("" for a plain one)
+    notes: Counter[str] = Counter()
+    show = progress if progress is not None else ckpt.size_bytes >= PROGRESS_MIN_BYTES
+    with tqdm(total=ckpt.size_bytes, unit="B", unit_scale=True, desc=f"loading {file.name}", disable=not show) as bar:
+        for key, stored in tensors:
+            targets = target_of(key, "gguf", ckpt.config)
+            if targets is None or any(t.param not in expected for t in targets):
+                raise CheckpointError(
+                    f"{file}: unexpected tensor {key!r} (not part of a {ckpt.config.n_layers}-layer "
+                    f"{'tied' if ckpt.config.tie_embeddings else 'untied'} Mixtral as llama.cpp writes it)"
+                )
+            for t in targets:
+                _check(t, stored, expected[t.param], filled, ckpt)
+                kind = _kind(t.param, stored)
+                if kinds.setdefault(t.param, kind) != kind:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} is {stored.dtype} ({kind}), but other tensors of {t.param} are "
+                        f"{kinds[t.param]}: one parameter in two formats is not supported"
+                    )
+                _fill(t, stored, kind, expected[t.param], dests, dtype)
+                notes[_note(stored.dtype, kind, dtype)] += 1
+            bar.update(stored.nbytes)
+    for name, shape in expected.items():
+        missing = expert_pieces(name, shape) - filled[name]
+        if missing:
+            what = f" (experts {sorted(missing)})" if is_expert_param(name) else ""
+            raise CheckpointError(f"{file}: missing weights for {name}{what}; the file holds no tensor for it")
+
+    state: dict[str, torch.Tensor] = {}
+    for name, parts in dests.items():
+        if kinds[name] == "plain":
+            state[name] = parts[""]
+        else:
+            place_quantized(model, name, kinds[name], parts, dtype, GROUP if kinds[name] == "int4" else 0)
+    state |= {k: v for k, v in model.state_dict().items() if not v.is_meta}
+    if device is not None and torch.device(device).type != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    quantized = {k for k in kinds.values() if k != "plain"}
+    if quantized:
+        mode = kinds.get("layers.0.moe.w1", "int8") if len(quantized) > 1 else quantized.pop()
+        model.quantization = {"mode": mode, "group_size": GROUP if mode == "int4" else None}
+    said = "; ".join(f"{what} ({n} tensors)" for what, n in notes.items() if what)
+    if said:
+        print(f"mixtral: {file.name}: {said}", file=sys.stderr)
+    return model.eval()
+
+
+def default_dtype(tensors: list[tuple[str, StoredTensor]]) -> torch.dtype:
+    """The embedding's stored dtype where it is plain, else bfloat16 (see the module's docstring)."""
+    for key, stored in tensors:
+        if key == "token_embd.weight" and isinstance(stored.dtype, torch.dtype):
+            return stored.dtype
+    return torch.bfloat16
+
+
+def _check(
+    t: Target, stored: StoredTensor, full_shape: torch.Size, filled: dict[str, set[int]], ckpt: Checkpoint
+) -> None:
+    """The stored tensor's type and shape fit its target, which it fills for the first time."""
+    file, key = stored.file, stored.key
+    if isinstance(stored.dtype, torch.dtype):
+        if not stored.dtype.is_floating_point:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {stored.dtype}, expected floating point")
+    elif stored.dtype not in gguf.GGMLQuantizationType.__members__:
+        raise CheckpointError(f"{file}: tensor {key!r} has type {stored.dtype}, which the gguf package cannot read")
+    want = tuple(full_shape[1:]) if t.expert is not None else tuple(full_shape)
+    if tuple(stored.shape) != want:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {tuple(stored.shape)}, but the file's metadata implies {want} "
+            f"for {t.param}; the metadata does not match the weights"
+        )
+    if t.expert is not None and t.expert >= full_shape[0]:
+        raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the metadata has {full_shape[0]}")
+    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
+    if pieces & filled[t.param]:
+        raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate tensor)")
+    filled[t.param] |= pieces
+
+
+def _bits(type_name: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return 8 * size / block
+
+
+def _kind(param: str, stored: StoredTensor) -> str:
+    """What a stored tensor becomes: "plain" (in the model's dtype), "int8" or "int4"."""
+    if isinstance(stored.dtype, torch.dtype) or not is_quantizable(param):
+        return "plain"
+    N, K = stored.shape[-2:]
+    int4_fits = N % INT4_BLOCK == 0 and K % GROUP == 0
+    return "int4" if int4_fits and _bits(stored.dtype) < INT4_MAX_BITS else "int8"
+
+
+def _note(stored: torch.dtype | str, kind: str, dtype: torch.dtype) -> str:
+    """What a user should hear about a conversion ("" for none): anything re-quantized, dequantized or rounded."""
+    if isinstance(stored, torch.dtype):
+        return ""
+    if kind == "plain":
+        return f"{stored} dequantized to {str(dtype).removeprefix('torch.')}"
+    if stored == "Q4_0" and kind == "int4":
+        if dtype == torch.bfloat16:
+            return "Q4_0 as int4 group 32 with the same 4-bit values, its fp16 scales rounded to bfloat16"
+        return ""
+    why = " (our int8 has one scale per output row, Q8_0 one per 32 weights)" if stored == "Q8_0" else ""
+    group = " group 32" if kind == "int4" else ""
+    return f"{stored} dequantized and re-quantized to {kind}{group}{why}"
+
+
+def _fill(t: Target, stored: StoredTensor, kind: str, full_shape: torch.Size, dests: dict, dtype: torch.dtype) -> None:
+    """Convert a stored tensor matrix by matrix (expert by expert) into its parameter's tensors in `dests`."""
+    if t.expert is not None:
+        pieces = [((t.expert,), ())]
+    elif is_expert_param(t.param):
+        pieces = [((e,), (slice(e, e + 1),)) for e in range(full_shape[0])]
+    else:
+        pieces = [((), ())]
+    lead = tuple(full_shape[:1]) if is_expert_param(t.param) else ()
+    for dest_index, read_index in pieces:
+        src = stored.read(read_index)
+        if read_index:
+            src = src[0]
+        if t.rope_heads is not None:  # llama.cpp's converter put q/k rows in the interleaved RoPE order
+            src = interleaved_to_half(src, t.rope_heads)
+        parts = convert(src, stored.dtype, kind, dtype)
+        into = dests.setdefault(t.param, {})
+        for name, part in parts.items():
+            if name not in into:  # a plain weight in the model's dtype, quantized tensors in their own
+                into[name] = torch.empty((*lead, *part.shape), dtype=dtype if kind == "plain" else part.dtype)
+            into[name][dest_index].copy_(part)
+
+
+def convert(src: torch.Tensor, stored: torch.dtype | str, kind: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One matrix as stored (plain, or raw blocks [N, bytes per row] of a block type) -> our tensors of `kind`:
+    {"": plain} cast to `dtype` when copied, {"q", "scale"} for int8, {"blocks"} for int4 (scales in `dtype`)."""
+    if kind == "int4" and stored == "Q4_0":
+        return {"blocks": q4_0_to_int4(src, dtype)}
+    w = src if isinstance(stored, torch.dtype) else dequantize(src, stored)
+    if kind == "plain":
+        return {"": w}
+    if kind == "int8":
+        q, scale = quantize_int8(w.float(), dtype)
+        return {"q": q, "scale": scale}
+    q, scale, zero = quantize_int4(w.float(), GROUP, dtype)
+    return {"blocks": int4_blocks(pack_int4(q), block_major(torch.stack((scale, zero), dim=-1)), GROUP)}
+
+
+def dequantize(raw: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Raw blocks [..., N, bytes per row] of a GGUF block type -> float32 [..., N, K], by the gguf package."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    try:
+        w = gguf.quants.dequantize(raw.numpy(), qtype)
+    except NotImplementedError as e:
+        raise CheckpointError(f"GGUF type {type_name} cannot be read: {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(w))
+
+
+def q4_0_to_int4(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Q4_0 blocks [N, K / 32 * 18] -> our int4 `blocks` with group size 32 and the same numbers: each Q4_0 block
+    is an fp16 scale d then 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31, w = d * (q - 8);
+    ours is w = (q - 8) * scale + zero with the same q, scale = d (held in `dtype`) and zero = 0."""
+    N, nbytes = raw.shape
+    G = nbytes // 18
+    blocks = raw.reshape(N, G, 18)
+    d = blocks[..., :2].contiguous().view(torch.float16)[..., 0]  # [N, G]
+    qs = blocks[..., 2:]  # [N, G, 16]
+    q = torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(N, G * GROUP).to(torch.int32)
+    scale = d.to(dtype)
+    sz = block_major(torch.stack((scale, torch.zeros_like(scale)), dim=-1))
+    return int4_blocks(pack_int4(q), sz, GROUP)
+
+
+def describe_types(tensors: list[tuple[str, StoredTensor]]) -> str:
+    """The stored types of a GGUF file's tensors by count, e.g. "Q4_0 x 97, F32 x 65"."""
+    counts: Counter[str] = Counter()
+    for _, stored in tensors:
+        counts[str(stored.dtype).removeprefix("torch.")] += 1
+    return ", ".join(f"{name} x {n}" for name, n in counts.most_common())
