@@ -1,8 +1,9 @@
 """The Mixtral tokenizer (sentencepiece BPE, 32000 pieces, byte fallback) and the v1 instruct chat format.
 
 Mistral ships the tokenizer as a sentencepiece ``tokenizer.model``; Hugging Face checkpoints carry the same
-vocabulary as a ``tokenizer.json``. Both load into one :class:`Tokenizer` whose ids are exactly
-sentencepiece's, which are also mistral-common's, the reference for the chat format.
+vocabulary as a ``tokenizer.json``; llama.cpp's GGUF files carry its pieces, scores and types in their metadata
+(``tokenizer.ggml.*``), from which the sentencepiece model is rebuilt. All load into one :class:`Tokenizer` whose
+ids are exactly sentencepiece's, which are also mistral-common's, the reference for the chat format.
 
 Chat format v1 (Mixtral 8x7B Instruct), as mistral-common's ``InstructTokenizerV1`` writes it::
 
@@ -22,8 +23,10 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Protocol
 
+import gguf
 import sentencepiece
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -420,8 +423,8 @@ def _validate_chat(messages: Sequence[Mapping[str, Any]]) -> None:
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
     """Load the Mixtral tokenizer.
 
-    ``path`` may be a sentencepiece model or a ``tokenizer.json`` (told apart by content, not by name),
-    or a directory: its ``tokenizer.model`` if present, else its ``tokenizer.json``, else (as with
+    ``path`` may be a sentencepiece model, a ``tokenizer.json`` or a GGUF file (told apart by content, not by
+    name), or a directory: its ``tokenizer.model`` if present, else its ``tokenizer.json``, else (as with
     ``None``) the v1 tokenizer.model that mistral-common ships, which is Mixtral 8x7B's.
     """
     if path is None:
@@ -438,7 +441,58 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
             f"tokenizer path {path} does not exist; expected a tokenizer.model, a tokenizer.json "
             "or a directory holding one"
         )
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF":
+            return Tokenizer(_SentencePieceBackend(_gguf_sentencepiece(path)), str(path))
     return _load_bytes(path.read_bytes(), str(path))
+
+
+# llama.cpp's token types (gguf.TokenType) are sentencepiece's piece types, by the same numbers.
+_SP_TYPES = {int(t) for t in gguf.TokenType}
+
+
+def _gguf_sentencepiece(path: Path) -> bytes:
+    """The sentencepiece model (serialized) that a GGUF file's ``tokenizer.ggml.*`` metadata describes: llama.cpp's
+    converter copies a sentencepiece BPE model's pieces, scores and types there (``tokenizer.ggml.model`` "llama"),
+    with its BOS / EOS / UNK ids and whether it adds the dummy-prefix space. Only the header of the file is read."""
+    try:
+        fields = gguf.GGUFReader(path, "r").fields
+    except Exception as e:  # the reader raises many types for a bad file
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+    def get(key: str, default: Any = None) -> Any:
+        f = fields.get(f"tokenizer.ggml.{key}")
+        return default if f is None else f.contents()
+
+    model = get("model")
+    if model != "llama":
+        raise ValueError(
+            f"{path}: its tokenizer is {model!r}, not a sentencepiece BPE ('llama', Mixtral's); pass --tokenizer"
+        )
+    tokens = get("tokens")
+    if not tokens:
+        raise ValueError(f"{path} holds no tokenizer.ggml.tokens; pass --tokenizer")
+    scores = get("scores") or [0.0] * len(tokens)
+    types = get("token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    if not len(scores) == len(types) == len(tokens) or not set(types) <= _SP_TYPES:
+        raise ValueError(f"{path}: tokenizer.ggml.tokens, scores and token_type do not agree")
+    proto = sentencepiece_model_pb2.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types, strict=True):
+        proto.pieces.add(piece=piece, score=score, type=kind)
+    spec = proto.trainer_spec
+    spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = int(gguf.TokenType.BYTE) in types
+    spec.unk_id = get("unknown_token_id", 0)
+    spec.bos_id = get("bos_token_id", 1)
+    spec.eos_id = get("eos_token_id", 2)
+    spec.pad_id = -1
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(get("add_space_prefix", True))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
 
 
 def _load_bytes(data: bytes, source: str) -> Tokenizer:
