@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from . import bench, cli_args, parallel
-from .checkpoint import find_checkpoint, load_model, save_model, save_quantized, stored_dtype
+from .checkpoint import find_checkpoint, load_model, save_model, save_quantized, stored_dtype, stored_tensors
+from .checkpoint.gguf import describe_types
 from .config import PRESETS, get_preset
 from .generate import generate_stream
 from .model import Transformer
@@ -131,10 +132,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     total, active = cfg.param_counts()
     info = {
         "checkpoint": str(ckpt.path),
-        "layout": {"hf": "Hugging Face", "mistral": "Mistral consolidated"}[ckpt.layout],
+        "layout": {"hf": "Hugging Face", "mistral": "Mistral consolidated", "gguf": "GGUF"}[ckpt.layout],
         "files": [f.name for f in ckpt.files],
         "size_on_disk_bytes": ckpt.size_bytes,
-        "dtype": str(stored_dtype(ckpt)).removeprefix("torch."),
+        "dtype": (
+            describe_types(list(stored_tensors(ckpt.files[0])))
+            if ckpt.layout == "gguf"
+            else str(stored_dtype(ckpt)).removeprefix("torch.")
+        ),
         "parameters_total": total,
         "parameters_active_per_token": active,
         "config": cfg.__dict__,

@@ -9,12 +9,15 @@ keep a quantized form; the others (embedding, norms, router) are dequantized to 
 - Q4_0 (per 32 weights an fp16 scale d and 4-bit q, w = d * (q - 8)): our int4 with group size 32, the same q,
   scale d and zero 0: nothing is re-quantized. The scales are held in the model's dtype: exact in float32 and
   float16, rounded to 8 significant bits in bfloat16 (relative error <= 2^-9 per group; said when loading).
+- Q4_1 (w = d * q + m per 32) and Q4_K (per 32, w = d * sc * q - dmin * mn): our int4 group 32 as well, the same
+  q, scale d (d * sc), zero m + 8 d: not re-quantized; in float32 equal to the gguf package's dequantization up to
+  float32 rounding of the zero, in bfloat16 / float16 the scales and zeros rounded (said when loading).
 - Q8_0 (an fp16 scale per 32 int8 weights): our int8 has one scale per output row, so it is dequantized and
   re-quantized to int8 (said when loading).
-- Every other block type the `gguf` package can dequantize (Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K,
-  IQ*): dequantized by it and re-quantized to the nearest of ours (said when loading): types of fewer than 5.5
-  bits per weight to int4 group 32, wider ones to int8. int4 needs output rows in multiples of 64: a weight with
-  other row counts becomes int8.
+- Every other block type the `gguf` package can dequantize (Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ*):
+  dequantized by it and re-quantized to the nearest of ours (said when loading): types of fewer than 5.5 bits per
+  weight to int4 group 32, wider ones to int8. int4 needs output rows in multiples of 64: a weight with other row
+  counts becomes int8 (re-quantized, whatever its type).
 
 The default dtype is the embedding's stored dtype where it is plain (an F32 / F16 / BF16 file loads as it is),
 else bfloat16, the dtype of our int8/int4 CPU kernels.
@@ -37,10 +40,12 @@ from ..kernels.weights import INT4_BLOCK, block_major, int4_blocks, pack_int4, q
 from ..model import Transformer
 from ..quantize import is_quantizable, place_quantized
 from .layouts import Checkpoint, Target, expert_pieces, interleaved_to_half, is_expert_param, target_of
-from .reader import CheckpointError, StoredTensor, stored_tensors
+from .reader import CheckpointError, StoredTensor, release_gguf, stored_tensors
 
 GROUP = 32  # the block of Q4_0 and every other GGUF type's scale: our int4 group size for GGUF weights
 PROGRESS_MIN_BYTES = 512 << 20
+# The block types whose groups of 32 are an int4 scale and offset: mapped onto our int4 without re-quantizing.
+INT4_EXACT = ("Q4_0", "Q4_1", "Q4_K")
 # Below this many bits per weight a block type is re-quantized to int4, at or above to int8.
 INT4_MAX_BITS = 5.5
 
@@ -54,6 +59,15 @@ def load_gguf(
 ) -> Transformer:
     """Load the model in the GGUF file `ckpt` (from `find_checkpoint`); see the module's docstring for what each
     tensor type becomes. A model with quantized weights runs on the CPU kernels."""
+    try:
+        return _load(ckpt, dtype, device, progress)
+    finally:
+        release_gguf()
+
+
+def _load(
+    ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | str | None, progress: bool | None
+) -> Transformer:
     file = ckpt.files[0]
     tensors = list(stored_tensors(file))
     dtype = dtype or default_dtype(tensors)
@@ -161,9 +175,12 @@ def _note(stored: torch.dtype | str, kind: str, dtype: torch.dtype) -> str:
         return ""
     if kind == "plain":
         return f"{stored} dequantized to {str(dtype).removeprefix('torch.')}"
-    if stored == "Q4_0" and kind == "int4":
-        if dtype == torch.bfloat16:
-            return "Q4_0 as int4 group 32 with the same 4-bit values, its fp16 scales rounded to bfloat16"
+    if stored in INT4_EXACT and kind == "int4":
+        same = f"{stored} as int4 group 32 with the same 4-bit values"
+        if stored == "Q4_0" and dtype == torch.bfloat16:
+            return f"{same}, its fp16 scales rounded to bfloat16"
+        if stored != "Q4_0" and dtype != torch.float32:  # zero = m + 8 d needs more bits than fp16 d and m
+            return f"{same}, its scales and offsets rounded to {str(dtype).removeprefix('torch.')}"
         return ""
     why = " (our int8 has one scale per output row, Q8_0 one per 32 weights)" if stored == "Q8_0" else ""
     group = " group 32" if kind == "int4" else ""
@@ -196,8 +213,8 @@ def _fill(t: Target, stored: StoredTensor, kind: str, full_shape: torch.Size, de
 def convert(src: torch.Tensor, stored: torch.dtype | str, kind: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One matrix as stored (plain, or raw blocks [N, bytes per row] of a block type) -> our tensors of `kind`:
     {"": plain} cast to `dtype` when copied, {"q", "scale"} for int8, {"blocks"} for int4 (scales in `dtype`)."""
-    if kind == "int4" and stored == "Q4_0":
-        return {"blocks": q4_0_to_int4(src, dtype)}
+    if kind == "int4" and stored in INT4_EXACT:
+        return {"blocks": int4_of_blocks(src, stored, dtype)}
     w = src if isinstance(stored, torch.dtype) else dequantize(src, stored)
     if kind == "plain":
         return {"": w}
@@ -218,19 +235,49 @@ def dequantize(raw: torch.Tensor, type_name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(w))
 
 
-def q4_0_to_int4(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Q4_0 blocks [N, K / 32 * 18] -> our int4 `blocks` with group size 32 and the same numbers: each Q4_0 block
-    is an fp16 scale d then 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31, w = d * (q - 8);
-    ours is w = (q - 8) * scale + zero with the same q, scale = d (held in `dtype`) and zero = 0."""
-    N, nbytes = raw.shape
-    G = nbytes // 18
-    blocks = raw.reshape(N, G, 18)
-    d = blocks[..., :2].contiguous().view(torch.float16)[..., 0]  # [N, G]
-    qs = blocks[..., 2:]  # [N, G, 16]
-    q = torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(N, G * GROUP).to(torch.int32)
-    scale = d.to(dtype)
-    sz = block_major(torch.stack((scale, torch.zeros_like(scale)), dim=-1))
-    return int4_blocks(pack_int4(q), sz, GROUP)
+def int4_of_blocks(raw: torch.Tensor, type_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Q4_0 / Q4_1 / Q4_K blocks [N, bytes per row] -> our int4 `blocks` with group size 32 and the same 4-bit
+    values: each type's groups of 32 are w = d * q + m with q in 0..15, ours w = (q - 8) * scale + zero, so
+    scale = d and zero = m + 8 d (held in `dtype`)."""
+    q, d, m = _int4_groups(raw, type_name)
+    scale, zero = d, m + 8 * d
+    sz = block_major(torch.stack((scale.to(dtype), zero.to(dtype)), dim=-1))
+    return int4_blocks(pack_int4(q.reshape(q.shape[0], -1).to(torch.int32)), sz, GROUP)
+
+
+def _int4_groups(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 [N, G, 32] in 0..15, d float32 [N, G], m float32 [N, G]) with w = d * q + m per group of 32:
+    - Q4_0: blocks of 32, an fp16 d then 16 bytes of q (low nibbles weights 0..15, high 16..31); w = d * (q - 8);
+    - Q4_1: the same with an fp16 m after d; w = d * q + m;
+    - Q4_K: blocks of 256, fp16 d and dmin, 12 bytes of 6-bit scales sc and mins mn (one per group, unpacked by
+      the gguf package), then 128 bytes: for each 64 weights, 32 bytes whose low nibbles are the first group and
+      high nibbles the second; w = d * sc * q - dmin * mn."""
+    N = raw.shape[0]
+
+    def f16(b: torch.Tensor) -> torch.Tensor:
+        return b.contiguous().view(torch.float16)[..., 0].float()
+
+    def nibbles(qs: torch.Tensor) -> torch.Tensor:  # [..., 16 bytes] -> [..., 32 values]
+        return torch.cat((qs & 0xF, qs >> 4), dim=-1)
+
+    if type_name == "Q4_0":
+        b = raw.reshape(N, -1, 18)
+        d = f16(b[..., 0:2])
+        return nibbles(b[..., 2:]), d, -8 * d
+    if type_name == "Q4_1":
+        b = raw.reshape(N, -1, 20)
+        return nibbles(b[..., 4:]), f16(b[..., 0:2]), f16(b[..., 2:4])
+    if type_name == "Q4_K":
+        b = raw.reshape(N, -1, 144)
+        nb = b.shape[1]
+        sc, mn = gguf.quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12).numpy())
+        sc = torch.from_numpy(np.ascontiguousarray(sc)).float().reshape(N, nb, 8)
+        mn = torch.from_numpy(np.ascontiguousarray(mn)).float().reshape(N, nb, 8)
+        qs = b[..., 16:].reshape(N, nb, 4, 1, 32)
+        q = torch.cat((qs & 0xF, qs >> 4), dim=-2).reshape(N, nb * 8, 32)
+        d, dmin = f16(b[..., 0:2]), f16(b[..., 2:4])
+        return q, (d[..., None] * sc).reshape(N, -1), (-dmin[..., None] * mn).reshape(N, -1)
+    raise ValueError(f"{type_name} is not a 4-bit type with groups of 32")
 
 
 def describe_types(tensors: list[tuple[str, StoredTensor]]) -> str:
