@@ -6,6 +6,7 @@ broken file."""
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from conftest import random_tokens, tiny_model
 
 import mixtral
+import mixtral.cli
 from mixtral.checkpoint import CheckpointError, find_checkpoint, half_to_interleaved, interleaved_to_half
 from mixtral.config import ModelConfig
 from mixtral.kernels.weights import QuantizedWeight
@@ -352,3 +354,15 @@ def test_tokenizer_from_metadata_equals_mistral_common(model, tmp_path):
 def test_gguf_without_a_tokenizer_says_so(model, tmp_path):
     with pytest.raises(ValueError, match="pass --tokenizer"):
         load_tokenizer(write_gguf(model, tmp_path / "m.gguf", vocab=False))
+
+
+def test_cli_runs_a_gguf_file(model, tmp_path, capsys):
+    path = write_gguf(model, tmp_path / "m.gguf", Q.Q4_0)
+    assert mixtral.cli.main(["info", "--checkpoint", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "GGUF" and info["dtype"] == "Q4_0 x 16, float32 x 7"
+    assert info["config"]["n_experts"] == CONFIG.n_experts
+    args = ["generate", "--checkpoint", str(path), "--prompt", "Hello", "--max-new-tokens", "4", "--seed", "1"]
+    assert mixtral.cli.main(args) == 0  # the tokenizer from the file, nothing beside it
+    out = capsys.readouterr()
+    assert "Q4_0 as int4 group 32" in out.err and "tokens/s" in out.err and out.out.strip()
