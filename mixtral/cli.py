@@ -136,7 +136,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "files": [f.name for f in ckpt.files],
         "size_on_disk_bytes": ckpt.size_bytes,
         "dtype": (
-            describe_types(list(stored_tensors(ckpt.files[0])))
+            describe_types(stored_tensors(ckpt.files[0]))
             if ckpt.layout == "gguf"
             else str(stored_dtype(ckpt)).removeprefix("torch.")
         ),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -217,6 +218,7 @@ def _gguf(path: Path) -> Iterator[tuple[str, StoredTensor]]:
     """Each tensor with its shape in torch's order (GGUF lists dims innermost first). A block format reads as its
     raw blocks, uint8 [..., rows, bytes per row]; a slice of it may cut any dim but the last."""
     reader = open_gguf(path)
+    mapping = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps the mmap object here
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         dtype = GGUF_DTYPES.get(t.tensor_type, t.tensor_type.name)
@@ -235,6 +237,18 @@ def _gguf(path: Path) -> Iterator[tuple[str, StoredTensor]]:
                 stored_bytes=int(t.n_bytes),
             ),
         )
+        if mapping is not None:  # its pages read: out of this process's memory (they are refetched if needed)
+            _drop_pages(mapping, int(t.data_offset), int(t.n_bytes))
+
+
+def _drop_pages(mapping: mmap.mmap, offset: int, nbytes: int) -> None:
+    """madvise(DONTNEED) the whole pages of [offset, offset + nbytes) of a read-only (copy-on-write, never
+    written) file mapping: they stop counting in the process's resident memory, and a later read of them is
+    served again from the file. What `_REMAP_BYTES` does for safetensors: peak memory = the loaded model's."""
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _gguf_slice(
