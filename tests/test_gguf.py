@@ -19,6 +19,7 @@ from conftest import random_tokens, tiny_model
 import mixtral
 import mixtral.cli
 from mixtral.checkpoint import CheckpointError, find_checkpoint, half_to_interleaved, interleaved_to_half
+from mixtral.checkpoint.reader import open_gguf, release_gguf, stored_tensors
 from mixtral.config import ModelConfig
 from mixtral.kernels.weights import QuantizedWeight
 from mixtral.tokenizer import load_tokenizer
@@ -125,6 +126,8 @@ def write_gguf(
         kind = Q.F32 if a.ndim == 1 or name.endswith("ffn_gate_inp.weight") else qtype
         if kind == Q.F32:
             w.add_tensor(name, a)
+        elif kind == Q.F16:
+            w.add_tensor(name, a.astype(np.float16))
         elif kind == Q.BF16:
             w.add_tensor(name, t.detach().to(torch.bfloat16).view(torch.uint8).numpy(), raw_dtype=Q.BF16)
         else:
@@ -171,11 +174,12 @@ def test_f32_gguf_equals_safetensors(model, tokens, tmp_path, merged):
     assert torch.equal(logits(from_gguf, tokens), logits(from_safetensors, tokens))
 
 
-def test_bf16_gguf_equals_bf16_safetensors(model, tokens, tmp_path):
-    bf16 = tiny_model(CONFIG, seed=4, std=0.05).to(torch.bfloat16)
-    mixtral.save_model(bf16, tmp_path / "hf")
-    from_gguf = mixtral.load_model(write_gguf(bf16, tmp_path / "m.gguf", Q.BF16))
-    assert next(from_gguf.parameters()).dtype == torch.bfloat16  # a BF16 file loads as it is
+@pytest.mark.parametrize(("qtype", "dtype"), [(Q.BF16, torch.bfloat16), (Q.F16, torch.float16)], ids=["bf16", "f16"])
+def test_half_gguf_equals_half_safetensors(tokens, tmp_path, qtype, dtype):
+    half = tiny_model(CONFIG, seed=4, std=0.05).to(dtype)
+    mixtral.save_model(half, tmp_path / "hf")
+    from_gguf = mixtral.load_model(write_gguf(half, tmp_path / "m.gguf", qtype))
+    assert next(from_gguf.parameters()).dtype == dtype  # a BF16 / F16 file loads as it is
     from_safetensors = mixtral.load_model(tmp_path / "hf")
     for (name, a), (_, b) in zip(from_gguf.state_dict().items(), from_safetensors.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -285,6 +289,14 @@ def test_other_types(tmp_path, capfd, qtype, mode):
         tokens = random_tokens(CONFIG_256.vocab_size, batch=1, seq=8)
         kl, _ = kl_top1(logits(model, tokens), logits(m, tokens))
         assert kl < 0.05
+
+
+def test_reading_is_memory_mapped(model, tmp_path):
+    path = write_gguf(model, tmp_path / "m.gguf", Q.Q4_0, vocab=False)
+    base, size = open_gguf(path).data.ctypes.data, path.stat().st_size
+    for _, stored in stored_tensors(path):  # plain tensors and raw blocks alike: views of the file's mapping
+        assert base <= stored.read().data_ptr() < base + size
+    release_gguf()
 
 
 def test_config_from_metadata(model, tmp_path):
