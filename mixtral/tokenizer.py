@@ -17,6 +17,7 @@ import json
 import operator
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
@@ -492,6 +493,11 @@ def _gguf_sentencepiece(path: Path) -> bytes:
     norm.add_dummy_prefix = bool(get("add_space_prefix", True))
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
+    template = fields.get("tokenizer.chat_template")
+    if template is not None and "[INST]" not in template.contents():
+        # Our chat format is Mistral's v1 ([INST] ... [/INST]), Mixtral Instruct's; another template is not run.
+        said = f"mixtral: {path.name}'s chat template is not Mistral's [INST] format; chat uses Mistral's v1"
+        print(said, file=sys.stderr)
     return proto.SerializeToString()
 
 

@@ -93,7 +93,13 @@ def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray
 
 
 def write_gguf(
-    model: mixtral.Transformer, path: Path, qtype: Q = Q.F32, *, merged: bool = True, vocab: bool = True
+    model: mixtral.Transformer,
+    path: Path,
+    qtype: Q = Q.F32,
+    *,
+    merged: bool = True,
+    vocab: bool = True,
+    chat_template: str | None = None,
 ) -> Path:
     """`model` as a GGUF file: norms and router in F32 (llama.cpp's quantizer leaves them), every other matrix in
     `qtype`; the metadata its converter writes for Mixtral."""
@@ -121,6 +127,8 @@ def write_gguf(
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
         w.add_unk_token_id(0)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for name, t in gguf_tensors(model, merged=merged).items():
         a = t.detach().float().numpy()
         kind = Q.F32 if a.ndim == 1 or name.endswith("ffn_gate_inp.weight") else qtype
@@ -361,6 +369,16 @@ def test_tokenizer_from_metadata_equals_mistral_common(model, tmp_path):
     kinds = {"user": UserMessage, "assistant": AssistantMessage}
     request = ChatCompletionRequest(messages=[kinds[role](content=text) for role, text in turns])
     assert ours.encode_chat(messages) == MistralTokenizer.v1().encode_chat_completion(request).tokens
+
+
+def test_a_chat_template_other_than_mistrals_is_said(model, tmp_path, capfd):
+    path = write_gguf(model, tmp_path / "m.gguf", vocab=True)
+    assert load_tokenizer(path) and capfd.readouterr().err == ""  # no template: Mistral's v1, nothing to say
+    path = write_gguf(model, tmp_path / "t.gguf", chat_template="{% for m in messages %}<|im_start|>{% endfor %}")
+    load_tokenizer(path)
+    assert "not Mistral's [INST] format" in capfd.readouterr().err
+    load_tokenizer(write_gguf(model, tmp_path / "v1.gguf", chat_template="{{ bos_token }}[INST] {{ m }} [/INST]"))
+    assert capfd.readouterr().err == ""
 
 
 def test_gguf_without_a_tokenizer_says_so(model, tmp_path):
