@@ -68,6 +68,7 @@ class _SentencePieceBackend:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
             raise ValueError(f"sentencepiece cannot parse it ({e})") from e
+        self.model_proto = model_proto
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
@@ -298,6 +299,14 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         """The raw piece of id ``i``, e.g. "▁the", "<0xE2>" or "<s>"."""
         return self._backend.id_to_piece(self._check_id(i))
+
+    def sentencepiece_model(self) -> bytes:
+        """The serialized sentencepiece model (what a GGUF file's tokenizer metadata is written from); only for a
+        tokenizer loaded from a sentencepiece model or a GGUF file, a ValueError otherwise."""
+        proto = getattr(self._backend, "model_proto", None)
+        if proto is None:
+            raise ValueError(f"{self._source} is not a sentencepiece model; load the tokenizer from a tokenizer.model")
+        return proto
 
     def _check_id(self, i: int) -> int:
         i = operator.index(i)  # accepts numpy and 0-d torch integers, rejects floats

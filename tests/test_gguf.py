@@ -396,3 +396,33 @@ def test_cli_runs_a_gguf_file(model, tmp_path, capsys):
     assert mixtral.cli.main(args) == 0  # the tokenizer from the file, nothing beside it
     out = capsys.readouterr()
     assert "Q4_0 as int4 group 32" in out.err and "tokens/s" in out.err and out.out.strip()
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+
+def test_export_reads_back_with_llama_cpp_names(model, tokens, tmp_path, capsys):
+    tok = load_tokenizer(None)
+    written = tmp_path / "ours.gguf"
+    mixtral.save_gguf(model, written, tok, "f32")
+    expected = write_gguf(model, tmp_path / "theirs.gguf", Q.F32)  # as llama.cpp's converter names and permutes
+    ours, theirs = gguf.GGUFReader(written), gguf.GGUFReader(expected)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+    for key in ("llama.block_count", "llama.expert_count", "llama.attention.head_count_kv", "tokenizer.ggml.tokens"):
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    assert torch.equal(logits(mixtral.load_model(written), tokens), logits(model, tokens))
+    assert load_tokenizer(written).encode(TEXTS[3]) == tok.encode(TEXTS[3])
+
+    # mixtral export, from a safetensors checkpoint, in Q4_0: the gguf package's own Q4_0 of the same weights
+    mixtral.save_model(model, tmp_path / "hf")
+    args = ["export", "--checkpoint", str(tmp_path / "hf"), "--type", "q4_0", "--out", str(tmp_path / "q.gguf")]
+    assert mixtral.cli.main(args) == 0
+    assert "wrote a q4_0 GGUF file" in capsys.readouterr().err
+    q4 = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    want = gguf.quants.quantize(theirs.tensors[0].data, Q.Q4_0)  # token_embd
+    assert q4["token_embd.weight"].tensor_type == Q.Q4_0 and np.array_equal(q4["token_embd.weight"].data, want)
+    assert q4["blk.0.ffn_gate_inp.weight"].tensor_type == Q.F32  # the router stays F32, as llama.cpp keeps it
+    kl, _ = kl_top1(logits(model, tokens), logits(mixtral.load_model(tmp_path / "q.gguf", dtype=torch.float32), tokens))
+    assert kl < 0.05

@@ -22,25 +22,32 @@ keep a quantized form; the others (embedding, norms, router) are dequantized to 
 The default dtype is the embedding's stored dtype where it is plain (an F32 / F16 / BF16 file loads as it is),
 else bfloat16, the dtype of our int8/int4 CPU kernels.
 
+`save_gguf` writes a model the other way (bf16, f16, f32, q8_0 or q4_0, quantized by the gguf package), as
+llama.cpp's converter would from the same weights.
+
 Loading is strict, as for the other layouts: every parameter filled exactly once, every tensor placed. Tensors
 are converted one matrix (one expert) at a time, so the memory of loading is the result's plus one matrix.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from ..kernels.weights import INT4_BLOCK, block_major, int4_blocks, pack_int4, quantize_int4, quantize_int8
 from ..model import Transformer
 from ..quantize import is_quantizable, place_quantized
-from .layouts import Checkpoint, Target, expert_pieces, interleaved_to_half, is_expert_param, target_of
+from ..tokenizer import Tokenizer
+from .layouts import Checkpoint, Target, expert_pieces, gguf_tensors, interleaved_to_half, is_expert_param, target_of
 from .reader import CheckpointError, StoredTensor, release_gguf, stored_tensors
 
 GROUP = 32  # the block of Q4_0 and every other GGUF type's scale: our int4 group size for GGUF weights
@@ -286,3 +293,97 @@ def describe_types(tensors: Iterable[tuple[str, StoredTensor]]) -> str:
     for _, stored in tensors:
         counts[str(stored.dtype).removeprefix("torch.")] += 1
     return ", ".join(f"{name} x {n}" for name, n in counts.most_common())
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+Q = gguf.GGMLQuantizationType
+# --type of `save_gguf` -> (the type of its matrices, llama.cpp's file type).
+EXPORT_TYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+
+
+def save_gguf(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer, type_name: str = "bf16") -> None:
+    """Write `model` as a GGUF file that llama.cpp reads: names, metadata and tokenizer as its converter writes
+    them for Mixtral ("llama" architecture with experts, q/k rows permuted, experts merged). Every matrix in
+    `type_name` (f32, f16, bf16, q8_0, q4_0: quantized by the gguf package, llama.cpp's own numbers) but the router
+    and the norms, in F32 as llama.cpp's quantizer keeps them; a quantized model's weights are dequantized first.
+    Written beside `path` and renamed into place."""
+    cfg = model.config
+    if cfg.sliding_window is not None:
+        raise ValueError("llama.cpp's llama architecture has no sliding window: this model cannot be written as GGUF")
+    if type_name not in EXPORT_TYPES:
+        raise ValueError(f"unknown GGUF type {type_name!r}; choose one of {', '.join(EXPORT_TYPES)}")
+    qtype, file_type = EXPORT_TYPES[type_name]
+    path = Path(path).expanduser()
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(path.stem)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_expert_count(cfg.n_experts)
+    w.add_expert_used_count(cfg.top_k)
+    w.add_file_type(file_type)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_vocab(w, tokenizer, cfg.vocab_size)
+    with torch.no_grad():
+        for name, t in gguf_tensors(model):
+            kind = Q.F32 if t.dim() == 1 or name.endswith("ffn_gate_inp.weight") else qtype
+            a = t.detach().float().cpu().numpy()
+            if kind == Q.F32:
+                w.add_tensor(name, a)
+            elif kind == Q.F16:
+                w.add_tensor(name, a.astype(np.float16))
+            elif kind == Q.BF16:
+                w.add_tensor(name, t.detach().cpu().to(torch.bfloat16).view(torch.uint8).numpy(), raw_dtype=kind)
+            else:
+                if a.shape[-1] % 32:
+                    raise ValueError(f"{name} has rows of {a.shape[-1]}: {type_name} needs multiples of 32")
+                w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _add_vocab(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp's converter writes a sentencepiece model (`_set_vocab_sentencepiece`): pieces,
+    scores and types, padded with unused "[PAD{i}]" pieces up to the model's vocabulary."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.sentencepiece_model())
+    pieces = [(p.piece, p.score, int(p.type)) for p in proto.pieces]
+    if len(pieces) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(pieces)} pieces but the model's vocabulary is only {vocab_size}")
+    pieces += [(f"[PAD{i}]", -1000.0, int(gguf.TokenType.UNUSED)) for i in range(len(pieces), vocab_size)]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([p for p, _, _ in pieces])
+    w.add_token_scores([s for _, s, _ in pieces])
+    w.add_token_types([t for _, _, t in pieces])
+    spec = proto.trainer_spec
+    w.add_bos_token_id(spec.bos_id)
+    w.add_eos_token_id(spec.eos_id)
+    w.add_unk_token_id(spec.unk_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..kernels.weights import dequantized
 from ..model import Transformer
 from .reader import CheckpointError, open_gguf
 
@@ -270,6 +271,32 @@ def is_expert_param(name: str) -> bool:
 def expert_pieces(name: str, shape: torch.Size) -> set[int]:
     """The pieces a parameter is filled in: its experts for stacked expert tensors, else the whole {0}."""
     return set(range(shape[0])) if is_expert_param(name) else {0}
+
+
+def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under llama.cpp's names as its converter writes them: experts merged, q/k rows permuted
+    into the interleaved RoPE order; quantized weights dequantized (the model's dtype)."""
+    cfg = model.config
+
+    def w(obj: object) -> torch.Tensor:
+        return dequantized(obj.weight if isinstance(obj, torch.nn.Linear) else obj)  # type: ignore[arg-type]
+
+    yield "token_embd.weight", model.embed.weight
+    yield "output_norm.weight", model.norm.weight
+    if model.output is not None:
+        yield "output.weight", w(model.output)
+    for i, layer in enumerate(model.layers):
+        b = f"blk.{i}."
+        yield b + "attn_norm.weight", layer.attn_norm.weight
+        yield b + "attn_q.weight", half_to_interleaved(w(layer.attn.wq), cfg.n_heads)
+        yield b + "attn_k.weight", half_to_interleaved(w(layer.attn.wk), cfg.n_kv_heads)
+        yield b + "attn_v.weight", w(layer.attn.wv)
+        yield b + "attn_output.weight", w(layer.attn.wo)
+        yield b + "ffn_norm.weight", layer.ffn_norm.weight
+        yield b + "ffn_gate_inp.weight", layer.moe.gate.weight
+        yield b + "ffn_gate_exps.weight", w(layer.moe.w1)
+        yield b + "ffn_down_exps.weight", w(layer.moe.w2)
+        yield b + "ffn_up_exps.weight", w(layer.moe.w3)
 
 
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
