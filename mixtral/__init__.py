@@ -2,7 +2,7 @@
 
 from .builtin import BUILTIN
 from .cache import KVCache
-from .checkpoint import CheckpointError, load_model, save_model
+from .checkpoint import CheckpointError, load_model, save_gguf, save_model
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
 from .generate import generate, generate_stream
 from .model import Transformer
@@ -24,5 +24,6 @@ __all__ = [
     "get_preset",
     "load_model",
     "load_tokenizer",
+    "save_gguf",
     "save_model",
 ]

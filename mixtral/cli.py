@@ -11,14 +11,23 @@ from collections.abc import Sequence
 import torch
 
 from . import bench, cli_args, parallel
-from .checkpoint import find_checkpoint, load_model, save_model, save_quantized, stored_dtype
+from .checkpoint import (
+    find_checkpoint,
+    load_model,
+    save_gguf,
+    save_model,
+    save_quantized,
+    stored_dtype,
+    stored_tensors,
+)
+from .checkpoint.gguf import EXPORT_TYPES, describe_types
 from .config import PRESETS, get_preset
 from .generate import generate_stream
 from .model import Transformer
 from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model
 from .sampling import SamplingParams
 from .serve import cli as serve_cli
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 from .train import cli as train_cli
 
 # ---- generating text ----------------------------------------------------------------------------------------
@@ -131,10 +140,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     total, active = cfg.param_counts()
     info = {
         "checkpoint": str(ckpt.path),
-        "layout": {"hf": "Hugging Face", "mistral": "Mistral consolidated"}[ckpt.layout],
+        "layout": {"hf": "Hugging Face", "mistral": "Mistral consolidated", "gguf": "GGUF"}[ckpt.layout],
         "files": [f.name for f in ckpt.files],
         "size_on_disk_bytes": ckpt.size_bytes,
-        "dtype": str(stored_dtype(ckpt)).removeprefix("torch."),
+        "dtype": (
+            describe_types(stored_tensors(ckpt.files[0]))
+            if ckpt.layout == "gguf"
+            else str(stored_dtype(ckpt)).removeprefix("torch.")
+        ),
         "parameters_total": total,
         "parameters_active_per_token": active,
         "config": cfg.__dict__,
@@ -153,6 +166,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model = load_model(cli_args.checkpoint(args), dtype=cli_args.dtype(args.dtype))
     save_quantized(quantize_model(model, args.mode, args.group_size), args.out)
     print(f"wrote an {args.mode} checkpoint to {args.out}", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    path = cli_args.checkpoint(args)
+    model = load_model(path, dtype=cli_args.dtype(args.dtype))
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or path)
+        save_gguf(model, args.out, tokenizer, args.type)
+    except ValueError as e:
+        raise cli_args.CLIError(str(e)) from None
+    print(f"wrote a {args.type} GGUF file to {args.out}", file=sys.stderr)
 
 
 def cmd_routing(args: argparse.Namespace) -> None:
@@ -249,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *cli_args.DTYPES], default="auto", help="activation and scale dtype")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint in another format: llama.cpp's GGUF",
+        description="Write any checkpoint we load as a GGUF file that llama.cpp (and Ollama) run: names, metadata "
+        "and tokenizer as llama.cpp's converter writes them.",
+    )
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint to export; default: the built-in model")
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="the format to write (default: gguf)")
+    p.add_argument(
+        "--type",
+        choices=list(EXPORT_TYPES),
+        default="bf16",
+        help="type of the matrices (router and norms stay F32); q8_0 / q4_0 as llama.cpp quantizes (default: bf16)",
+    )
+    p.add_argument("--dtype", choices=["auto", *cli_args.DTYPES], default="auto", help="dtype to load in")
+    p.add_argument("--tokenizer", help="tokenizer.model to write; default: the checkpoint's own, else Mixtral's v1")
+    p.add_argument("--out", metavar="FILE.gguf", required=True, help="file to write")
+    p.set_defaults(func=cmd_export)
 
     serve_cli.add_command(sub)
     train_cli.add_command(sub)

@@ -49,13 +49,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         metavar="DIR",
         help="checkpoint folder: Hugging Face layout (config.json + model*.safetensors) or Mistral's "
-        "(params.json + consolidated.safetensors / consolidated.00.pth); default: the built-in model",
+        "(params.json + consolidated.safetensors / consolidated.00.pth), or a llama.cpp .gguf file (its own "
+        "tokenizer inside; loaded quantized where it is); default: the built-in model",
     )
     p.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="dtype to compute in; 'auto' keeps the dtype the weights are stored in (default: auto)",
+        help="dtype to compute in; 'auto' keeps the dtype the weights are stored in, bfloat16 for a quantized "
+        "GGUF file (default: auto)",
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument(

@@ -1,5 +1,5 @@
 """The model's numbers: a small typed dataclass, named presets, and readers for the config files of real
-checkpoints (Hugging Face `config.json`, Mistral `params.json`)."""
+checkpoints (Hugging Face `config.json`, Mistral `params.json`, the metadata of llama.cpp's GGUF files)."""
 
 from __future__ import annotations
 
@@ -203,6 +203,48 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"params.json lacks the required field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], *, has_output: bool = True) -> ModelConfig:
+        """Read the metadata of a llama.cpp GGUF file (key -> value, as the `gguf` package reads them). llama.cpp
+        writes Mixtral as the "llama" architecture with experts: `llama.block_count`, `llama.expert_count` ...;
+        the vocabulary's size is `llama.vocab_size`, else the length of `tokenizer.ggml.tokens` (given as that
+        key's value). `has_output`: whether the file holds `output.weight` (without it, llama.cpp ties the LM
+        head to the embedding)."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ConfigError(f"general.architecture={arch!r}: only llama.cpp's 'llama' architecture (Mixtral's) reads")
+        if not meta.get("llama.expert_count"):
+            raise ConfigError("llama.expert_count is missing or 0: this is a dense Llama/Mistral model, not Mixtral")
+        scaling = meta.get("llama.rope.scaling.type", "none")
+        if scaling != "none":
+            raise ConfigError(f"llama.rope.scaling.type={scaling!r} is not supported (only 'none')")
+
+        def need(key: str) -> Any:
+            if key not in meta:
+                raise ConfigError(f"the GGUF metadata lacks the required key {key!r}")
+            return meta[key]
+
+        n_heads = need("llama.attention.head_count")
+        vocab = meta.get("llama.vocab_size", meta.get("tokenizer.ggml.tokens"))
+        if vocab is None:
+            raise ConfigError("the GGUF metadata has neither llama.vocab_size nor tokenizer.ggml.tokens")
+        return cls(
+            dim=need("llama.embedding_length"),
+            n_layers=need("llama.block_count"),
+            hidden_dim=meta.get("llama.expert_feed_forward_length") or need("llama.feed_forward_length"),
+            n_heads=n_heads,
+            n_kv_heads=meta.get("llama.attention.head_count_kv") or n_heads,
+            vocab_size=vocab,
+            n_experts=need("llama.expert_count"),
+            top_k=need("llama.expert_used_count"),
+            head_dim=meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count"),
+            # llama.cpp's defaults where a key is missing: base 10000, eps 1e-5
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_seq_len=need("llama.context_length"),
+            tie_embeddings=not has_output,
+        )
 
     def to_mistral(self) -> dict[str, Any]:
         return {

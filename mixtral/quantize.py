@@ -91,6 +91,27 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
     return model
 
 
+def place_quantized(
+    model: nn.Module, name: str, mode: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype, group_size: int = 0
+) -> None:
+    """Put a weight that is already in a quantized form (read from a file: a GGUF file's blocks) in the place of
+    the parameter `name` ("layers.0.attn.wq.weight", "layers.0.moe.w1", "output.weight"), with its scales in
+    `dtype`. The caller sets `model.quantization` once all are placed."""
+    for owner, attr, target in _targets(model):
+        if name in (target, target + ".weight"):
+            cls = QuantizedWeight if attr in ("w1", "w2", "w3") else QuantizedLinear
+            _set(owner, attr, cls(mode, tensors, group_size, dtype))
+            model.version += 1
+            return
+    raise ValueError(f"{name} is not a weight that is quantized")
+
+
+def is_quantizable(name: str) -> bool:
+    """Whether the parameter `name` is one that `quantize_model` quantizes."""
+    suffixes = ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight", "moe.w1", "moe.w2", "moe.w3")
+    return name == "output.weight" or name.endswith(suffixes)
+
+
 def quantization_of(model: nn.Module) -> dict | None:
     """{"mode", "group_size"} of a quantized model, None for a plain one."""
     return getattr(model, "quantization", None)

@@ -1,8 +1,9 @@
 """The Mixtral tokenizer (sentencepiece BPE, 32000 pieces, byte fallback) and the v1 instruct chat format.
 
 Mistral ships the tokenizer as a sentencepiece ``tokenizer.model``; Hugging Face checkpoints carry the same
-vocabulary as a ``tokenizer.json``. Both load into one :class:`Tokenizer` whose ids are exactly
-sentencepiece's, which are also mistral-common's, the reference for the chat format.
+vocabulary as a ``tokenizer.json``; llama.cpp's GGUF files carry its pieces, scores and types in their metadata
+(``tokenizer.ggml.*``), from which the sentencepiece model is rebuilt. All load into one :class:`Tokenizer` whose
+ids are exactly sentencepiece's, which are also mistral-common's, the reference for the chat format.
 
 Chat format v1 (Mixtral 8x7B Instruct), as mistral-common's ``InstructTokenizerV1`` writes it::
 
@@ -16,14 +17,17 @@ import json
 import operator
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Protocol
 
+import gguf
 import sentencepiece
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -64,6 +68,7 @@ class _SentencePieceBackend:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
             raise ValueError(f"sentencepiece cannot parse it ({e})") from e
+        self.model_proto = model_proto
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
@@ -295,6 +300,14 @@ class Tokenizer:
         """The raw piece of id ``i``, e.g. "▁the", "<0xE2>" or "<s>"."""
         return self._backend.id_to_piece(self._check_id(i))
 
+    def sentencepiece_model(self) -> bytes:
+        """The serialized sentencepiece model (what a GGUF file's tokenizer metadata is written from); only for a
+        tokenizer loaded from a sentencepiece model or a GGUF file, a ValueError otherwise."""
+        proto = getattr(self._backend, "model_proto", None)
+        if proto is None:
+            raise ValueError(f"{self._source} is not a sentencepiece model; load the tokenizer from a tokenizer.model")
+        return proto
+
     def _check_id(self, i: int) -> int:
         i = operator.index(i)  # accepts numpy and 0-d torch integers, rejects floats
         if not 0 <= i < self.vocab_size:
@@ -420,8 +433,8 @@ def _validate_chat(messages: Sequence[Mapping[str, Any]]) -> None:
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
     """Load the Mixtral tokenizer.
 
-    ``path`` may be a sentencepiece model or a ``tokenizer.json`` (told apart by content, not by name),
-    or a directory: its ``tokenizer.model`` if present, else its ``tokenizer.json``, else (as with
+    ``path`` may be a sentencepiece model, a ``tokenizer.json`` or a GGUF file (told apart by content, not by
+    name), or a directory: its ``tokenizer.model`` if present, else its ``tokenizer.json``, else (as with
     ``None``) the v1 tokenizer.model that mistral-common ships, which is Mixtral 8x7B's.
     """
     if path is None:
@@ -442,6 +455,9 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
         raise ValueError(f"tokenizer path {path} is not a regular file; expected a tokenizer.model or tokenizer.json")
     try:
         with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":  # a GGUF model file: its tokenizer is in its metadata
+                return Tokenizer(_SentencePieceBackend(_gguf_sentencepiece(path)), str(path))
+            f.seek(0)
             data = f.read(MAX_TOKENIZER_BYTES + 1)
     except OSError as e:
         raise ValueError(f"tokenizer file {path} cannot be read: {e.strerror or e}") from None
@@ -452,6 +468,59 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
 
 # Mixtral's tokenizer.model is 0.5 MB, a large tokenizer.json ~20 MB: past this a file is not a tokenizer.
 MAX_TOKENIZER_BYTES = 256 << 20
+
+
+# llama.cpp's token types (gguf.TokenType) are sentencepiece's piece types, by the same numbers.
+_SP_TYPES = {int(t) for t in gguf.TokenType}
+
+
+def _gguf_sentencepiece(path: Path) -> bytes:
+    """The sentencepiece model (serialized) that a GGUF file's ``tokenizer.ggml.*`` metadata describes: llama.cpp's
+    converter copies a sentencepiece BPE model's pieces, scores and types there (``tokenizer.ggml.model`` "llama"),
+    with its BOS / EOS / UNK ids and whether it adds the dummy-prefix space. Only the header of the file is read."""
+    try:
+        fields = gguf.GGUFReader(path, "r").fields
+    except Exception as e:  # the reader raises many types for a bad file
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+    def get(key: str, default: Any = None) -> Any:
+        f = fields.get(f"tokenizer.ggml.{key}")
+        return default if f is None else f.contents()
+
+    model = get("model")
+    if model != "llama":
+        raise ValueError(
+            f"{path}: its tokenizer is {model!r}, not a sentencepiece BPE ('llama', Mixtral's); pass --tokenizer"
+        )
+    tokens = get("tokens")
+    if not tokens:
+        raise ValueError(f"{path} holds no tokenizer.ggml.tokens; pass --tokenizer")
+    scores = get("scores") or [0.0] * len(tokens)
+    types = get("token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    if not len(scores) == len(types) == len(tokens) or not set(types) <= _SP_TYPES:
+        raise ValueError(f"{path}: tokenizer.ggml.tokens, scores and token_type do not agree")
+    proto = sentencepiece_model_pb2.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types, strict=True):
+        proto.pieces.add(piece=piece, score=score, type=kind)
+    spec = proto.trainer_spec
+    spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = int(gguf.TokenType.BYTE) in types
+    spec.unk_id = get("unknown_token_id", 0)
+    spec.bos_id = get("bos_token_id", 1)
+    spec.eos_id = get("eos_token_id", 2)
+    spec.pad_id = -1
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(get("add_space_prefix", True))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    template = fields.get("tokenizer.chat_template")
+    if template is not None and "[INST]" not in template.contents():
+        # Our chat format is Mistral's v1 ([INST] ... [/INST]), Mixtral Instruct's; another template is not run.
+        said = f"mixtral: {path.name}'s chat template is not Mistral's [INST] format; chat uses Mistral's v1"
+        print(said, file=sys.stderr)
+    return proto.SerializeToString()
 
 
 def _load_bytes(data: bytes, source: str) -> Tokenizer:

@@ -6,8 +6,10 @@ layouts.py    the Hugging Face and Mistral layouts and every mapping of their ke
 load.py       strict streaming loading of plain checkpoints, whole or one process's shard
 writer.py     the Hugging Face layout, written beside its destination and renamed into place
 quantized.py  quantized checkpoints (our state dict + quantization.json), on the same reader and writer
+gguf.py       llama.cpp's GGUF files: their block types onto our weights (load_gguf), and save_gguf
 """
 
+from .gguf import load_gguf, save_gguf
 from .layouts import (
     HF_INDEX,
     HF_SINGLE,
@@ -39,9 +41,11 @@ __all__ = [
     "interleaved_to_half",
     "is_expert_param",
     "is_quantized_checkpoint",
+    "load_gguf",
     "load_model",
     "load_quantized",
     "load_weights",
+    "save_gguf",
     "save_model",
     "save_quantized",
     "stored_dtype",

@@ -6,6 +6,10 @@ ways (`target_of` reading, `hf_tensors` writing).
   stacked (`mlp.experts.gate_up_proj` / `mlp.experts.down_proj`, the in-memory layout of transformers 5).
 - Mistral consolidated: `params.json` + `consolidated.safetensors` or `consolidated.00.pth`, whose q/k rows
   are in the interleaved RoPE layout and get permuted into the rotate-half layout the model uses.
+- llama.cpp's GGUF: one `.gguf` file, config in its metadata (`ModelConfig.from_gguf`), keys like
+  `blk.{i}.attn_q.weight`; experts merged (`blk.{i}.ffn_gate_exps.weight` [E, F, D], what its converter writes
+  today) or per expert (`blk.{i}.ffn_gate.{e}.weight`, older files). Its converter permutes the q/k rows of
+  llama-family models into the interleaved RoPE layout (`half_to_interleaved`): undone as for Mistral's files.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..kernels.weights import dequantized
 from ..model import Transformer
-from .reader import CheckpointError
+from .reader import CheckpointError, open_gguf
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
@@ -35,7 +41,7 @@ class Checkpoint:
     """A checkpoint found on disk: its layout, config and weight files."""
 
     path: Path
-    layout: str  # "hf" or "mistral"
+    layout: str  # "hf", "mistral" or "gguf"
     config: ModelConfig
     config_file: Path
     files: tuple[Path, ...]
@@ -48,12 +54,16 @@ class Checkpoint:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Recognise the layout of a checkpoint directory and read its config."""
+    """Recognise the layout of a checkpoint directory (or GGUF file) and read its config."""
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"checkpoint {root} does not exist")
+    if root.is_file() and root.suffix == ".gguf":
+        return Checkpoint(root, "gguf", read_gguf_config(root), root, (root,))
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint {root} is not a directory (expected a folder with config and weights)")
+        raise CheckpointError(
+            f"checkpoint {root} is neither a directory (a folder with config and weights) nor a .gguf file"
+        )
     if (root / "config.json").is_file():
         config = read_config(root / "config.json")
         if (root / HF_INDEX).is_file():
@@ -94,6 +104,24 @@ def read_config(path: Path) -> ModelConfig:
         return ModelConfig.from_file(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def read_gguf_config(path: Path) -> ModelConfig:
+    """The config in a GGUF file's metadata (only its header is read)."""
+    reader = open_gguf(path)
+    wanted = [k for k in reader.fields if k.startswith("llama.") or k == "general.architecture"]
+    meta = {k: _shortest(reader.fields[k].contents()) for k in wanted}
+    if (tokens := reader.fields.get("tokenizer.ggml.tokens")) is not None:
+        meta["tokenizer.ggml.tokens"] = len(tokens.data)
+    try:
+        return ModelConfig.from_gguf(meta, has_output=any(t.name == "output.weight" for t in reader.tensors))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _shortest(value: object) -> object:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -153,6 +181,26 @@ _MISTRAL_TOP = {
     "norm.weight": "norm.weight",
     "output.weight": "output.weight",
 }
+_GGUF_LAYER = {
+    "attn_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "attn_q.weight": "attn.wq.weight",
+    "attn_k.weight": "attn.wk.weight",
+    "attn_v.weight": "attn.wv.weight",
+    "attn_output.weight": "attn.wo.weight",
+    "ffn_gate_inp.weight": "moe.gate.weight",
+    "ffn_gate_exps.weight": "moe.w1",
+    "ffn_down_exps.weight": "moe.w2",
+    "ffn_up_exps.weight": "moe.w3",
+}
+_GGUF_TOP = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_GGUF_EXPERT_RE = re.compile(r"ffn_(gate|down|up)\.(\d+)\.weight")
+_GGUF_EXPERT_W = {"gate": "w1", "down": "w2", "up": "w3"}
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _MISTRAL_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
@@ -161,6 +209,8 @@ _MISTRAL_EXPERT_RE = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])\.weight
 
 def target_of(key: str, layout: str, config: ModelConfig) -> list[Target] | None:
     """The parameter(s) a stored tensor fills, or None for a key this layout does not have."""
+    if layout == "gguf":
+        return _gguf_target(key, config)
     top, layer_re, per_layer, expert_re = (
         (_HF_TOP, _HF_LAYER_RE, _HF_LAYER, _HF_EXPERT_RE)
         if layout == "hf"
@@ -190,6 +240,21 @@ def target_of(key: str, layout: str, config: ModelConfig) -> list[Target] | None
     return None
 
 
+def _gguf_target(key: str, config: ModelConfig) -> list[Target] | None:
+    if key in _GGUF_TOP:
+        return [Target(_GGUF_TOP[key])]
+    m = _GGUF_LAYER_RE.fullmatch(key)
+    if m is None:
+        return None
+    prefix, rest = f"layers.{m.group(1)}.", m.group(2)
+    if rest in _GGUF_LAYER:
+        heads = {"attn_q.weight": config.n_heads, "attn_k.weight": config.n_kv_heads}.get(rest)
+        return [Target(prefix + _GGUF_LAYER[rest], rope_heads=heads)]
+    if m2 := _GGUF_EXPERT_RE.fullmatch(rest):
+        return [Target(f"{prefix}moe.{_GGUF_EXPERT_W[m2.group(1)]}", expert=int(m2.group(2)))]
+    return None
+
+
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Permute the rows of a q/k projection from the interleaved-pairs RoPE layout (Mistral's consolidated
     files: pair i of a head is rows 2i, 2i+1) to the rotate-half layout (rows i and i + d/2)."""
@@ -210,6 +275,32 @@ def is_expert_param(name: str) -> bool:
 def expert_pieces(name: str, shape: torch.Size) -> set[int]:
     """The pieces a parameter is filled in: its experts for stacked expert tensors, else the whole {0}."""
     return set(range(shape[0])) if is_expert_param(name) else {0}
+
+
+def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under llama.cpp's names as its converter writes them: experts merged, q/k rows permuted
+    into the interleaved RoPE order; quantized weights dequantized (the model's dtype)."""
+    cfg = model.config
+
+    def w(obj: object) -> torch.Tensor:
+        return dequantized(obj.weight if isinstance(obj, torch.nn.Linear) else obj)  # type: ignore[arg-type]
+
+    yield "token_embd.weight", model.embed.weight
+    yield "output_norm.weight", model.norm.weight
+    if model.output is not None:
+        yield "output.weight", w(model.output)
+    for i, layer in enumerate(model.layers):
+        b = f"blk.{i}."
+        yield b + "attn_norm.weight", layer.attn_norm.weight
+        yield b + "attn_q.weight", half_to_interleaved(w(layer.attn.wq), cfg.n_heads)
+        yield b + "attn_k.weight", half_to_interleaved(w(layer.attn.wk), cfg.n_kv_heads)
+        yield b + "attn_v.weight", w(layer.attn.wv)
+        yield b + "attn_output.weight", w(layer.attn.wo)
+        yield b + "ffn_norm.weight", layer.ffn_norm.weight
+        yield b + "ffn_gate_inp.weight", layer.moe.gate.weight
+        yield b + "ffn_gate_exps.weight", w(layer.moe.w1)
+        yield b + "ffn_down_exps.weight", w(layer.moe.w2)
+        yield b + "ffn_up_exps.weight", w(layer.moe.w3)
 
 
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..model import Transformer
+from .gguf import load_gguf
 from .layouts import (
     HF_INDEX,
     Checkpoint,
@@ -45,7 +46,7 @@ def load_model(
     to the CPU. `progress=None` shows a progress bar for checkpoints over 512 MiB.
 
     A quantized checkpoint (written by `save_quantized`) loads as the quantized model; its dtype is the one
-    it was quantized in."""
+    it was quantized in. A GGUF file loads as `load_gguf` says (quantized where its weights are)."""
     if is_quantized_checkpoint(path):
         model = load_quantized(path, device)
         if dtype is not None and dtype != model.embed.weight.dtype:
@@ -54,6 +55,8 @@ def load_model(
             )
         return model
     ckpt = find_checkpoint(path)
+    if ckpt.layout == "gguf":
+        return load_gguf(ckpt, dtype=dtype, device=device, progress=progress)
     model = Transformer.skeleton(ckpt.config)
     expected = {name: p.shape for name, p in model.named_parameters()}
     load_weights(model, ckpt, expected, dtype=dtype or stored_dtype(ckpt), device=device, progress=progress)

@@ -3,8 +3,9 @@
 or for all of it into fresh memory. Plain, quantized and per-rank loading all read through here.
 
 A format is one function `Path -> Iterator[(key, StoredTensor)]` in `FORMATS`, chosen by the file's suffix:
-safetensors and PyTorch `.pth` today. Another (GGUF) plugs in as its own module giving `StoredTensor`s
-whose `_slice` / `_read_into` read its blocks.
+safetensors, PyTorch `.pth` and llama.cpp's GGUF (parsed by the `gguf` package, llama.cpp's own reader). A GGUF
+tensor in a block format (Q4_0, Q8_0, Q4_K ...) has the type's name as its dtype and reads as its raw blocks
+(`checkpoint/gguf.py` turns those into our weights).
 
 Reads are memory-mapped: a slice touches only its own pages. The mapping of a safetensors file is reopened
 every `_REMAP_BYTES` read, so that the pages already copied out stop counting against the process and the
@@ -13,14 +14,18 @@ peak memory of loading stays close to the size of the loaded model, not twice it
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import gguf
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -62,9 +67,12 @@ class StoredTensor:
     _slice: Callable[[tuple[slice, ...]], torch.Tensor]  # a view of the mapping; only its pages are touched
     _read_into: Callable[[torch.Tensor], object]  # fill a tensor of `shape` and `dtype` with all of it
     bytes_read: int = 0
+    stored_bytes: int | None = None  # its size in the file, where the dtype does not tell (block formats)
 
     @property
     def nbytes(self) -> int:
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         itemsize = self.dtype.itemsize if isinstance(self.dtype, torch.dtype) else 1
         return math.prod(self.shape) * itemsize
 
@@ -171,7 +179,91 @@ def _copy(src: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(src)
 
 
+# ---- GGUF (llama.cpp) ------------------------------------------------------------------------------------
+
+# GGUF's plain types; every other type is a block format, read as its raw bytes.
+GGUF_DTYPES = {
+    gguf.GGMLQuantizationType.F32: torch.float32,
+    gguf.GGMLQuantizationType.F16: torch.float16,
+    gguf.GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """The `gguf` package's reader of `path` (memory-mapped, copy-on-write so that torch can wrap its arrays
+    without copying; nothing is written); a clear error for a file it cannot parse.
+
+    The reader parses the header in Python, element by element: seconds for a 32000-token vocabulary. The last
+    file's reader is kept, so that finding a checkpoint and loading it parse it once; `release_gguf` drops it
+    (and its mapping, whose pages would otherwise count in the process's memory) once the weights are loaded."""
+    st = path.stat()
+    return _open_gguf(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path, "c")
+    except Exception as e:  # the reader raises ValueError, IndexError, UnicodeDecodeError ... for a bad file
+        what = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {what}") from None
+
+
+def release_gguf() -> None:
+    """Drop the kept reader of `open_gguf`."""
+    _open_gguf.cache_clear()
+
+
+def _gguf(path: Path) -> Iterator[tuple[str, StoredTensor]]:
+    """Each tensor with its shape in torch's order (GGUF lists dims innermost first). A block format reads as its
+    raw blocks, uint8 [..., rows, bytes per row]; a slice of it may cut any dim but the last."""
+    reader = open_gguf(path)
+    mapping = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps the mmap object here
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        dtype = GGUF_DTYPES.get(t.tensor_type, t.tensor_type.name)
+        data = torch.from_numpy(np.asarray(t.data))  # a view of the mapping
+        if dtype == torch.bfloat16:  # the reader hands BF16 out as bytes
+            data = data.view(torch.bfloat16)
+        yield (
+            t.name,
+            StoredTensor(
+                path,
+                t.name,
+                shape,
+                dtype,
+                partial(_gguf_slice, data, path, t.name, None if isinstance(dtype, torch.dtype) else shape[-1]),
+                partial(_copy, data),
+                stored_bytes=int(t.n_bytes),
+            ),
+        )
+        if mapping is not None:  # its pages read: out of this process's memory (they are refetched if needed)
+            _drop_pages(mapping, int(t.data_offset), int(t.n_bytes))
+
+
+def _drop_pages(mapping: mmap.mmap, offset: int, nbytes: int) -> None:
+    """madvise(DONTNEED) the whole pages of [offset, offset + nbytes) of a read-only (copy-on-write, never
+    written) file mapping: they stop counting in the process's resident memory, and a later read of them is
+    served again from the file. What `_REMAP_BYTES` does for safetensors: peak memory = the loaded model's."""
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _gguf_slice(
+    data: torch.Tensor, path: Path, key: str, columns: int | None, index: tuple[slice, ...]
+) -> torch.Tensor:
+    """`columns`: the logical number of columns of a block format (None for a plain type)."""
+    if columns is not None and len(index) >= data.dim():
+        if index[data.dim() - 1].indices(columns) != (0, columns, 1):
+            raise CheckpointError(f"{path}: tensor {key!r} is in a block format; its columns cannot be sliced")
+        index = (*index[: data.dim() - 1], slice(None), *index[data.dim() :])
+    return data[index]
+
+
 FORMATS: dict[str, Callable[[Path], Iterator[tuple[str, StoredTensor]]]] = {
     ".safetensors": _safetensors,
     ".pth": _pth,
+    ".gguf": _gguf,
 }
