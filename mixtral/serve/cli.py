@@ -28,7 +28,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     cli_args.add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on, up to 65535; 0 picks a free one (default: 8000)"
+    )
     p.add_argument(
         "--model-name",
         metavar="NAME",
@@ -67,6 +69,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         metavar="KEY",
         default=os.environ.get("MIXTRAL_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MIXTRAL_API_KEY; unset: no key)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=4.0,
+        metavar="MB",
+        help="the largest request body taken, in MiB; larger ones get 413 (default: 4)",
     )
     p.add_argument(
         "--shutdown-timeout",
@@ -108,8 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise CLIError(f"mixtral serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port} is invalid: must be in [0, 65535] (0: a free port)")
     for flag, value, least in [
-        ("--port", args.port, 0),
         ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
         ("--prefill-chunk", args.prefill_chunk, 1),
@@ -118,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ]:
         if value < least:
             raise CLIError(f"{flag} {value} is invalid: must be >= {least}")
+    if not args.max_body_mb > 0 or args.max_body_mb * 2**20 > 2**40:
+        raise CLIError(f"--max-body-mb {args.max_body_mb} is invalid: must be > 0 (and at most 1 TiB)")
     if not args.shutdown_timeout >= 0:
         raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
     if args.api_key == "":
@@ -154,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prefill_chunk=args.prefill_chunk,
         steps=LockstepSteps if lockstep else Steps,
     )
-    app = create_app(engine, model_name=model_name, api_key=args.api_key)
+    app = create_app(engine, model_name=model_name, api_key=args.api_key, max_body=int(args.max_body_mb * 2**20))
     config = uvicorn.Config(
         app,
         log_level=args.log_level,
