@@ -216,7 +216,8 @@ def _say(message: str) -> None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A bound socket (uvicorn starts listening on it), so the port is known before the server starts."""
+    """A bound, listening socket (uvicorn serves it), so the port is known before the server starts; the
+    connections that arrive before uvicorn accepts them wait in the backlog."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -225,6 +226,7 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # now, not once uvicorn has started: the URL printed takes connections at once
     except OSError as e:
         sock.close()
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror}") from None
