@@ -354,6 +354,9 @@ def test_500s_are_counted_and_in_openai_shape(client, expected, monkeypatch):
     assert_still_serves(client, expected)
 
 
-def test_error_messages_quote_values_briefly(client):
+def test_error_messages_quote_values_briefly(client, expected):
     r = client.post("/v1/chat/completions", json={**CHAT, "temperature": "x" * 100_000})
     assert len(assert_error(r, 400, "temperature")["message"]) < 200
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": [10**30] * 10_000})
+    assert len(assert_error(r, 400, "prompt")["message"]) < 300
+    assert_still_serves(client, expected)
