@@ -150,12 +150,45 @@ def _fused_step(model: Transformer, cache: KVCache, tokens_B: torch.Tensor) -> c
 # ---- streaming text ----------------------------------------------------------------------------------------
 
 
+class _StopMatcher:
+    """Where one stop string stands in a text read a character at a time (Knuth-Morris-Pratt): `matched` is
+    the longest start of the stop string that the text read so far ends with. Each character costs O(1)
+    amortised, whatever the lengths of the text and the stop string."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        # fail[i]: the longest proper prefix of stop[:i + 1] that is also its suffix
+        self.fail = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+        self.matched = 0
+
+    def feed(self, c: str) -> bool:
+        """Read one character; True when the text now ends with the whole stop string."""
+        stop, k = self.stop, self.matched
+        if k == len(stop):
+            k = self.fail[k - 1]
+        while k and c != stop[k]:
+            k = self.fail[k - 1]
+        if c == stop[k]:
+            k += 1
+        self.matched = k
+        return k == len(stop)
+
+
 class TextStream:
     """Turns one sequence's generated ids into text pieces that concatenate to exactly its final text.
 
     Text is decoded together with a few prompt tokens so that the first piece gets its leading space
     right (sentencepiece drops it at the start of a decode); a piece is held back while it ends in an
-    incomplete UTF-8 character (byte-fallback tokens) or could be the start of a stop string.
+    incomplete UTF-8 character (byte-fallback tokens) or could be the start of a stop string. Stop strings
+    are looked for in the new characters only (`_StopMatcher`), so a token costs the same however long the
+    text or the stop strings are; the text ends where the first stop string to be completed starts.
     """
 
     def __init__(self, tokenizer, prompt: Sequence[int], stop: Sequence[str] = ()) -> None:
@@ -167,6 +200,8 @@ class TextStream:
         self.text = ""  # the decoded continuation so far
         self.sent = 0  # characters of `text` already given out
         self.stopped = False
+        self._matchers = [_StopMatcher(s) for s in self.stop]
+        self._read = 0  # characters of `text` the matchers have read
 
     def _decode(self) -> str:
         full = self.tokenizer.decode(self.context + self.ids)
@@ -176,19 +211,28 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now certain (maybe empty). Sets `stopped` on a stop string."""
+        if self.stopped:  # the text ended at the stop string
+            return ""
         self.ids.append(token)
         text = self._decode()
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
             return ""
+        if not self._matchers:
+            self.text = text
+            return self._take(len(text))
+        if not text.startswith(self.text[: self._read]):  # earlier text decoded differently: read it again
+            for m in self._matchers:
+                m.matched = 0
+            self._read = 0
         self.text = text
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
+        for i in range(self._read, len(text)):
+            done = [m for m in self._matchers if m.feed(text[i])]
+            if done:  # the longest one that ends here starts first
                 self.stopped = True
-                self.text = text[:at]
-        if self.stopped:
-            return self._take(len(self.text))
-        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+                self.text = text[: i + 1 - max(len(m.stop) for m in done)]
+                return self._take(len(self.text))
+        self._read = len(text)
+        hold = max(m.matched for m in self._matchers)
         return self._take(len(text) - hold)
 
     def finish(self) -> str:

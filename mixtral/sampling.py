@@ -67,31 +67,49 @@ def _penalty(x: object) -> bool:
 # ---- sampling -------------------------------------------------------------------------------------------
 
 
+# The repetition penalty's factor, kept where float32 holds it and its effect: any logit below 1e8 in size,
+# divided or multiplied by it, stays finite and keeps its order (0 * inf or x / 0 would give NaN or inf).
+_PENALTY_RANGE = (1e-30, 1e30)
+# The smallest temperature divided by: float32's smallest normal number (a smaller one rounds to 0).
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def process_logits(
     logits_V: torch.Tensor, params: SamplingParams, history: torch.Tensor, prompt_len: int = 0
 ) -> torch.Tensor:
     """Apply the penalties and filters; removed tokens get -inf. `history` holds the ids seen so far, the
     first `prompt_len` of them the prompt: the repetition penalty counts them all, the presence and
-    frequency penalties only the generated ones (as OpenAI's do)."""
+    frequency penalties only the generated ones (as OpenAI's do).
+
+    Any valid `params` give finite logits for the best token: extreme values (a temperature of 1e-40, a
+    top_p of 1e-300, a penalty of 1e-308) act as their limits (greedy, the top token only, ...) rather than
+    overflow float32."""
     logits = logits_V.float().clone()
     if params.repetition_penalty != 1.0 and history.numel():
+        penalty = min(max(params.repetition_penalty, _PENALTY_RANGE[0]), _PENALTY_RANGE[1])
         seen = logits[history]
-        logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        logits[history] = torch.where(seen > 0, seen / penalty, seen * penalty)
     generated = history[prompt_len:]
     if (params.presence_penalty or params.frequency_penalty) and generated.numel():
         counts = torch.bincount(generated, minlength=logits.numel()).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.greedy:
         return logits
-    logits /= params.temperature
+    # The best token at 0 and the rest below it before dividing: a tiny temperature sends the others to
+    # -inf (greedy, its limit), never the best one to inf (inf - inf is NaN in the softmax).
+    best = logits.max()
+    if torch.isfinite(best):
+        logits = (logits - best) / max(params.temperature, _MIN_TEMPERATURE)
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits[logits < kth] = -math.inf
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, -1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        # drop a token when the tokens ranked above it already reach top_p; the first always stays (a top_p
+        # below float32's range rounds to 0, which the first token's 0 would reach)
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False
         logits[order[drop]] = -math.inf
     if params.min_p > 0.0:
         probs = torch.softmax(logits, -1)
@@ -106,11 +124,14 @@ def sample(
     generator: torch.Generator | None,
     prompt_len: int = 0,
 ) -> int:
-    """The next token for one sequence (`history` and `prompt_len` as in `process_logits`)."""
+    """The next token for one sequence (`history` and `prompt_len` as in `process_logits`). A distribution
+    that is not one (the logits themselves hold NaN or inf) falls back to the most likely token."""
     logits = process_logits(logits_V, params, history, prompt_len)
     if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits, -1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return int(torch.nan_to_num(logits, nan=-math.inf).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -534,3 +534,33 @@ def test_bad_flags_and_checkpoints_end_with_one_line_and_status_2(ckpt, tmp_path
     (bad / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:1000])
     r = serve("--checkpoint", str(bad), "--log-level", "warning")
     assert r.returncode == 2 and "loading the model failed" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_second_signal_during_the_drain_exits_at_once_and_cleanly(ckpt, tmp_path, sig):
+    s = Server(ckpt, tmp_path / "server.log", "--shutdown-timeout", "120")
+    try:
+        body = {**CHAT_BODY, "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            s.proc.send_signal(sig)
+            wait_until(lambda: sig.name in s.log.read_text(), what="the server to take the first signal")
+            s.proc.send_signal(sig)
+            code = s.proc.wait(30)  # not the 120 s of the drain
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in lines:
+                    pass
+        log = s.log.read_text()
+        assert code == 128 + sig, log
+        assert "exiting now" in log
+        assert "Traceback" not in log and "terminate called" not in log, log
+    finally:
+        s.stop()
+
+
+def test_a_port_out_of_range_is_refused(ckpt):
+    cmd = [sys.executable, "-m", "mixtral.serve", "--checkpoint", str(ckpt), "--port", "99999"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--port 99999" in r.stderr and "65535" in r.stderr
+    assert "Traceback" not in r.stderr and "listening" not in r.stderr

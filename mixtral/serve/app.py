@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,7 +29,7 @@ from .protocol import (
     Job,
     chat_logprobs,
     completion_logprobs,
-    invalid,
+    parse_body,
     parse_chat,
     parse_completion,
     usage,
@@ -36,10 +37,15 @@ from .protocol import (
 
 log = logging.getLogger("mixtral.serve")
 
+MAX_BODY_MB = 4.0  # the default limit on a request body (--max-body-mb)
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+
+def create_app(
+    engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = int(MAX_BODY_MB * 2**20)
+) -> FastAPI:
     """The app for `engine` (started with the app, stopped with it). `api_key`: the Bearer token every
-    /v1 route requires (/health and /metrics stay open)."""
+    /v1 route requires (/health and /metrics stay open). `max_body`: the largest request body taken, in
+    bytes (413 beyond it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +56,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     app = FastAPI(title="mixtral", summary="OpenAI-compatible Mixtral server", lifespan=lifespan)
     responses = _ResponseCounter()
-    app.add_middleware(_CountResponses, counter=responses)
+    app.add_middleware(_LimitBody, limit=max_body)
+    app.add_middleware(_CountResponses, counter=responses)  # the outer one: it counts the 413s too
     created = int(time.time())
 
     # ---- errors, all in OpenAI's shape -------------------------------------------------------------------
@@ -90,15 +97,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
             message = UNAVAILABLE[engine.state]
             raise APIError(503, message, type="server_error", code="unavailable", headers={"Retry-After": "5"})
 
+    # Parsing and tokenizing take time in proportion to the body (up to `max_body`): in a worker thread, so
+    # that the event loop goes on answering every other request (and /health) meanwhile.
     async def json_body(request: HTTPRequest) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise invalid(None, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise invalid(None, f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
+        return await run_in_threadpool(parse_body, await request.body())
 
     # ---- routes ----------------------------------------------------------------------------------------------
 
@@ -142,7 +144,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         body = await json_body(request)
         ready()
         assert engine.tokenizer is not None
-        job = parse_chat(body, engine.tokenizer, model=model_name, context=engine.context_len, max_n=engine.max_batch)
+        job = await run_in_threadpool(
+            parse_chat, body, engine.tokenizer, model=model_name, context=engine.context_len, max_n=engine.max_batch
+        )
         return submit(job)
 
     @app.post("/v1/completions")
@@ -151,7 +155,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         body = await json_body(request)
         ready()
         assert engine.tokenizer is not None and engine.model is not None
-        job = parse_completion(
+        job = await run_in_threadpool(
+            parse_completion,
             body,
             engine.tokenizer,
             model=model_name,
@@ -341,6 +346,9 @@ class _ResponseCounter:
     def __init__(self) -> None:
         self.by_code: dict[int, int] = {}
 
+    def count(self, code: int) -> None:
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+
 
 class _CountResponses:
     """Counts HTTP responses by status code (for /metrics)."""
@@ -353,13 +361,58 @@ class _CountResponses:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                code = message["status"]
-                self.counter.by_code[code] = self.counter.by_code.get(code, 0) + 1
+                started = True
+                self.counter.count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:  # the server-error middleware outside answers it with a 500
+            if not started:
+                self.counter.count(500)
+            raise
+
+
+class _LimitBody:
+    """Refuses a request body over `limit` bytes with a 413 in OpenAI's shape: at once when its
+    Content-Length says so, else as soon as the bytes read pass it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def error(self, size: str) -> APIError:
+        return APIError(
+            413,
+            f"the request body is {size} bytes; this server takes at most {self.limit} (--max-body-mb)",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and (len(length) > 18 or int(length) > self.limit):  # (int() refuses 4,300 digits)
+            error = self.error(length.decode() if len(length) <= 18 else f"more than {self.limit}")
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self.error(f"more than {self.limit}")  # answered by the app's APIError handler
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def _metrics_text(engine: Engine, responses: _ResponseCounter) -> str:

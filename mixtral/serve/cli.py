@@ -28,7 +28,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     cli_args.add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on, up to 65535; 0 picks a free one (default: 8000)"
+    )
     p.add_argument(
         "--model-name",
         metavar="NAME",
@@ -67,6 +69,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         metavar="KEY",
         default=os.environ.get("MIXTRAL_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MIXTRAL_API_KEY; unset: no key)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=4.0,
+        metavar="MB",
+        help="the largest request body taken, in MiB; larger ones get 413 (default: 4)",
     )
     p.add_argument(
         "--shutdown-timeout",
@@ -108,8 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise CLIError(f"mixtral serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port} is invalid: must be in [0, 65535] (0: a free port)")
     for flag, value, least in [
-        ("--port", args.port, 0),
         ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
         ("--prefill-chunk", args.prefill_chunk, 1),
@@ -118,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ]:
         if value < least:
             raise CLIError(f"{flag} {value} is invalid: must be >= {least}")
+    if not args.max_body_mb > 0 or args.max_body_mb * 2**20 > 2**40:
+        raise CLIError(f"--max-body-mb {args.max_body_mb} is invalid: must be > 0 (and at most 1 TiB)")
     if not args.shutdown_timeout >= 0:
         raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be >= 0")
     if args.api_key == "":
@@ -154,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prefill_chunk=args.prefill_chunk,
         steps=LockstepSteps if lockstep else Steps,
     )
-    app = create_app(engine, model_name=model_name, api_key=args.api_key)
+    app = create_app(engine, model_name=model_name, api_key=args.api_key, max_body=int(args.max_body_mb * 2**20))
     config = uvicorn.Config(
         app,
         log_level=args.log_level,
@@ -204,7 +216,8 @@ def _say(message: str) -> None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A bound socket (uvicorn starts listening on it), so the port is known before the server starts."""
+    """A bound, listening socket (uvicorn serves it), so the port is known before the server starts; the
+    connections that arrive before uvicorn accepts them wait in the backlog."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -213,6 +226,7 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # now, not once uvicorn has started: the URL printed takes connections at once
     except OSError as e:
         sock.close()
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror}") from None

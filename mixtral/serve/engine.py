@@ -406,6 +406,8 @@ class Engine:
 
     def _step(self) -> None:
         running = list(self._running)
+        finished: list[tuple[_Seq, Event, str]] = []
+        failed: list[tuple[_Seq, Exception]] = []
 
         # Prefill: one chunk each, oldest first, within a token budget (at least one chunk per turn).
         budget = self.prefill_chunk
@@ -414,24 +416,38 @@ class Engine:
                 continue
             start = s.prefilled
             end = min(start + self.prefill_chunk, len(s.prompt))
-            s.logits = self._steps.prefill(s.row, s.prompt[start:end], start).cpu()
+            try:
+                s.logits = self._steps.prefill(s.row, s.prompt[start:end], start).cpu()
+            except Exception as e:  # its row alone was written: that sequence fails, the others go on
+                if self._steps.lockstep:
+                    raise
+                failed.append((s, e))
+                continue
             self.stats.prefill_chunks += 1
             s.prefilled = end
             budget -= end - start
 
-        # Sample every sequence whose logits are fresh.
-        finished: list[tuple[_Seq, Event, str]] = []
+        # Sample every sequence whose logits are fresh. What goes wrong in one sequence's sampling or text
+        # fails that sequence only.
         for s in running:
             if s.logits is None or s.prefilled < len(s.prompt):
                 continue
             logits, s.logits = s.logits, None
-            event = s.step(logits)
+            try:
+                event = s.step(logits)
+            except Exception as e:
+                failed.append((s, e))
+                continue
             self.stats.generation_tokens += event.generated
             if s.done:
                 finished.append((s, event, "completed"))
             else:
                 s.request._post(event)
                 s.next_token = event.token
+        for s, e in failed:
+            log.error("sequence %d of a request failed:\n%s", s.index, "".join(traceback.format_exception(e)))
+            error = f"generation failed: {type(e).__name__}: {e}"
+            finished.append((s, Event(s.index, None, error=error), "error"))
         if finished:
             with self._cond:
                 for s, event, outcome in finished:

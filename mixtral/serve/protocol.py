@@ -7,8 +7,10 @@ OpenAI's error body `{"error": {"message", "type", "param", "code"}}` with its H
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import reprlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ from ..sampling import SamplingParams, TokenLogprob
 from ..tokenizer import Tokenizer
 
 MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions (chat: the rest of the context)
 
@@ -70,6 +73,14 @@ class Job:
 
 # ---- checking values ------------------------------------------------------------------------------------
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 3, 60, 60, 8, 8
+
+
+def show(value: Any) -> str:
+    """A value as an error message quotes it: short, however long or deeply nested it is."""
+    return _SHOW.repr(value)
+
 
 def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
     value = body.get(name)
@@ -81,7 +92,7 @@ def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: f
             bound = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
         else:
             bound = f"{'>' if lo_open else '>='} {lo:g}"
-        raise invalid(name, f"{name} must be a number {bound}, got {value!r}")
+        raise invalid(name, f"{name} must be a number {bound}, got {show(value)}")
     return float(value)
 
 
@@ -91,7 +102,7 @@ def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int, h
         return default
     if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise invalid(name, f"{name} must be an integer {bound}, got {value!r}")
+        raise invalid(name, f"{name} must be an integer {bound}, got {show(value)}")
     return value
 
 
@@ -100,7 +111,7 @@ def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise invalid(name, f"{name} must be true or false, got {value!r}")
+        raise invalid(name, f"{name} must be true or false, got {show(value)}")
     return value
 
 
@@ -110,9 +121,12 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
         return ()
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise invalid("stop", f"stop must be a non-empty string or a list of them, got {value!r}")
+        raise invalid("stop", f"stop must be a non-empty string or a list of them, got {show(value)}")
     if len(stops) > MAX_STOP:
         raise invalid("stop", f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed")
+    longest = max(len(s) for s in stops)
+    if longest > MAX_STOP_CHARS:
+        raise invalid("stop", f"stop holds a string of {longest} characters; at most {MAX_STOP_CHARS} are allowed")
     return tuple(stops)
 
 
@@ -140,11 +154,11 @@ def check_model(body: Mapping[str, Any], served: str) -> str:
     if model is None:
         raise invalid("model", "model is required: the name of the served model (see GET /v1/models)")
     if not isinstance(model, str):
-        raise invalid("model", f"model must be a string, got {model!r}")
+        raise invalid("model", f"model must be a string, got {show(model)}")
     if model != served:
         raise APIError(
             404,
-            f"The model {model!r} does not exist; this server serves {served!r}",
+            f"The model {show(model)} does not exist; this server serves {served!r}",
             param="model",
             code="model_not_found",
         )
@@ -152,6 +166,31 @@ def check_model(body: Mapping[str, Any], served: str) -> str:
 
 
 # ---- requests ---------------------------------------------------------------------------------------------
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \uD800 to \uDFFF: half of a UTF-16 pair
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body: a JSON object of valid Unicode text. JSON's syntax allows a lone half of a UTF-16
+    surrogate pair ("\\ud800"), which no tokenizer can encode (nor a response echo), and nesting as deep as
+    the sender likes, which Python's parser refuses with a RecursionError: both are the request's fault."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(None, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise invalid(None, "the request body is not valid JSON here: it is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise invalid(None, f"the request body must be a JSON object, got {type(body).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then is the whole body checked
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end]
+            raise invalid(
+                None, f"the request body is not valid Unicode: it holds a lone surrogate {show(bad)}"
+            ) from None
+    return body
 
 
 def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str, context: int, max_n: int) -> Job:
@@ -215,7 +254,7 @@ def _job(
         if not stream:
             raise invalid("stream_options", "stream_options is only allowed when stream is true")
         if not isinstance(options, Mapping):
-            raise invalid("stream_options", f"stream_options must be an object, got {options!r}")
+            raise invalid("stream_options", f"stream_options must be an object, got {show(options)}")
         include_usage = _bool(options, "include_usage", False)
 
     longest = max(len(p) for p in prompts)
@@ -273,16 +312,18 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
     """OpenAI messages -> the tokenizer's {"role", "content"} dicts (text parts joined; developer ->
     system; an assistant "prefix" flag kept)."""
     if not isinstance(messages, list) or not messages:
-        raise invalid("messages", f"messages must be a non-empty list of messages, got {messages!r}")
+        raise invalid("messages", f"messages must be a non-empty list of messages, got {show(messages)}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise invalid("messages", f"messages[{i}] must be an object with role and content, got {m!r}")
+            raise invalid("messages", f"messages[{i}] must be an object with role and content, got {show(m)}")
         role = m.get("role")
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise invalid("messages", f"messages[{i}].role {role!r} is not supported: use system, user or assistant")
+            raise invalid(
+                "messages", f"messages[{i}].role {show(role)} is not supported: use system, user or assistant"
+            )
         content = m.get("content")
         if isinstance(content, list):
             parts = []
@@ -321,7 +362,7 @@ def _completion_prompts(prompt: Any, tokenizer: Tokenizer, vocab: int) -> list[l
 def _token_ids(ids: list[Any], vocab: int) -> list[int]:
     bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)]
     if bad:
-        raise invalid("prompt", f"prompt holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        raise invalid("prompt", f"prompt holds token ids outside the vocabulary [0, {vocab}): {show(bad[:5])}")
     return list(ids)
 
 

@@ -2,13 +2,18 @@
 those in flight finish (the engine cuts what is left after the drain timeout), a second one quits at once.
 
 uvicorn's own handlers re-raise the signal once the server is down, which would end the process with the
-signal's status; after a drain we exit with 0.
+signal's status; after a drain we exit with 0. A second signal ends the process on the spot with status
+128 + the signal's number (as a shell reports a process ended by it): tearing down the event loop's tasks
+and the interpreter while the scheduler thread is inside a forward pass would print a traceback per task
+and can abort in C++ ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -38,9 +43,11 @@ class Server(uvicorn.Server):
 
     def _on_signal(self, sig: int, frame: object) -> None:
         if self.should_exit:
-            self.say("exiting now")
-            self.force_exit = True
-            return
+            self.say(f"{signal.Signals(sig).name} again: exiting now, cutting the requests in flight")
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(128 + sig)
         self.say(
             f"{signal.Signals(sig).name}: not taking new requests; finishing those in flight "
             f"(up to {self.drain_timeout:g}s)"
