@@ -81,12 +81,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
         cls = QuantizedWeight if attr in ("w1", "w2", "w3") else QuantizedLinear  # experts are not called
         if this_mode == "int4":
             _check_int4_shape(name, w.shape, group_size)
-        if w.is_meta:  # a skeleton to load into: quantize zeros of the right shape on the CPU, then move
-            qw = cls.from_float(torch.zeros(w.shape[-2:], dtype=w.dtype), this_mode, group_size)
-            tensors = {
-                n: torch.empty((*w.shape[:-2], *b.shape), dtype=b.dtype, device="meta") for n, b in qw.named_buffers()
-            }
-            qw = cls(this_mode, tensors, qw.group_size, qw.scale_dtype)
+        if w.is_meta:  # a skeleton to load into: the buffers' shapes, nothing quantized
+            qw = cls.empty(w.shape, this_mode, group_size if this_mode == "int4" else 0, w.dtype)
         else:
             qw = cls.from_float(w.detach(), this_mode, group_size)
         _set(owner, attr, qw)

@@ -130,6 +130,20 @@ class QuantizedWeight(nn.Module):
         scales_zeros = block_major(torch.stack((scale, zero), dim=-1))  # [..., N, G, 2] -> [..., N/64, G, 64, 2]
         return cls("int4", {"blocks": int4_blocks(pack_int4(q), scales_zeros, group_size)}, group_size, dtype)
 
+    @classmethod
+    def empty(
+        cls, shape: torch.Size, mode: str, group_size: int, dtype: torch.dtype, device: torch.device | str = "meta"
+    ) -> QuantizedWeight:
+        """Uninitialised buffers for a weight of `shape` [..., N, K] in `dtype` (on the meta device: the skeleton a
+        checkpoint fills), shaped as `from_float` makes them, without quantizing anything."""
+        *lead, N, K = shape
+        if mode == "int8":
+            q = torch.empty(shape, dtype=torch.int8, device=device)
+            return cls("int8", {"q": q, "scale": torch.empty((*lead, N), dtype=dtype, device=device)})
+        width = group_size * INT4_BLOCK // 2 + INT4_BLOCK * 2 * dtype.itemsize  # int4pack columns, then the pairs
+        blocks = torch.empty((*lead, N // INT4_BLOCK, K // group_size, width), dtype=torch.uint8, device=device)
+        return cls("int4", {"blocks": blocks}, group_size, dtype)
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the activations this weight works with (its scales')."""
