@@ -164,6 +164,25 @@ def test_quantized_model_fast_path_equals_dequantized_reference_path(mode):
     assert agree > (0.9 if mode == "int8" else 0.6)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_quantized_weights_are_shaped_as_quantized_ones(mode, dtype):
+    """The skeleton a checkpoint fills (`QuantizedWeight.empty`) has the buffers `from_float` makes."""
+    for shape in [(192, 96), (3, 64, 128)]:
+        made = QuantizedWeight.from_float(torch.randn(shape).to(dtype), mode, 32)
+        empty = QuantizedWeight.empty(torch.Size(shape), mode, 32 if mode == "int4" else 0, dtype)
+        assert {n: (b.shape, b.dtype) for n, b in made.named_buffers()} == {
+            n: (b.shape, b.dtype) for n, b in empty.named_buffers()
+        }
+        assert all(b.is_meta for b in empty.buffers())
+        assert (made.mode, made.group_size, made.dtype, made.shape) == (
+            empty.mode,
+            empty.group_size,
+            empty.dtype,
+            empty.shape,
+        )
+
+
 def test_quantized_sizes():
     m = model()
     b16 = weight_bytes(m)
