@@ -85,6 +85,15 @@ def test_int4_blocks_hold_each_groups_int4pack_columns_then_its_scales(dtype):
     assert torch.equal(packed, pack_int4(q)) and torch.equal(int4_blocks(packed, sz, 32), blocks)
 
 
+def test_quantizing_leaves_the_weight_as_it_was():
+    """The quantizers work in place on a float32 copy: never on a float32 weight itself."""
+    w = torch.randn(64, 96)
+    before = w.clone()
+    quantize_int8(w)
+    quantize_int4(w, 32)
+    assert torch.equal(w, before)
+
+
 def test_int8_error_is_at_most_half_a_step():
     w = torch.randn(64, 96) * torch.rand(64, 1) * 3
     q, scale = quantize_int8(w)
