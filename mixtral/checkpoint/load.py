@@ -226,10 +226,10 @@ def quantize_into(
         if f"{qname}.{name}" not in dests:
             dests[f"{qname}.{name}"] = torch.empty(b.shape, dtype=b.dtype, device=device)
     N, K = full_shape[-2], full_shape[-1]
-    stored_dtype = stored.dtype if isinstance(stored.dtype, torch.dtype) else dtype
+    itemsize = stored.dtype.itemsize if isinstance(stored.dtype, torch.dtype) else dtype.itemsize
     # Rows per part: whole int4 blocks, whole heads where RoPE rows are permuted, ~QUANTIZE_PART_BYTES.
     step = math.lcm(INT4_BLOCK if qw.mode == "int4" else 1, N // t.rope_heads if t.rope_heads else 1)
-    rows = max(step, QUANTIZE_PART_BYTES // (K * stored_dtype.itemsize) // step * step)
+    rows = max(step, QUANTIZE_PART_BYTES // (K * itemsize) // step * step)
     row0 = t.rows[0] if t.rows is not None else 0  # a gate/up half of a stacked tensor
     # One matrix of the destination per expert: the stored tensor's own (per-expert files) or each of a stack.
     experts = [None] if t.expert is not None or len(full_shape) == 2 else range(full_shape[0])
