@@ -24,7 +24,7 @@ from .checkpoint.gguf import EXPORT_TYPES, describe_types
 from .config import PRESETS, get_preset
 from .generate import generate_stream
 from .model import Transformer
-from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model
+from .quantize import GROUP_SIZES, QUANT_MODES
 from .sampling import SamplingParams
 from .serve import cli as serve_cli
 from .tokenizer import Tokenizer, load_tokenizer
@@ -163,8 +163,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    model = load_model(cli_args.checkpoint(args), dtype=cli_args.dtype(args.dtype))
-    save_quantized(quantize_model(model, args.mode, args.group_size), args.out)
+    path, dtype = cli_args.checkpoint(args), cli_args.dtype(args.dtype)
+    save_quantized(load_model(path, dtype=dtype, quantize=args.mode, group_size=args.group_size), args.out)
     print(f"wrote an {args.mode} checkpoint to {args.out}", file=sys.stderr)
 
 

@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import ConfigError
 from .generate import compile_model, prepare_kernels
 from .model import Transformer
-from .quantize import GROUP_SIZES, QUANT_MODES, quantize_model
+from .quantize import GROUP_SIZES, QUANT_MODES
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -77,7 +77,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
         choices=list(QUANT_MODES),
-        help="weight-only quantization after loading (CPU): experts and attention projections (int8 per output "
+        help="weight-only quantization while loading (CPU): experts and attention projections (int8 per output "
         "channel, int4 per group), LM head int8; router, norms and embedding stay as loaded",
     )
     p.add_argument(
@@ -134,11 +134,12 @@ def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
         torch.manual_seed(parallel.broadcast_from_main(torch.initial_seed()))  # unseeded sampling agrees
         model = parallel.load_model_parallel(path, ep=args.ep, tp=args.tp, dtype=dtype(args.dtype), device=dev)
     else:
-        model = load_model(path, dtype=dtype(args.dtype), device=device(args.device))
-        if args.quantize:
-            if model.embed.weight.device.type != "cpu":
-                raise CLIError("--quantize uses CPU kernels; use --device cpu")
-            model = quantize_model(model, args.quantize, args.group_size)
+        dev = device(args.device)
+        if args.quantize and dev.type != "cpu":
+            raise CLIError("--quantize uses CPU kernels; use --device cpu")
+        # quantized while it is read: the memory holds the quantized model, never the whole one in bf16
+        quantize = {"quantize": args.quantize, "group_size": args.group_size}
+        model = load_model(path, dtype=dtype(args.dtype), device=dev, **quantize)
         if args.compile and model.embed.weight.device.type == "cpu":
             compile_model(model)
     tokenizer = load_tokenizer(args.tokenizer or path)

@@ -81,8 +81,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
         cls = QuantizedWeight if attr in ("w1", "w2", "w3") else QuantizedLinear  # experts are not called
         if this_mode == "int4":
             _check_int4_shape(name, w.shape, group_size)
-        if w.is_meta:  # a skeleton to load into: buffers of the right shapes, nothing computed
-            qw = cls.empty(w.shape, this_mode, group_size, w.dtype)
+        if w.is_meta:  # a skeleton to load into: the buffers' shapes, nothing quantized
+            qw = cls.empty(w.shape, this_mode, group_size if this_mode == "int4" else 0, w.dtype)
         else:
             qw = cls.from_float(w.detach(), this_mode, group_size)
         _set(owner, attr, qw)

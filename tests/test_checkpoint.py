@@ -394,3 +394,105 @@ def test_a_loaded_quantized_checkpoint_holds_aligned_tensors(hf_dir, tmp_path):
     save_quantized(quantize_model(mixtral.load_model(hf_dir, dtype=torch.bfloat16), "int8"), tmp_path / "q")
     loaded = mixtral.load_model(tmp_path / "q")
     assert all(t.data_ptr() % 64 == 0 for t in [*loaded.parameters(), *loaded.buffers()])
+
+
+# ---- quantizing while loading ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q_hf(tmp_path_factory):
+    """A HF checkpoint with the shapes int4 takes (output rows in blocks of 64, inputs in whole groups; head_dim 32
+    so that a part of 64 rows holds two heads), and the model that wrote it."""
+    model = make_hf_model(seed=4, hidden_size=128, intermediate_size=128)
+    path = tmp_path_factory.mktemp("hf-q")
+    model.save_pretrained(path)
+    return path, model
+
+
+def write_layout(layout: str, q_hf, out: Path) -> Path:
+    """The q_hf model's weights in `layout`: HF per expert (as saved), HF stacked, consolidated."""
+    path, model = q_hf
+    if layout == "hf":
+        return path
+    if layout == "hf-stacked":
+        out.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+        shutil.copy(path / "config.json", out / "config.json")
+        return out
+    to_consolidated(path, out, layout.removeprefix("consolidated-"))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["hf", "hf-stacked", "consolidated-safetensors", "consolidated-pth"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("part_bytes", [16 << 20, 1])  # each weight in one part; parts of the fewest rows
+def test_quantizing_while_loading_gives_the_numbers_of_quantizing_after(
+    q_hf, tmp_path, monkeypatch, layout, mode, dtype, part_bytes
+):
+    """Bit for bit: the int8 scales are per output row and the int4 ones per row and group, so quantizing a few
+    rows of one expert at a time changes nothing."""
+    import mixtral.checkpoint.load as load_mod
+    from mixtral.quantize import quantize_model
+
+    path = write_layout(layout, q_hf, tmp_path / "c")
+    monkeypatch.setattr(load_mod, "QUANTIZE_PART_BYTES", part_bytes)
+    after = quantize_model(mixtral.load_model(path, dtype=dtype), mode, group_size=32)
+    while_loading = mixtral.load_model(path, dtype=dtype, quantize=mode, group_size=32)
+    assert while_loading.quantization == after.quantization
+    assert while_loading.quantization == {"mode": mode, "group_size": 32 if mode == "int4" else None}
+    a, b = after.state_dict(), while_loading.state_dict()
+    assert a.keys() == b.keys()
+    assert any(k.endswith(".blocks" if mode == "int4" else ".q") for k in b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+    # the int8/int4 CPU kernels need 64-byte aligned weights
+    assert all(t.data_ptr() % 64 == 0 for t in [*while_loading.parameters(), *while_loading.buffers()])
+    assert not while_loading.training
+
+
+def test_quantizing_while_loading_reads_a_few_rows_at_a_time(q_hf, monkeypatch):
+    """Never a whole quantized weight in memory at once: each read of one is at most a part's bytes."""
+    import mixtral.checkpoint.load as load_mod
+    from mixtral.checkpoint.reader import StoredTensor
+
+    path, _ = q_hf
+    part = 64 * 128 * 4  # 64 rows of 128 float32 inputs
+    monkeypatch.setattr(load_mod, "QUANTIZE_PART_BYTES", part)
+    reads: list[tuple[str, int]] = []
+    real_read = StoredTensor.read
+
+    def read(self, index=()):
+        t = real_read(self, index)
+        reads.append((self.key, t.numel() * t.element_size()))
+        return t
+
+    monkeypatch.setattr(StoredTensor, "read", read)
+    mixtral.load_model(path, quantize="int4", group_size=32)
+    quantized = [(k, n) for k, n in reads if "proj" in k or "experts" in k or k == "lm_head.weight"]
+    assert quantized and max(n for _, n in quantized) <= part
+    assert len(quantized) > len({k for k, _ in quantized})  # the larger ones in several parts
+
+
+def test_quantizing_while_loading_keeps_the_clear_errors(q_hf, hf_dir, tmp_path):
+    path = copy_ckpt(q_hf[0], tmp_path / "c")
+    with pytest.raises(ValueError, match="group size 48"):
+        mixtral.load_model(path, quantize="int4", group_size=48)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        mixtral.load_model(path, quantize="int3")
+    with pytest.raises(ValueError, match="divisible by 64"):  # hf_dir's experts have 96 rows
+        mixtral.load_model(hf_dir, quantize="int4")
+    rewrite_weights(path, lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.5.w3.weight"))
+    with pytest.raises(CheckpointError, match=r"missing weights for layers\.1\.moe\.w3 \(experts \[5\]\)"):
+        mixtral.load_model(path, quantize="int8")
+    rewrite_weights(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(16, 128)))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 128\)"):
+        mixtral.load_model(path, quantize="int4", group_size=32)
+
+
+def test_a_quantized_checkpoint_is_not_quantized_again(hf_dir, tmp_path):
+    from mixtral.checkpoint import save_quantized
+
+    save_quantized(mixtral.load_model(hf_dir, dtype=torch.bfloat16, quantize="int8"), tmp_path / "q")
+    with pytest.raises(CheckpointError, match=r"already quantized \(int8\)"):
+        mixtral.load_model(tmp_path / "q", quantize="int8")

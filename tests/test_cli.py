@@ -114,6 +114,37 @@ def test_bad_checkpoint_and_flags_are_clear_errors(tmp_path, ckpt):
         assert out.returncode == 2 and "CUDA is not available" in out.stderr
 
 
+def test_quantize_writes_what_quantizing_after_loading_gives(ckpt, tmp_path, capsys):
+    from mixtral.quantize import quantize_model
+
+    assert (
+        mixtral.cli.main(["quantize", "--checkpoint", str(ckpt), "--mode", "int8", "--out", str(tmp_path / "q")]) == 0
+    )
+    got, want = (
+        mixtral.load_model(tmp_path / "q").state_dict(),
+        quantize_model(mixtral.load_model(ckpt), "int8").state_dict(),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the tiny preset's wk has 32 output rows: no int4 blocks of 64, and a one-line error saying so
+    assert (
+        mixtral.cli.main(["quantize", "--checkpoint", str(ckpt), "--mode", "int4", "--out", str(tmp_path / "q4")]) == 2
+    )
+    assert "divisible by 64" in capsys.readouterr().err and not (tmp_path / "q4").exists()
+
+
+def test_generate_with_quantize_flag_is_the_library_on_the_quantized_model(ckpt):
+    from mixtral.quantize import quantize_model
+
+    out = run("generate", "--checkpoint", str(ckpt), "--quantize", "int8", "--prompt", "Hello", "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    tok = load_tokenizer()
+    model = quantize_model(mixtral.load_model(ckpt), "int8")
+    events = generate_stream(model, [tok.encode("Hello")], SamplingParams(max_new_tokens=8), tokenizer=tok)
+    assert out.stdout == "".join(ev.text for ev in events) + "\n"
+    out = run("generate", "--checkpoint", str(ckpt), "--quantize", "int8", "--prompt", "x", "--device", "meta")
+    assert out.returncode == 2 and "--quantize uses CPU kernels" in out.stderr
+
+
 @pytest.mark.parametrize(
     "command",
     ["generate", "chat", "info", "init", "routing", "serve", "train", "merge-lora", "eval", "quantize", "bench"],

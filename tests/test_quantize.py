@@ -85,6 +85,15 @@ def test_int4_blocks_hold_each_groups_int4pack_columns_then_its_scales(dtype):
     assert torch.equal(packed, pack_int4(q)) and torch.equal(int4_blocks(packed, sz, 32), blocks)
 
 
+def test_quantizing_leaves_the_weight_as_it_was():
+    """The quantizers work in place on a float32 copy: never on a float32 weight itself."""
+    w = torch.randn(64, 96)
+    before = w.clone()
+    quantize_int8(w)
+    quantize_int4(w, 32)
+    assert torch.equal(w, before)
+
+
 def test_int8_error_is_at_most_half_a_step():
     w = torch.randn(64, 96) * torch.rand(64, 1) * 3
     q, scale = quantize_int8(w)
@@ -162,6 +171,25 @@ def test_quantized_model_fast_path_equals_dequantized_reference_path(mode):
     # close to the unquantized model: most next-token choices are the same
     agree = (fast.argmax(-1) == before.argmax(-1)).float().mean()
     assert agree > (0.9 if mode == "int8" else 0.6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_quantized_weights_are_shaped_as_quantized_ones(mode, dtype):
+    """The skeleton a checkpoint fills (`QuantizedWeight.empty`) has the buffers `from_float` makes."""
+    for shape in [(192, 96), (3, 64, 128)]:
+        made = QuantizedWeight.from_float(torch.randn(shape).to(dtype), mode, 32)
+        empty = QuantizedWeight.empty(torch.Size(shape), mode, 32 if mode == "int4" else 0, dtype)
+        assert {n: (b.shape, b.dtype) for n, b in made.named_buffers()} == {
+            n: (b.shape, b.dtype) for n, b in empty.named_buffers()
+        }
+        assert all(b.is_meta for b in empty.buffers())
+        assert (made.mode, made.group_size, made.dtype, made.shape) == (
+            empty.mode,
+            empty.group_size,
+            empty.dtype,
+            empty.shape,
+        )
 
 
 def test_quantized_sizes():

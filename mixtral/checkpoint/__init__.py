@@ -3,7 +3,7 @@
 reader.py     the one reader of stored tensors: (key, StoredTensor) per weight file, sliceable and
               memory-mapped, one dtype table; a format (safetensors, .pth; GGUF next) is one function
 layouts.py    the Hugging Face and Mistral layouts and every mapping of their keys to our parameters
-load.py       strict streaming loading of plain checkpoints, whole or one process's shard
+load.py       strict streaming loading of plain checkpoints, whole, one process's shard, or quantized while read
 writer.py     the Hugging Face layout, written beside its destination and renamed into place
 quantized.py  quantized checkpoints (our state dict + quantization.json), on the same reader and writer
 gguf.py       llama.cpp's GGUF files: their block types onto our weights (load_gguf), and save_gguf

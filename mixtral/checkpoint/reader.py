@@ -8,8 +8,9 @@ tensor in a block format (Q4_0, Q8_0, Q4_K ...) has the type's name as its dtype
 (`checkpoint/gguf.py` turns those into our weights).
 
 Reads are memory-mapped: a slice touches only its own pages. The mapping of a safetensors file is reopened
-every `_REMAP_BYTES` read, so that the pages already copied out stop counting against the process and the
-peak memory of loading stays close to the size of the loaded model, not twice it.
+once `_REMAP_BYTES` have been read through it, between tensors and within one read in parts, so that the pages
+already copied out stop counting against the process (a view still held keeps its own) and the peak memory of
+loading stays close to the size of the loaded model, not twice it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 # 16 MiB: peak RSS while loading the 791M benchmark model 1.75 GiB (64 MiB: 1.80; 1.70 once loaded, imports
-# included), no slower. A tensor larger than this is one chunk of its own.
+# included), no slower. A tensor read whole holds its pages until it is dropped; one read in parts (quantizing
+# while loading: rows at a time) holds one part's.
 _REMAP_BYTES = 16 << 20
 
 # safetensors' names for the dtypes we can hold; a stored dtype missing here stays a string on `StoredTensor`.
@@ -110,26 +112,41 @@ def _safetensors(path: Path) -> Iterator[tuple[str, StoredTensor]]:
         header, data_start = _safetensors_header(path)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    mapping = _Mapping(path)
     with open(path, "rb") as raw:  # for read_aligned: plain reads, no mapping
-        done = 0
-        while done < len(keys):
-            mapped = 0
-            with safe_open(path, framework="pt") as f:
-                while done < len(keys) and mapped < _REMAP_BYTES:
-                    key = keys[done]
-                    info = header[key]
-                    start, end = info["data_offsets"]
-                    stored = StoredTensor(
-                        path,
-                        key,
-                        tuple(info["shape"]),
-                        DTYPES.get(info["dtype"], info["dtype"]),
-                        partial(_safetensors_slice, f, path, key),
-                        partial(_read_at, raw, path, key, data_start + start, end - start),
-                    )
-                    yield key, stored
-                    mapped += stored.bytes_read
-                    done += 1
+        for key in keys:
+            info = header[key]
+            start, end = info["data_offsets"]
+            yield (
+                key,
+                StoredTensor(
+                    path,
+                    key,
+                    tuple(info["shape"]),
+                    DTYPES.get(info["dtype"], info["dtype"]),
+                    partial(mapping.slice, key),
+                    partial(_read_at, raw, path, key, data_start + start, end - start),
+                ),
+            )
+
+
+class _Mapping:
+    """A safetensors file opened for slicing, reopened before a slice once `_REMAP_BYTES` have been read
+    through the current mapping: the old one is unmapped when the last view of it is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._f, self._mapped = path, None, 0
+
+    def slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        try:
+            if self._f is None or self._mapped >= _REMAP_BYTES:
+                self._f, self._mapped = None, 0
+                self._f = safe_open(self.path, framework="pt")
+            t = self._f.get_slice(key)[index]
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+        self._mapped += t.numel() * t.element_size()
+        return t
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -139,13 +156,6 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header, 8 + n
-
-
-def _safetensors_slice(f: Any, path: Path, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-    try:
-        return f.get_slice(key)[index]
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: cannot read tensor {key!r}: {e}") from None
 
 
 def _read_at(raw: BinaryIO, path: Path, key: str, offset: int, nbytes: int, out: torch.Tensor) -> None:

@@ -34,9 +34,11 @@ def quantize_int8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple
     """(q int8 [..., N, K], scale [..., N]) with w ~= q * scale; the scale is stored in `dtype` (default
     w's) and q is computed against that rounded scale, so dequantizing uses exactly the stored numbers."""
     dtype = dtype or w_NK.dtype
-    wf = w_NK.float()
-    scale = (wf.abs().amax(-1) / 127.0).clamp(min=1e-10).to(dtype)
-    q = torch.round(wf / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    wf = w_NK.to(torch.float32, copy=True)  # a copy even of float32: it is changed in place below
+    lo, hi = torch.aminmax(wf, dim=-1)  # max |w| = max(hi, -lo): one pass, no |w| temporary
+    scale = (torch.maximum(hi, -lo) / 127.0).clamp(min=1e-10).to(dtype)
+    # in place on the float32 copy: the same numbers as out of place, without a temporary per step
+    q = wf.div_(scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -49,11 +51,12 @@ def quantize_int4(
     *lead, N, K = w_NK.shape
     if K % group_size:
         raise ValueError(f"input size {K} is not a multiple of the int4 group size {group_size}")
-    wf = w_NK.float().reshape(*lead, N, K // group_size, group_size)
-    lo, hi = wf.amin(-1), wf.amax(-1)
+    wf = w_NK.to(torch.float32, copy=True).reshape(*lead, N, K // group_size, group_size)  # changed in place below
+    lo, hi = torch.aminmax(wf, dim=-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-10).to(dtype)
     zero = (lo + 8.0 * scale.float()).to(dtype)
-    q = torch.round((wf - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
+    # in place on the float32 copy: the same numbers as out of place, without a temporary per step
+    q = wf.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8.0).round_().clamp_(0, 15)
     return q.reshape(*lead, N, K).to(torch.int32), scale, zero
 
 
@@ -134,16 +137,13 @@ class QuantizedWeight(nn.Module):
     def empty(
         cls, shape: torch.Size, mode: str, group_size: int, dtype: torch.dtype, device: torch.device | str = "meta"
     ) -> QuantizedWeight:
-        """A weight of logical shape [..., N, K] with buffers of the right shapes and no numbers in them (on the meta
-        device by default: the skeleton that loading fills), computed without quantizing anything."""
+        """Uninitialised buffers for a weight of `shape` [..., N, K] in `dtype` (on the meta device: the skeleton a
+        checkpoint fills), shaped as `from_float` makes them, without quantizing anything."""
         *lead, N, K = shape
         if mode == "int8":
-            tensors = {
-                "q": torch.empty((*lead, N, K), dtype=torch.int8, device=device),
-                "scale": torch.empty((*lead, N), dtype=dtype, device=device),
-            }
-            return cls("int8", tensors)
-        width = group_size * INT4_BLOCK // 2 + INT4_BLOCK * 2 * dtype.itemsize  # columns, then (scale, zero) pairs
+            q = torch.empty(shape, dtype=torch.int8, device=device)
+            return cls("int8", {"q": q, "scale": torch.empty((*lead, N), dtype=dtype, device=device)})
+        width = group_size * INT4_BLOCK // 2 + INT4_BLOCK * 2 * dtype.itemsize  # int4pack columns, then the pairs
         blocks = torch.empty((*lead, N // INT4_BLOCK, K // group_size, width), dtype=torch.uint8, device=device)
         return cls("int4", {"blocks": blocks}, group_size, dtype)
 
