@@ -88,7 +88,13 @@ def add_command(sub) -> None:
     )
     p.add_argument("--base", required=True, metavar="DIR", help="the base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (out_dir/adapter of a run)")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged checkpoint (see --force)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever is at --out; without it, only a previous output of mixtral or an empty folder "
+        "is replaced",
+    )
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser(
@@ -148,12 +154,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
-    from ..checkpoint import load_model, save_model
+    from ..checkpoint import check_output, load_model, save_model
     from .lora import load_adapter, merge_lora
 
+    check_output(args.out, overwrite=args.force, force="--force")  # before loading anything
     model = load_model(args.base, dtype=torch.float32)
     load_adapter(model, args.adapter)
-    save_model(merge_lora(model), args.out)
+    save_model(merge_lora(model), args.out, overwrite=args.force)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
