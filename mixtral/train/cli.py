@@ -45,7 +45,10 @@ HELP = {
     "eval_every": "evaluate held-out loss and bits per character every N steps (and at the end)",
     "eval_batches": "held-out batches per evaluation (0: all)",
     "log_every": "write training metrics to metrics.jsonl every N steps",
-    "resume": "continue exactly from out_dir/checkpoint (with the same --ep and --tp it was written with)",
+    "resume": "continue exactly from out_dir/checkpoint (with the same --ep and --tp it was written with); "
+    "after a kill during a checkpoint's save, from the newest complete state it left",
+    "force": "start over in an out_dir that holds a run: removes its checkpoint/, metrics.jsonl, model/, adapter/ "
+    "and tensorboard/ first (nothing else); without --resume or --force such an out_dir is refused",
     "ep": "expert parallelism: split the experts over N processes, each training on batch_size / N sequences "
     "of every batch (launch with torchrun --nproc-per-node N; gloo on CPU, NCCL with --device cuda)",
     "tp": "tensor parallelism: split the attention heads and the experts' hidden units over N processes that "
