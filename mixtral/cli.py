@@ -12,6 +12,7 @@ import torch
 
 from . import bench, cli_args, parallel
 from .checkpoint import (
+    check_output,
     find_checkpoint,
     load_model,
     save_gguf,
@@ -163,8 +164,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    check_output(args.out, overwrite=args.force, force="--force")  # before minutes of work
     path, dtype = cli_args.checkpoint(args), cli_args.dtype(args.dtype)
-    save_quantized(load_model(path, dtype=dtype, quantize=args.mode, group_size=args.group_size), args.out)
+    model = load_model(path, dtype=dtype, quantize=args.mode, group_size=args.group_size)
+    save_quantized(model, args.out, overwrite=args.force)
     print(f"wrote an {args.mode} checkpoint to {args.out}", file=sys.stderr)
 
 
@@ -189,15 +192,25 @@ def cmd_routing(args: argparse.Namespace) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
+    check_output(args.out, overwrite=args.force, force="--force")
     config = get_preset(args.preset)
     torch.manual_seed(args.seed)
     model = Transformer(config).to(cli_args.DTYPES[args.dtype])
-    save_model(model, args.out)
+    save_model(model, args.out, overwrite=args.force)
     total, _ = config.param_counts()
     print(f"wrote a random {args.preset} model ({total / 1e6:.1f}M parameters, {args.dtype}) to {args.out}")
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
+
+
+def add_force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever is at --out; without it only a previous output of mixtral (config.json, weights, "
+        "quantization.json, tokenizer and nothing else) or an empty folder is replaced",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks, or as a starting point for training).",
     )
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write (see --force)")
+    add_force_flag(p)
     p.add_argument("--dtype", choices=list(cli_args.DTYPES), default="float32", help="stored dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_init)
@@ -271,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=list(QUANT_MODES), required=True, help="int8 (per channel) or int4 (per group)")
     p.add_argument("--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size")
     p.add_argument("--dtype", choices=["auto", *cli_args.DTYPES], default="auto", help="activation and scale dtype")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write (see --force)")
+    add_force_flag(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(

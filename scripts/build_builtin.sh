@@ -6,7 +6,7 @@ set -euo pipefail
 bin=${MIXTRAL:-.venv/bin/mixtral}
 py=${PYTHON:-.venv/bin/python}
 scripts/fetch_shakespeare.sh data/shakespeare
-"$bin" train --config builtin/moe.toml
+"$bin" train --config builtin/moe.toml --force  # from scratch: replaces an earlier run in its out_dir
 "$py" - <<'PY'
 import torch, mixtral
 model = mixtral.load_model("runs/shakespeare-moe/model", dtype=torch.bfloat16)

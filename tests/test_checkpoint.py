@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def test_save_replaces_existing_checkpoint(hf_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    mixtral.save_model(model, out)
+    mixtral.save_model(model, out, overwrite=True)  # stale.txt is not ours: replaced only when asked to
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind
 
@@ -496,3 +497,50 @@ def test_a_quantized_checkpoint_is_not_quantized_again(hf_dir, tmp_path):
     save_quantized(mixtral.load_model(hf_dir, dtype=torch.bfloat16, quantize="int8"), tmp_path / "q")
     with pytest.raises(CheckpointError, match=r"already quantized \(int8\)"):
         mixtral.load_model(tmp_path / "q", quantize="int8")
+
+
+def test_save_never_replaces_what_is_not_ours(hf_dir, tmp_path):
+    from mixtral.checkpoint import OutputExistsError, save_quantized
+    from mixtral.quantize import quantize_model
+
+    model = mixtral.load_model(hf_dir, dtype=torch.float32)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    a_file = tmp_path / "a.bin"
+    a_file.write_bytes(b"mine")
+    ours_plus = tmp_path / "ours-plus"
+    mixtral.save_model(model, ours_plus)
+    (ours_plus / "README.md").write_text("mine")  # a previous output with a file of the user's in it
+    for path, what in ((notes, "a folder"), (a_file, "a file"), (ours_plus, "a folder")):
+        with pytest.raises(OutputExistsError, match=re.escape(f"{path} is {what}")) as e:
+            mixtral.save_model(model, path)
+        assert "overwrite=True" in str(e.value)
+    with pytest.raises(OutputExistsError, match=r"todo\.txt"):
+        save_quantized(quantize_model(mixtral.load_model(hf_dir, dtype=torch.float32), "int8"), notes)
+    assert (notes / "todo.txt").read_text() == "mine" and a_file.read_bytes() == b"mine"
+    assert (ours_plus / "README.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "notes", "ours-plus"]  # nothing left behind
+    # overwrite=True replaces a folder or a file
+    for path in (notes, a_file):
+        mixtral.save_model(model, path, overwrite=True)
+        assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "notes", "ours-plus"]
+
+
+def test_save_replaces_a_previous_output_of_ours(hf_dir, tmp_path):
+    from mixtral.checkpoint import save_quantized
+    from mixtral.quantize import quantize_model
+
+    model = mixtral.load_model(hf_dir, dtype=torch.float32)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder holds nothing to lose
+    mixtral.save_model(model, out)
+    (out / "tokenizer.model").write_bytes(b"x")  # as `train` leaves its model/
+    mixtral.save_model(model, out, max_shard_bytes=60_000)  # sharded, with an index
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "tokenizer.model").exists()
+    save_quantized(quantize_model(mixtral.load_model(hf_dir, dtype=torch.float32), "int8"), out)
+    assert (out / "quantization.json").is_file()
+    mixtral.save_model(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -215,3 +215,33 @@ def test_chat_drops_the_oldest_exchanges_to_fit_the_context(ckpt):
     assert too_long.returncode == 0
     assert "more than the context of 512" in too_long.stderr
     assert len(too_long.stdout.strip()) > 0  # the next message was answered
+
+
+def test_out_never_replaces_what_is_not_ours_without_force(tmp_path, ckpt):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("mine")
+    adapter = str(tmp_path / "no-adapter")  # refused before anything is loaded
+    commands = [
+        (["init", "--out", str(notes)], notes, "todo.txt"),
+        (["init", "--out", str(a_file)], a_file, "a file"),
+        (["quantize", "--checkpoint", str(ckpt), "--mode", "int8", "--out", str(a_file)], a_file, "a file"),
+        (["merge-lora", "--base", str(ckpt), "--adapter", adapter, "--out", str(notes)], notes, "todo.txt"),
+    ]
+    for args, path, what in commands:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert f"{path} is" in out.stderr and what in out.stderr and "--force" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert (notes / "todo.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    # a previous output of ours is replaced; --force replaces anything
+    out = run("init", "--out", str(tmp_path / "model"))
+    assert out.returncode == 0, out.stderr
+    out = run("init", "--out", str(tmp_path / "model"), "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    out = run("init", "--out", str(notes), "--force")
+    assert out.returncode == 0, out.stderr
+    assert not (notes / "todo.txt").exists() and mixtral.load_model(notes).config.n_layers > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model", "notes"]

@@ -246,3 +246,101 @@ def test_toml_config_and_flag_precedence(corpus, tmp_path):
         config_from_args(build_parser().parse_args(["train", "--config", str(toml)]))
     with pytest.raises(ValueError, match="no training data"):
         config_from_args(build_parser().parse_args(["train"]))
+
+
+def _run_files(out: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_an_existing_run_needs_resume_or_force(corpus, tmp_path):
+    Trainer(config(corpus, tmp_path, steps=5, checkpoint_every=5, eval_every=5), progress=False).run()
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _run_files(tmp_path)
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint/ at step 5, .*--resume.*--force"):
+        Trainer(config(corpus, tmp_path, steps=3), progress=False).run()
+    assert _run_files(tmp_path) == before
+    out = subprocess.run(
+        [MIXTRAL, "train", "--data", *config(corpus, tmp_path).data, "--out-dir", str(tmp_path), "--steps", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "--resume to continue it" in out.stderr and "Traceback" not in out.stderr
+    assert _run_files(tmp_path) == before
+    with pytest.raises(ValueError, match="resume and force"):
+        config(corpus, tmp_path, resume=True, force=True)
+    # --force starts over: the run's own files go, nothing else
+    Trainer(config(corpus, tmp_path, steps=3, eval_every=3, force=True), progress=False).run()
+    assert [r["step"] for r in _read_metrics(tmp_path) if "loss" in r] == [1, 2, 3]
+    assert torch.load(tmp_path / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 3
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# Runs a training in a child process that kills itself with SIGKILL at one point of its second checkpoint save.
+KILLED_RUN = """
+import json, os, shutil, signal, sys, torch
+from pathlib import Path
+from mixtral.train.trainer import TrainConfig, Trainer
+
+point, cfg = sys.argv[1], TrainConfig(**json.loads(sys.argv[2]))
+checkpoint = Path(cfg.out_dir) / "checkpoint"
+real_replace, real_rmtree, real_save = os.replace, shutil.rmtree, torch.save
+saves = []
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst):
+    if Path(src) == checkpoint and point == "before the swap":
+        kill()
+    real_replace(src, dst)
+    if Path(src) == checkpoint and point == "between the renames":
+        kill()
+
+def rmtree(path, *args, **kwargs):
+    if Path(path).name.startswith(".checkpoint.old-") and point == "after the swap":
+        kill()
+    real_rmtree(path, *args, **kwargs)
+
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    saves.append(f)
+    if len(saves) == 2 and point == "while writing":
+        Path(f).write_bytes(Path(f).read_bytes()[:5000])  # the rest never reached the disk
+        kill()
+
+os.replace, shutil.rmtree, torch.save = replace, rmtree, save
+Trainer(cfg, progress=False).run()
+"""
+
+
+@pytest.mark.parametrize(
+    ("point", "resumes_at"),
+    [("while writing", 5), ("before the swap", 10), ("between the renames", 10), ("after the swap", 10)],
+)
+def test_a_kill_during_the_checkpoint_swap_resumes_from_the_newest_complete_state(corpus, tmp_path, point, resumes_at):
+    import dataclasses
+
+    cfg = config(corpus, tmp_path, steps=20, checkpoint_every=5, eval_every=100)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, point, json.dumps(dataclasses.asdict(cfg))],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]  # killed at its second save (step 10)
+    assert not (tmp_path / "model").exists()
+    if point == "between the renames":
+        assert not (tmp_path / "checkpoint").exists()
+    resumed = Trainer(dataclasses.replace(cfg, resume=True), progress=False)
+    resumed.load_checkpoint()
+    assert resumed.step == resumes_at
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint"))
+    assert leftovers == [], "stale copies are removed"
+    resumed.run()
+    assert torch.load(tmp_path / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 20
+    assert [r["step"] for r in _read_metrics(tmp_path) if "loss" in r] == list(range(1, 21))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

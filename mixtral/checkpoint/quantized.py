@@ -17,17 +17,16 @@ from ..model import Transformer
 from ..quantize import quantization_of, quantize_model
 from .layouts import HF_SINGLE, read_config
 from .reader import CheckpointError, stored_tensors
-from .writer import new_folder, write_config
-
-QUANT_FILE = "quantization.json"
+from .writer import QUANT_FILE, new_folder, write_config
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a quantized model (replacing what was at `path`, as `save_model` does)."""
+def save_quantized(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write a quantized model. As with `save_model`, a previous output of ours at `path` is replaced, anything
+    else only with `overwrite=True` (else `OutputExistsError`, before anything is written)."""
     q = quantization_of(model)
     if q is None:
         raise ValueError("the model is not quantized: use save_model for plain checkpoints")
-    with new_folder(path) as tmp:
+    with new_folder(path, overwrite=overwrite) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, tmp / HF_SINGLE, metadata={"format": "pt", "quantization": q["mode"]})
         dtype = model.embed.weight.dtype

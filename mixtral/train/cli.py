@@ -45,7 +45,10 @@ HELP = {
     "eval_every": "evaluate held-out loss and bits per character every N steps (and at the end)",
     "eval_batches": "held-out batches per evaluation (0: all)",
     "log_every": "write training metrics to metrics.jsonl every N steps",
-    "resume": "continue exactly from out_dir/checkpoint (with the same --ep and --tp it was written with)",
+    "resume": "continue exactly from out_dir/checkpoint (with the same --ep and --tp it was written with); "
+    "after a kill during a checkpoint's save, from the newest complete state it left",
+    "force": "start over in an out_dir that holds a run: removes its checkpoint/, metrics.jsonl, model/, adapter/ "
+    "and tensorboard/ first (nothing else); without --resume or --force such an out_dir is refused",
     "ep": "expert parallelism: split the experts over N processes, each training on batch_size / N sequences "
     "of every batch (launch with torchrun --nproc-per-node N; gloo on CPU, NCCL with --device cuda)",
     "tp": "tensor parallelism: split the attention heads and the experts' hidden units over N processes that "
@@ -88,7 +91,13 @@ def add_command(sub) -> None:
     )
     p.add_argument("--base", required=True, metavar="DIR", help="the base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (out_dir/adapter of a run)")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged checkpoint (see --force)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever is at --out; without it, only a previous output of mixtral or an empty folder "
+        "is replaced",
+    )
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser(
@@ -148,12 +157,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
-    from ..checkpoint import load_model, save_model
+    from ..checkpoint import check_output, load_model, save_model
     from .lora import load_adapter, merge_lora
 
+    check_output(args.out, overwrite=args.force, force="--force")  # before loading anything
     model = load_model(args.base, dtype=torch.float32)
     load_adapter(model, args.adapter)
-    save_model(merge_lora(model), args.out)
+    save_model(merge_lora(model), args.out, overwrite=args.force)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,10 +44,17 @@ from .lora import ATTENTION_TARGETS, apply_lora, save_adapter
 from .loss import cross_entropy, expert_load, first_choice_load, load_balancing_loss, router_z_loss
 
 STATE_FILE = "train_state.pt"
+# What a run writes into its out_dir; beside them the temporary and set-aside copies of each (.NAME.tmp-*,
+# .NAME.old-*) that a kill during a swap may leave.
+RUN_ENTRIES = ("checkpoint", "metrics.jsonl", "model", "adapter", "tensorboard")
 
 
 class ResumeError(ValueError):
     """No usable checkpoint to resume from; nothing was changed."""
+
+
+class RunExistsError(FileExistsError, ValueError):
+    """A new run's out_dir already holds a run (neither resume nor force asked for); nothing was changed."""
 
 
 def rank_state_file(rank: int, world: int) -> str:
@@ -96,6 +104,7 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole held-out set
     log_every: int = 10
     resume: bool = False
+    force: bool = False  # start over in an out_dir that holds a run: its RUN_ENTRIES are removed first
     ep: int = 1  # expert parallelism: processes (under torchrun) that split the experts and each batch
     tp: int = 1  # tensor parallelism: not supported for training (must be 1)
     lora_rank: int = 0  # 0: full training
@@ -123,6 +132,10 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not divisible by ep={self.ep}: each of the {self.ep} "
                 f"expert-parallel processes trains on batch_size / ep sequences of every batch; "
                 f"choose a multiple of {self.ep}"
+            )
+        if self.resume and self.force:
+            raise ValueError(
+                "resume and force do not combine: --resume continues the run in out_dir, --force starts it over"
             )
         if (self.ep > 1 or self.tp > 1) and self.lora_rank:
             raise ValueError(
@@ -246,7 +259,7 @@ class Trainer:
         try:
             error = None
             try:
-                torch.save(self._state(), tmp / self._state_file())
+                _save_synced(self._state(), tmp / self._state_file())
             except Exception as e:  # the other ranks must learn of it, or they would wait for this one
                 error = e
             if self.distributed:
@@ -256,13 +269,7 @@ class Trainer:
             if error is not None:
                 raise error
             if self.main:
-                if dest.exists():
-                    old = Path(tempfile.mkdtemp(prefix=".checkpoint.old-", dir=self.out))
-                    os.replace(dest, old / "c")
-                    os.replace(tmp, dest)
-                    shutil.rmtree(old)
-                else:
-                    os.replace(tmp, dest)
+                _swap_into_place(tmp, dest)
         except BaseException:
             if self.main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -272,24 +279,31 @@ class Trainer:
                 torch.distributed.barrier()  # the checkpoint is in place before any rank goes on
 
     def load_checkpoint(self) -> None:
-        """Restore everything from out/checkpoint; raises ResumeError (changing nothing) if it can't. Under
-        expert parallelism each rank reads its own file, and if any rank cannot, every rank raises."""
+        """Restore everything from the newest complete training state (`newest_checkpoint`: out/checkpoint,
+        or what a kill during its swap left beside it); raises ResumeError (changing nothing) if it can't.
+        Once it is read, it is renamed to out/checkpoint if it was not there, and stale copies are removed.
+        Under expert parallelism rank 0 picks the folder, each rank reads its own file, and if any rank
+        cannot, every rank raises."""
+        folder = Path(parallel.broadcast_from_main(str(newest_checkpoint(self.out)) if self.main else None))
         if not self.distributed:
-            self._load_checkpoint()
-            return
-        error = None
-        try:
-            self._load_checkpoint()
-        except Exception as e:  # the other ranks must learn of it, or they would wait for this one
-            error = e
-        errors = _gather_errors(error)
-        if error is not None:
-            raise error
-        if errors:
-            raise ResumeError(f"cannot resume: another rank failed: {errors[0]}")
+            self._load_checkpoint(folder)
+        else:
+            error = None
+            try:
+                self._load_checkpoint(folder)
+            except Exception as e:  # the other ranks must learn of it, or they would wait for this one
+                error = e
+            errors = _gather_errors(error)
+            if error is not None:
+                raise error
+            if errors:
+                raise ResumeError(f"cannot resume: another rank failed: {errors[0]}")
+        if self.main:
+            _settle_checkpoint(self.out, folder)
+        if self.distributed:
+            torch.distributed.barrier()
 
-    def _load_checkpoint(self) -> None:
-        folder = self.out / "checkpoint"
+    def _load_checkpoint(self, folder: Path) -> None:
         path = folder / self._state_file()
         if not path.is_file():
             others = sorted(p.name for p in folder.glob("train_state*.pt")) if folder.is_dir() else []
@@ -415,6 +429,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.load_checkpoint()  # raises before anything in out_dir is touched
+        else:
+            self._claim_out_dir()  # raises if out_dir holds a run (unless force: then it is removed)
         self.out.mkdir(parents=True, exist_ok=True)
         log = tb = None  # rank 0 writes the metrics (global values, the same on every rank)
         if self.main:
@@ -460,6 +476,30 @@ class Trainer:
         self.save_final()
         return last
 
+    def _claim_out_dir(self) -> None:
+        """A new run: out_dir must not hold a run (it would be overwritten), unless `force`, which removes the
+        run's own entries first and nothing else. Rank 0 decides; every rank raises."""
+        message = None
+        if self.main:
+            found = run_entries(self.out)
+            if found and self.cfg.force:
+                for entry in found:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            elif found:
+                names = ", ".join(_entry_name(p) for p in found)
+                step = _complete_step(self.out / "checkpoint")
+                what = names if step is None else names.replace("checkpoint/", f"checkpoint/ at step {step}", 1)
+                message = (
+                    f"{self.out} already holds a run ({what}): pass --resume to continue it, or --force to "
+                    f"start over (which removes {names} and nothing else)"
+                )
+        message = parallel.broadcast_from_main(message)
+        if message:
+            raise RunExistsError(message)
+
     def save_final(self) -> None:
         if self.cfg.lora_rank:
             save_adapter(self.model, self.out / "adapter")
@@ -469,11 +509,83 @@ class Trainer:
             model = parallel.gather_model(self.model)  # every rank sends its shards; rank 0 gets the whole
             if not self.main:
                 return
-        save_model(model, self.out / "model")
+        save_model(model, self.out / "model", overwrite=True)  # the run's own, claimed at its start
         src = Path(self.tokenizer.source)
         if src.is_file():  # a model folder that carries its own tokenizer
             name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
             shutil.copyfile(src, self.out / "model" / name)
+
+
+def run_entries(out: Path) -> list[Path]:
+    """What a run wrote in `out` (RUN_ENTRIES and the leftovers of their swaps)."""
+    found = [out / name for name in RUN_ENTRIES if (out / name).exists() or (out / name).is_symlink()]
+    for name in RUN_ENTRIES:
+        found += sorted([*out.glob(f".{name}.tmp-*"), *out.glob(f".{name}.old-*")])
+    return found
+
+
+def _entry_name(p: Path) -> str:
+    return p.name + ("/" if p.is_dir() else "")
+
+
+def _save_synced(state: dict, path: Path) -> None:
+    torch.save(state, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # on disk before the rename that makes it the checkpoint
+
+
+def _swap_into_place(new: Path, dest: Path) -> None:
+    """Rename the complete folder `new` to `dest`: the previous `dest` is moved aside first (to
+    .checkpoint.old-*/c) and removed after. A kill between the two renames leaves no `dest` but both states
+    beside it, from which `newest_checkpoint` picks."""
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=".checkpoint.old-", dir=dest.parent))
+        os.replace(dest, old / "c")
+        os.replace(new, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, dest)
+
+
+def _complete_step(folder: Path) -> int | None:
+    """The step of a complete training state: every process's file there and readable (one cut short by a
+    kill is not), all at the same step; None if the folder holds no complete state."""
+    files = sorted(folder.glob("train_state*.pt")) if folder.is_dir() else []
+    names = {p.name for p in files}
+    if names != {STATE_FILE}:  # one file per process: all of one world size
+        worlds = {int(m[1]) for n in names if (m := re.fullmatch(r"train_state\.rank\d+-of-(\d+)\.pt", n))}
+        if len(worlds) != 1 or names != {rank_state_file(r, w) for w in worlds for r in range(w)}:
+            return None
+    steps = set()
+    for f in files:
+        try:  # memory-mapped: the tensors are not read
+            steps.add(int(torch.load(f, map_location="cpu", weights_only=True, mmap=True)["step"]))
+        except Exception:
+            return None
+    return steps.pop() if len(steps) == 1 else None
+
+
+def newest_checkpoint(out: Path) -> Path:
+    """The folder holding the newest complete training state in `out`: `checkpoint/`, or a state that a kill
+    during a swap left beside it, a new one written in full (.checkpoint.tmp-*) or the previous one moved
+    aside (.checkpoint.old-*/c). At the same step, checkpoint/ wins. Without any, out/checkpoint (for the
+    loader's message)."""
+    candidates = [(1, p) for p in out.glob(".checkpoint.tmp-*")] + [(0, p / "c") for p in out.glob(".checkpoint.old-*")]
+    ranked = []
+    for order, folder in [(2, out / "checkpoint"), *candidates]:
+        step = _complete_step(folder)
+        if step is not None:
+            ranked.append((step, order, str(folder)))
+    return Path(max(ranked)[2]) if ranked else out / "checkpoint"
+
+
+def _settle_checkpoint(out: Path, folder: Path) -> None:
+    """After resuming from `folder`: it becomes out/checkpoint (if it was not), and the stale copies go."""
+    dest = out / "checkpoint"
+    if folder != dest:
+        _swap_into_place(folder, dest)
+    for stale in [*out.glob(".checkpoint.tmp-*"), *out.glob(".checkpoint.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @torch.no_grad()
