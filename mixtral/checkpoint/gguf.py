@@ -47,7 +47,16 @@ from ..kernels.weights import INT4_BLOCK, block_major, int4_blocks, pack_int4, q
 from ..model import Transformer
 from ..quantize import is_quantizable, place_quantized
 from ..tokenizer import Tokenizer
-from .layouts import Checkpoint, Target, expert_pieces, gguf_tensors, interleaved_to_half, is_expert_param, target_of
+from .layouts import (
+    Checkpoint,
+    Target,
+    claim,
+    expert_pieces,
+    gguf_tensors,
+    interleaved_to_half,
+    is_expert_param,
+    target_of,
+)
 from .reader import CheckpointError, StoredTensor, release_gguf, stored_tensors
 
 GROUP = 32  # the block of Q4_0 and every other GGUF type's scale: our int4 group size for GGUF weights
@@ -154,12 +163,7 @@ def _check(
             f"{file}: tensor {key!r} has shape {tuple(stored.shape)}, but the file's metadata implies {want} "
             f"for {t.param}; the metadata does not match the weights"
         )
-    if t.expert is not None and t.expert >= full_shape[0]:
-        raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the metadata has {full_shape[0]}")
-    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
-    if pieces & filled[t.param]:
-        raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate tensor)")
-    filled[t.param] |= pieces
+    claim(t, file, key, full_shape, filled, "metadata")
 
 
 def _bits(type_name: str) -> float:

@@ -317,3 +317,14 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             stacked = params[f"layers.{i}.moe.{w}"]
             for e in range(stacked.shape[0]):
                 yield f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight", stacked[e]
+
+
+def claim(t: Target, file: Path, key: str, full_shape: torch.Size, filled: dict[str, set[int]], source: str) -> None:
+    """Mark what stored tensor `key` of `file` fills of its parameter (one expert, or all of it): an expert beyond
+    the `source`'s (config's, metadata's) count, or a part filled a second time, is an error."""
+    if t.expert is not None and t.expert >= full_shape[0]:
+        raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the {source} has {full_shape[0]}")
+    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
+    if pieces & filled[t.param]:
+        raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate key)")
+    filled[t.param] |= pieces

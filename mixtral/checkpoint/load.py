@@ -29,6 +29,7 @@ from .layouts import (
     HF_INDEX,
     Checkpoint,
     Target,
+    claim,
     expert_pieces,
     find_checkpoint,
     interleaved_to_half,
@@ -280,9 +281,4 @@ def _check(
             f"{want if t.rows is None else 'rows ' + str(t.rows) + ' of ' + str(want)} "
             f"for {t.param}; the config does not match the weights"
         )
-    if t.expert is not None and t.expert >= full_shape[0]:
-        raise CheckpointError(f"{file}: tensor {key!r} names expert {t.expert}, but the config has {full_shape[0]}")
-    pieces = {t.expert} if t.expert is not None else expert_pieces(t.param, full_shape)
-    if pieces & filled[t.param]:
-        raise CheckpointError(f"{file}: tensor {key!r} fills {t.param} a second time (duplicate key)")
-    filled[t.param] |= pieces
+    claim(t, file, key, full_shape, filled, "config")
