@@ -88,7 +88,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="torch.compile the blocks (CPU). Off by default: on the 2-core machine we measured it costs ~75 s "
-        "per process and decodes no faster (README); falls back to eager where no compiler works",
+        "per process and decodes no faster (docs/performance.md); falls back to eager where no compiler works",
     )
     p.add_argument(
         "--tokenizer",

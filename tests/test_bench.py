@@ -1,6 +1,6 @@
 """`mixtral bench` end to end on a tiny shape: every configuration in its own process, interleaved rounds with
 a bandwidth probe before each child, medians per row, ratios against transformers, JSON written. (Speed itself
-is never asserted: the figures come from the benchmark run on a quiet machine, see the README.)"""
+is never asserted: the figures come from the benchmark run on a quiet machine, see docs/performance.md.)"""
 
 from __future__ import annotations
 
