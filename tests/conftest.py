@@ -140,3 +140,14 @@ def corpus(tmp_path_factory) -> Path:
     ]
     (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
     return root
+
+
+def assert_error(r, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """An HTTP response is an error in OpenAI's shape, with this status, `param` and (if given) `code`."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error

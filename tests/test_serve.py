@@ -21,6 +21,7 @@ import openai
 import psutil
 import pytest
 import torch
+from conftest import assert_error
 
 import mixtral
 from mixtral.generate import generate_stream
@@ -320,16 +321,6 @@ BAD = [
 def post(server, route: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, str | bytes) else json.dumps(body)
     return httpx.post(f"{server.url}/v1/{route}", content=content, headers={"content-type": "application/json"}, **kw)
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    return error
 
 
 def test_invalid_parameters_are_400_naming_the_parameter(server):

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from conftest import assert_error
 from fastapi.testclient import TestClient
 
 import mixtral
@@ -66,16 +67,6 @@ def served(tiny):
 @pytest.fixture
 def client(served):
     return served[0]
-
-
-def assert_error(r, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    return error
 
 
 def assert_still_serves(client, expected) -> None:

@@ -72,7 +72,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     Plain weights, without gradients on a CPU: bf16 rows go to our kernels, one row to the matrix-vector product
     (it streams w at the memory bandwidth, where F.linear's x @ w.T reads at ~2/3 of it), 2 to FEW_ROWS rows to the
     GEMM of a few rows; without them one row is `torch.mv`. All compute the same dot products in float32, rounded
-    once (in a different order); F.linear stays the path everywhere else (autograd, many rows, GPUs)."""
+    once (in a different order); F.linear stays the path everywhere else (autograd, many rows, GPUs). The reference is
+    F.linear on the weight (`weights.dequantized(w)` for a quantized one)."""
     if isinstance(w, QuantizedWeight):
         w = w.view_all()
     if isinstance(w, QuantizedView):
@@ -87,13 +88,6 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
         if rows == 1:  # torch.mv pays ~40 us a call but streams w faster than F.linear at one row
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
-
-
-def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """`linear` in plain PyTorch: F.linear on the (dequantized) weight."""
-    if isinstance(w, QuantizedWeight):
-        w = w.view_all()
-    return F.linear(x.to(w.dtype), dequantized(w)).to(x.dtype)
 
 
 def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
