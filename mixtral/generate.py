@@ -129,8 +129,8 @@ def decode_step(model: Transformer, cache: KVCache, tokens_B: torch.Tensor, pos_
     step = _fused_step(model, cache, tokens_B)
     if step is not None and int(pos_B) >= 0:
         logits, router_LBE = step(int(tokens_B), int(pos_B), cache)
-        if model.keep_router_logits:
-            model.router_logits = list(router_LBE.unbind(0))
+        # as `Transformer.forward` leaves them: this step's, or none when they are not kept
+        model.router_logits = list(router_LBE.unbind(0)) if model.keep_router_logits else []
         return logits[:, 0].float()
     device = model.embed.weight.device
     logits = model(tokens_B.view(-1, 1).to(device), positions=pos_B.view(-1, 1).to(device), cache=cache)
