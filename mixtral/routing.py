@@ -25,11 +25,12 @@ import os
 import re
 import token as token_types
 import tokenize
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -47,9 +48,18 @@ class Routed:
 
 
 @torch.no_grad()
-def collect(model: Transformer, tokenizer: Tokenizer, text: str, source: str, max_tokens: int | None = None) -> Routed:
+def collect(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    text: str,
+    source: str,
+    max_tokens: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Routed:
     """Run `text` (its first `max_tokens` tokens) through the model in context-sized chunks and record the
-    router's choices."""
+    router's choices; `progress` is called with the tokens of each chunk done."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} is invalid: must be >= 1")
     ids = tokenizer.encode(text, bos=True)[:max_tokens]
     chunk = model.config.max_seq_len
     device = model.embed.weight.device
@@ -62,6 +72,8 @@ def collect(model: Transformer, tokenizer: Tokenizer, text: str, source: str, ma
             per_chunk.append(
                 torch.stack([r.topk(model.config.top_k, dim=-1).indices.cpu() for r in model.router_logits])
             )
+            if progress is not None:
+                progress(len(ids[start : start + chunk]))
     finally:
         model.keep_router_logits = keep
     return Routed(source, ids, torch.cat(per_chunk, dim=1), list(range(0, len(ids), chunk)))
@@ -353,7 +365,7 @@ def plot_shares(report: dict, path: Path) -> None:
             bx.legend(fontsize=7)
     fig.colorbar(im, ax=axes[0, :].tolist(), label=f"share of tokens (white = uniform {uniform:.3f})")
     fig.suptitle("First-choice expert per layer and text source")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the colour bar's long label reaches past the figure
     plt.close(fig)
 
 
@@ -427,24 +439,29 @@ def write_report(
     out: str | os.PathLike,
     layer: int | None = None,
     max_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Analyse `texts` (files) and write routing.json, routing.md, routing_share.png and routing_tokens.html.
-    Python files (.py) also get the expert shares by token class (in routing.json and routing.md)."""
+    Python files (.py) also get the expert shares by token class (in routing.json and routing.md). `progress`:
+    a bar of the tokens routed on stderr."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     layer = cfg.n_layers // 2 if layer is None else layer
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
-    routed = []
-    for path in map(Path, texts):
+    paths = list(map(Path, texts))
+    for path in paths:  # before minutes of work
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        r = collect(model, tokenizer, text, str(path), max_tokens)
-        if path.suffix == ".py":
-            r.classes = token_classes(tokenizer, r.tokens, text)
-        routed.append(r)
+    routed = []
+    with tqdm(desc="routing", unit="token", disable=not progress) as bar:
+        for path in paths:
+            text = path.read_text(encoding="utf-8")
+            r = collect(model, tokenizer, text, str(path), max_tokens, bar.update)
+            if path.suffix == ".py":
+                r.classes = token_classes(tokenizer, r.tokens, text)
+            routed.append(r)
     report = analyze(routed, cfg.n_experts, cfg.top_k)
     (out / "routing.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "routing.md").write_text(markdown_table(report))
