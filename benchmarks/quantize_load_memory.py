@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from mixtral.bench import machine_line
 from mixtral.checkpoint.writer import write_config
 from mixtral.config import get_preset
+from mixtral.measure import machine_line
 from mixtral.quantize import GROUP_SIZES, QUANT_MODES
 
 # The loader runs in a fresh process that reports the RSS after its imports, its peak RSS (VmHWM: ru_maxrss

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import find_checkpoint, is_expert_param, load_weights, stored_dtype
+from .checkpoint import CheckpointError, find_checkpoint, is_expert_param, load_weights, stored_dtype
 from .config import ModelConfig
 from .kernels import ops
 from .kernels.ops import Experts, Routing
@@ -600,6 +600,10 @@ def load_model_parallel(
     tensor must have a place and every parameter must be covered exactly once (the other ranks' experts
     are checked by shape, not read). `model.parallel.bytes_read` says how much this rank read."""
     ckpt = find_checkpoint(path)
+    if ckpt.layout == "quantized":
+        raise CheckpointError(
+            f"{path} is quantized: --ep/--tp split a floating-point checkpoint; load it in one process"
+        )
     config = ckpt.config
     check_layout(config, ep, tp)
     model = Transformer.skeleton(config)

@@ -387,14 +387,104 @@ def test_the_reader_gives_shapes_dtypes_slices_and_aligned_copies(tmp_path, fmt)
     assert seen.keys() == tensors.keys()
 
 
-def test_a_loaded_quantized_checkpoint_holds_aligned_tensors(hf_dir, tmp_path):
-    """The int8/int4 CPU kernels crash on weights that are not 64-byte aligned."""
-    from mixtral.checkpoint import save_quantized
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps the file `path` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_checkpoint_is_used_in_place_from_its_file(q_hf, tmp_path, mode):
+    """Every weight is a view of the file's mapping, 64-byte aligned (as the allocator's memory is), and the model
+    computes what the model that was saved does; `in_place=False` reads the same numbers into memory."""
+    from mixtral.checkpoint import load_quantized, save_quantized
     from mixtral.quantize import quantize_model
 
-    save_quantized(quantize_model(mixtral.load_model(hf_dir, dtype=torch.bfloat16), "int8"), tmp_path / "q")
+    saved = quantize_model(mixtral.load_model(q_hf[0], dtype=torch.bfloat16), mode, group_size=32)
+    save_quantized(saved, tmp_path / "q")
     loaded = mixtral.load_model(tmp_path / "q")
-    assert all(t.data_ptr() % 64 == 0 for t in [*loaded.parameters(), *loaded.buffers()])
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
+    ranges = _mapped_from(Path(loaded.mapped["file"]))
+    assert ranges and all(any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in tensors if t.numel())
+    assert loaded.mapped["bytes"] == sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    copied = load_quantized(tmp_path / "q", in_place=False)
+    assert copied.mapped["bytes"] == 0
+    x = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        want = saved(x)
+        assert torch.equal(loaded(x), want) and torch.equal(copied(x), want)
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The kernel's flags of the mapping that holds `address` (/proc/self/smaps' VmFlags)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    return set()
+
+
+def test_a_mapped_view_is_private_and_unreserved(tmp_path):
+    """`StoredTensor.map()` views a copy-on-write mapping of the file, made with MAP_NORESERVE (so a file larger
+    than the RAM maps): writing to a view changes neither the file nor another mapping of it."""
+    from safetensors.torch import save_file
+
+    from mixtral.checkpoint.reader import stored_tensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(64, dtype=torch.float32)}, path)
+    before = path.read_bytes()
+    ((_, stored),) = stored_tensors(path)
+    view = stored.map()
+    assert any(lo <= view.data_ptr() < hi for lo, hi in _mapped_from(path))
+    assert "nr" in _vm_flags(view.data_ptr())  # VM_NORESERVE: not counted against the RAM + swap
+    view.fill_(-1)
+    assert path.read_bytes() == before
+    ((_, again),) = stored_tensors(path)
+    assert torch.equal(again.map(), torch.arange(64, dtype=torch.float32))
+
+
+def test_write_safetensors_streams_an_aligned_file_that_safetensors_reads(tmp_path):
+    from safetensors import safe_open
+
+    from mixtral.checkpoint.writer import ALIGN, write_safetensors
+
+    tensors = {
+        "odd": torch.arange(7, dtype=torch.bfloat16),  # 14 bytes: placed after the aligned ones
+        "big": torch.arange(64 * 3, dtype=torch.int8).reshape(3, 64),
+        "scales": torch.randn(32, dtype=torch.float32),
+        "empty": torch.zeros(0, 4, dtype=torch.uint8),
+    }
+    asked = []
+
+    def produce(key):
+        asked.append(key)
+        return tensors[key]
+
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, produce, {"format": "pt"})
+    assert sorted(asked) == sorted(tensors)  # each produced once
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + n) % ALIGN == 0
+    header = json.loads(path.read_bytes()[8 : 8 + n])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["big"]["data_offsets"][0] % ALIGN == 0 and header["scales"]["data_offsets"][0] % ALIGN == 0
+    with safe_open(path, framework="pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    with pytest.raises(ValueError, match=r"'big' is torch\.int8"):
+        write_safetensors(path, {"big": (torch.int8, (4, 64))}, produce)
 
 
 # ---- quantizing while loading ---------------------------------------------------------------------------------
@@ -524,7 +614,7 @@ def test_save_never_replaces_what_is_not_ours(hf_dir, tmp_path):
     # overwrite=True replaces a folder or a file
     for path in (notes, a_file):
         mixtral.save_model(model, path, overwrite=True)
-        assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "notes", "ours-plus"]
 
 
@@ -542,5 +632,22 @@ def test_save_replaces_a_previous_output_of_ours(hf_dir, tmp_path):
     save_quantized(quantize_model(mixtral.load_model(hf_dir, dtype=torch.float32), "int8"), out)
     assert (out / "quantization.json").is_file()
     mixtral.save_model(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_memory_fit_says_what_fits_and_what_a_larger_model_does(monkeypatch, q_hf, tmp_path, capsys):
+    import mixtral.checkpoint.load as load_mod
+    from mixtral.checkpoint import save_quantized
+    from mixtral.quantize import quantize_model
+
+    monkeypatch.setattr(load_mod, "ram_available", lambda: 20 * 10**9)
+    assert "fits in the 20.00 GB of RAM available" in load_mod.memory_fit(10**9, in_place=True)
+    larger = load_mod.memory_fit(25 * 10**9, in_place=True)
+    assert "more than the 20.00 GB" in larger and "about 80% can stay in memory" in larger
+    assert "it will not load" in load_mod.memory_fit(25 * 10**9, in_place=False)
+    # loading a quantized checkpoint larger than the RAM available says so (and loads)
+    save_quantized(quantize_model(mixtral.load_model(q_hf[0]), "int8"), tmp_path / "q")
+    monkeypatch.setattr(load_mod, "ram_available", lambda: 1000)
+    assert mixtral.load_model(tmp_path / "q").mapped["bytes"] > 1000
+    assert "used in place from the file, more than the 0.00 GB of RAM available" in capsys.readouterr().err

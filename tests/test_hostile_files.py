@@ -66,7 +66,7 @@ def _damaged(raw: bytes, how: str) -> bytes:
 @pytest.mark.parametrize("kind", ["plain", "quantized"])
 def test_a_damaged_weight_file_is_an_error_naming_it(kind, how, plain, quantized, tmp_path):
     path = _copy(plain if kind == "plain" else quantized, tmp_path)
-    weights = path / "model.safetensors"
+    weights = path / ("model.safetensors" if kind == "plain" else "model.quantized.safetensors")
     weights.write_bytes(_damaged(weights.read_bytes(), how))
     with pytest.raises(CheckpointError, match=str(weights)):
         load_model(path)

@@ -8,9 +8,11 @@ writer.py     the Hugging Face layout, written beside its destination and rename
               replaced there (a previous output of ours) and what not without overwrite=True
 quantized.py  quantized checkpoints (our state dict + quantization.json), on the same reader and writer
 gguf.py       llama.cpp's GGUF files: their block types onto our weights (load_gguf), and save_gguf
+hub.py        Hugging Face model ids (org/name[@revision]): from the local HF cache, or downloaded
 """
 
 from .gguf import load_gguf, save_gguf
+from .hub import resolve_checkpoint
 from .layouts import (
     HF_INDEX,
     HF_SINGLE,
@@ -22,7 +24,7 @@ from .layouts import (
     interleaved_to_half,
     is_expert_param,
 )
-from .load import check_complete, load_model, load_weights, stored_dtype, targets_of_stored
+from .load import check_complete, load_model, load_weights, own_tokenizer, stored_dtype, targets_of_stored
 from .quantized import QUANT_FILE, is_quantized_checkpoint, load_quantized, save_quantized
 from .reader import CheckpointError, StoredTensor, stored_tensors
 from .writer import OutputExistsError, check_output, save_model
@@ -48,6 +50,8 @@ __all__ = [
     "load_model",
     "load_quantized",
     "load_weights",
+    "own_tokenizer",
+    "resolve_checkpoint",
     "save_gguf",
     "save_model",
     "save_quantized",

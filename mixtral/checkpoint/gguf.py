@@ -31,10 +31,11 @@ are converted one matrix (one expert) at a time, so the memory of loading is the
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import gguf
@@ -43,6 +44,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..kernels.weights import INT4_BLOCK, block_major, int4_blocks, pack_int4, quantize_int4, quantize_int8
 from ..model import Transformer
 from ..quantize import is_quantizable, place_quantized
@@ -318,17 +320,53 @@ def save_gguf(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer,
     `type_name` (f32, f16, bf16, q8_0, q4_0: quantized by the gguf package, llama.cpp's own numbers) but the router
     and the norms, in F32 as llama.cpp's quantizer keeps them; a quantized model's weights are dequantized first.
     Written beside `path` and renamed into place."""
-    cfg = model.config
-    if cfg.sliding_window is not None:
-        raise ValueError("llama.cpp's llama architecture has no sliding window: this model cannot be written as GGUF")
     if type_name not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {type_name!r}; choose one of {', '.join(EXPORT_TYPES)}")
     qtype, file_type = EXPORT_TYPES[type_name]
+    with torch.no_grad():
+        tensors = {name: t.detach().cpu() for name, t in gguf_tensors(model)}
+    kinds = {
+        name: Q.F32 if t.dim() == 1 or name.endswith("ffn_gate_inp.weight") else qtype for name, t in tensors.items()
+    }
+    for name, t in tensors.items():
+        block = gguf.GGML_QUANT_SIZES[kinds[name]][0]
+        if t.shape[-1] % block:
+            raise ValueError(f"{name} has rows of {t.shape[-1]}: {type_name} needs multiples of {block}")
+
+    def produce(name: str) -> np.ndarray:
+        t, kind = tensors.pop(name), kinds[name]
+        if kind == Q.BF16:
+            return t.to(torch.bfloat16).view(torch.uint8).numpy()
+        a = t.float().numpy()
+        return a.astype(np.float16) if kind == Q.F16 else a if kind == Q.F32 else gguf.quants.quantize(a, kind)
+
+    specs = {name: (kinds[name], tuple(t.shape)) for name, t in tensors.items()}
+    write_gguf(path, model.config, tokenizer, file_type, specs, produce, name=Path(path).stem)
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    file_type: gguf.LlamaFileType,
+    specs: Mapping[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    *,
+    name: str = "mixtral",
+) -> None:
+    """A GGUF file for llama.cpp written tensor by tensor, as `write_safetensors` writes ours: `specs` gives each
+    tensor's type and shape in elements (llama.cpp's names, our dimension order), `produce(name)` its data (any
+    array whose bytes are the stored ones: raw blocks for block types), asked for once in `specs`' order, so a file
+    of any size is written with one tensor in memory. The metadata and tokenizer as llama.cpp's converter writes
+    them for Mixtral. Written beside `path` and renamed into place."""
+    cfg = config
+    if cfg.sliding_window is not None:
+        raise ValueError("llama.cpp's llama architecture has no sliding window: this model cannot be written as GGUF")
     path = Path(path).expanduser()
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(tmp, "llama")
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(path.stem)
+    w.add_name(name)
     w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
@@ -347,24 +385,22 @@ def save_gguf(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer,
         w.add_value_length(cfg.head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_vocab(w, tokenizer, cfg.vocab_size)
-    with torch.no_grad():
-        for name, t in gguf_tensors(model):
-            kind = Q.F32 if t.dim() == 1 or name.endswith("ffn_gate_inp.weight") else qtype
-            a = t.detach().float().cpu().numpy()
-            if kind == Q.F32:
-                w.add_tensor(name, a)
-            elif kind == Q.F16:
-                w.add_tensor(name, a.astype(np.float16))
-            elif kind == Q.BF16:
-                w.add_tensor(name, t.detach().cpu().to(torch.bfloat16).view(torch.uint8).numpy(), raw_dtype=kind)
-            else:
-                if a.shape[-1] % 32:
-                    raise ValueError(f"{name} has rows of {a.shape[-1]}: {type_name} needs multiples of 32")
-                w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    sizes = {}
+    for key, (kind, shape) in specs.items():
+        block, type_size = gguf.GGML_QUANT_SIZES[kind]
+        byte_shape = (*shape[:-1], shape[-1] // block * type_size)
+        sizes[key] = math.prod(byte_shape)
+        w.add_tensor_info(key, byte_shape, np.dtype(np.uint8), sizes[key], raw_dtype=kind)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for key in specs:
+            a = np.ascontiguousarray(produce(key)).reshape(-1).view(np.uint8)
+            if a.nbytes != sizes[key]:
+                raise ValueError(f"tensor {key!r} has {a.nbytes} bytes, its type and shape make {sizes[key]}")
+            w.write_tensor_data(a)
+            del a
         w.close()
         os.replace(tmp, path)
     finally:

@@ -31,6 +31,10 @@ from .reader import CheckpointError, open_gguf
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
+QUANT_FILE = "quantization.json"  # a quantized checkpoint's description (quantized.py)
+QUANT_WEIGHTS = "model.quantized.safetensors"  # a quantized checkpoint's weights (a name transformers never reads)
+# config.json's model_type in a quantized checkpoint of ours: one no other loader takes for plain Mixtral weights
+QUANTIZED_MODEL_TYPE = "mixtral_quantized"
 
 
 # ---- layouts ------------------------------------------------------------------------------------------
@@ -41,7 +45,7 @@ class Checkpoint:
     """A checkpoint found on disk: its layout, config and weight files."""
 
     path: Path
-    layout: str  # "hf", "mistral" or "gguf"
+    layout: str  # "hf", "mistral", "gguf" or "quantized" (ours: loaded by quantized.py, not key by key)
     config: ModelConfig
     config_file: Path
     files: tuple[Path, ...]
@@ -66,6 +70,11 @@ def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     if (root / "config.json").is_file():
         config = read_config(root / "config.json")
+        if (root / QUANT_FILE).is_file():  # older ones keep their weights in model.safetensors
+            weights = root / QUANT_WEIGHTS if (root / QUANT_WEIGHTS).is_file() else root / HF_SINGLE
+            if not weights.is_file():
+                raise CheckpointError(f"{root} has {QUANT_FILE} but no {QUANT_WEIGHTS}")
+            return Checkpoint(root, "quantized", config, root / "config.json", (weights,))
         if (root / HF_INDEX).is_file():
             index = _read_index(root / HF_INDEX)
             files = tuple(root / name for name in sorted(set(index.values())))
@@ -100,10 +109,22 @@ def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def read_config(path: Path) -> ModelConfig:
+    """A config file (`ModelConfig.from_file`); a quantized checkpoint's `config.json` (`QUANTIZED_MODEL_TYPE`)
+    reads as the Mixtral config it is."""
     try:
+        if path.name == "config.json" and _model_type(path) == QUANTIZED_MODEL_TYPE:
+            return ModelConfig.from_hf({**json.loads(path.read_text()), "model_type": "mixtral"})
         return ModelConfig.from_file(path)
     except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+
+
+def _model_type(path: Path) -> object:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # from_file reports it
+    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def read_gguf_config(path: Path) -> ModelConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from tqdm import tqdm
 from ..kernels.weights import INT4_BLOCK, QuantizedWeight
 from ..model import Transformer
 from ..quantize import quantization_of, quantize_model
+from ..tokenizer import Tokenizer, load_tokenizer
 from .gguf import load_gguf
+from .hub import resolve_checkpoint
 from .layouts import (
     HF_INDEX,
     Checkpoint,
@@ -67,9 +70,15 @@ def load_model(
     `quantize_model(load_model(path, dtype=dtype), quantize, group_size)`.
 
     A quantized checkpoint (written by `save_quantized`) loads as the quantized model; its dtype is the one
-    it was quantized in. A GGUF file loads as `load_gguf` says (quantized where its weights are)."""
+    it was quantized in. A GGUF file loads as `load_gguf` says (quantized where its weights are).
+
+    `path` may also be a Hugging Face model id, `"org/name"` or `"org/name@revision"` (a string naming no local
+    file or folder): it is read from the Hugging Face cache or downloaded (`hub.resolve_checkpoint`)."""
+    path = resolve_checkpoint(path)
     if is_quantized_checkpoint(path):
         model = load_quantized(path, device)
+        if model.mapped["bytes"] > ram_available():
+            print(f"mixtral: {memory_fit(model.mapped['bytes'], in_place=True)}", file=sys.stderr)
         if dtype is not None and dtype != model.embed.weight.dtype:
             raise CheckpointError(
                 f"{path} is quantized with {model.embed.weight.dtype} activations; it cannot be loaded as {dtype}"
@@ -93,6 +102,46 @@ def load_model(
         quantize_model(model.to(dtype), quantize, group_size)  # checks the mode, group size and shapes first
     load_weights(model, ckpt, expected, dtype=dtype, device=device, progress=progress)
     return model.eval()
+
+
+def ram_available() -> int:
+    """Bytes of RAM the kernel says can be used without swapping (MemAvailable: free memory plus the page cache
+    it can drop), or the total where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_fit(weight_bytes: int, *, in_place: bool) -> str:
+    """How `weight_bytes` of weights fit in the RAM available now, in one line. In place (a quantized checkpoint's
+    weights are views of the file), what does not fit is read from the file when used, so the model still runs;
+    read into memory (other formats), it must fit."""
+    avail = ram_available()
+    gb = f"{weight_bytes / 1e9:.2f} GB of weights"
+    if weight_bytes <= avail:
+        where = "used in place from the file" if in_place else "read into memory"
+        return f"{gb}, {where}; fits in the {avail / 1e9:.2f} GB of RAM available"
+    if in_place:
+        return (
+            f"{gb}, used in place from the file, more than the {avail / 1e9:.2f} GB of RAM available: about "
+            f"{avail / weight_bytes:.0%} can stay in memory, the rest is read from the disk as it is used "
+            "(each token's experts that are not resident cost a disk read)"
+        )
+    return (
+        f"{gb}, read into memory, more than the {avail / 1e9:.2f} GB of RAM available: it will not load; "
+        "a quantized checkpoint (`mixtral quantize --mode int4`) is used in place and runs larger than the RAM"
+    )
+
+
+def own_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer a checkpoint folder carries (its tokenizer.model or tokenizer.json), else None."""
+    path = resolve_checkpoint(path)
+    has = path.is_dir() and any((path / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
+    return load_tokenizer(path) if has else None
 
 
 def load_weights(

@@ -7,10 +7,13 @@ safetensors, PyTorch `.pth` and llama.cpp's GGUF (parsed by the `gguf` package, 
 tensor in a block format (Q4_0, Q8_0, Q4_K ...) has the type's name as its dtype and reads as its raw blocks
 (`checkpoint/gguf.py` turns those into our weights).
 
-Reads are memory-mapped: a slice touches only its own pages. The mapping of a safetensors file is reopened
-once `_REMAP_BYTES` have been read through it, between tensors and within one read in parts, so that the pages
-already copied out stop counting against the process (a view still held keeps its own) and the peak memory of
-loading stays close to the size of the loaded model, not twice it.
+Reads are memory-mapped: a slice touches only its own pages. `StoredTensor.map()` gives the whole tensor as a view
+of one mapping of its file kept for as long as a view lives: a model can use its weights in place (a quantized
+checkpoint does), so that the OS keeps the pages in use in RAM and reads the others from the file when touched.
+For slices, the mapping of a safetensors file is reopened once `_REMAP_BYTES` have been read through it,
+between tensors and within one read in parts, so that the pages already copied out stop counting against the
+process (a view still held keeps its own) and the peak memory of loading stays close to the size of the loaded
+model, not twice it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import functools
 import json
 import math
 import mmap
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +33,6 @@ from typing import Any, BinaryIO
 import gguf
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 # 16 MiB: peak RSS while loading the 791M benchmark model 1.75 GiB (64 MiB: 1.80; 1.70 once loaded, imports
 # included), no slower. A tensor read whole holds its pages until it is dropped; one read in parts (quantizing
@@ -68,6 +72,7 @@ class StoredTensor:
     dtype: torch.dtype | str  # a string for a stored dtype torch has no type for (e.g. a GGUF block format)
     _slice: Callable[[tuple[slice, ...]], torch.Tensor]  # a view of the mapping; only its pages are touched
     _read_into: Callable[[torch.Tensor], object]  # fill a tensor of `shape` and `dtype` with all of it
+    _map: Callable[[], torch.Tensor] | None = None  # all of it as a view of a mapping that the view keeps alive
     bytes_read: int = 0
     stored_bytes: int | None = None  # its size in the file, where the dtype does not tell (block formats)
 
@@ -82,6 +87,16 @@ class StoredTensor:
         """The part `index` (one slice per leading dim; `()` for all of it), memory-mapped, not copied."""
         t = self._slice(index)
         self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def map(self) -> torch.Tensor:
+        """All of it, as a view of the file's mapping (copy-on-write: writing to it never changes the file; not
+        reserved against the RAM, so a file larger than the RAM maps), for using in place: its pages are read
+        from the file when first touched and are the OS's to evict."""
+        if self._map is None:
+            raise CheckpointError(f"{self.file}: tensor {self.key!r} cannot be mapped in place ({self.file.suffix})")
+        t = self._map()
+        self.bytes_read += self.nbytes
         return t
 
     def read_aligned(self) -> torch.Tensor:
@@ -106,55 +121,126 @@ def stored_tensors(path: Path) -> Iterator[tuple[str, StoredTensor]]:
 
 
 def _safetensors(path: Path) -> Iterator[tuple[str, StoredTensor]]:
-    try:
-        with safe_open(path, framework="pt") as f:  # validates the header against the file's size
-            keys = list(f.keys())
-        header, data_start = _safetensors_header(path)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    mapping = _Mapping(path)
+    header, data_start = _safetensors_header(path)
+    mapping, whole = _Mapping(path, header, data_start), _FileMap(path)
     with open(path, "rb") as raw:  # for read_aligned: plain reads, no mapping
-        for key in keys:
-            info = header[key]
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
+            dtype, shape = DTYPES.get(info["dtype"], info["dtype"]), tuple(info["shape"])
             yield (
                 key,
                 StoredTensor(
                     path,
                     key,
-                    tuple(info["shape"]),
-                    DTYPES.get(info["dtype"], info["dtype"]),
+                    shape,
+                    dtype,
                     partial(mapping.slice, key),
                     partial(_read_at, raw, path, key, data_start + start, end - start),
+                    partial(whole.view, key, data_start + start, end - start, dtype, shape),
                 ),
             )
 
 
-class _Mapping:
-    """A safetensors file opened for slicing, reopened before a slice once `_REMAP_BYTES` have been read
-    through the current mapping: the old one is unmapped when the last view of it is dropped."""
+# Linux's MAP_NORESERVE (Python < 3.13 does not name it): a private mapping not counted against the RAM + swap
+# the kernel's overcommit heuristic allows, so that a file larger than the RAM can be mapped copy-on-write.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
+def _map_file(path: Path) -> mmap.mmap:
+    """The whole file mapped copy-on-write (writing to a view never changes the file) and unreserved, so its size
+    may exceed the RAM: pages are read when touched and are the OS's to evict. Where the system refuses that
+    (strict overcommit accounting), a read-only mapping, which is never reserved."""
+    with open(path, "rb") as f:
+        try:
+            return mmap.mmap(
+                f.fileno(), 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class _FileMap:
+    """One mapping of a whole file (`_map_file`), made on first use; a view keeps it alive."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self._f, self._mapped = path, None, 0
+        self.path, self._m = path, None
+
+    def view(
+        self, key: str, offset: int, nbytes: int, dtype: torch.dtype | str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {dtype}, which torch cannot hold")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        try:
+            if self._m is None:
+                self._m = _map_file(self.path)
+            with warnings.catch_warnings():  # a read-only mapping: torch warns that the buffer is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(self._m, dtype=torch.uint8, count=nbytes, offset=offset)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: cannot map tensor {key!r}: {e}") from None
+        return flat.view(dtype).reshape(shape)
+
+
+class _Mapping:
+    """A safetensors file mapped for slicing, remapped before a slice once `_REMAP_BYTES` have been read through
+    the current mapping: the old one is unmapped when the last view of it is dropped."""
+
+    def __init__(self, path: Path, header: dict[str, Any], data_start: int) -> None:
+        self.path, self.header, self.data_start = path, header, data_start
+        self._f, self._mapped = _FileMap(path), 0
 
     def slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-        try:
-            if self._f is None or self._mapped >= _REMAP_BYTES:
-                self._f, self._mapped = None, 0
-                self._f = safe_open(self.path, framework="pt")
-            t = self._f.get_slice(key)[index]
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+        if self._mapped >= _REMAP_BYTES:
+            self._f, self._mapped = _FileMap(self.path), 0
+        info = self.header[key]
+        start, end = info["data_offsets"]
+        dtype = DTYPES.get(info["dtype"], info["dtype"])
+        t = self._f.view(key, self.data_start + start, end - start, dtype, tuple(info["shape"]))[index]
         self._mapped += t.numel() * t.element_size()
         return t
 
 
+_MAX_HEADER = 100 << 20  # bytes of JSON header at most (safetensors' own limit)
+
+
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The header (key -> dtype, shape, data_offsets) and where the data starts."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    """The header (key -> dtype, shape, data_offsets) and where the data starts, checked against the file: a
+    header within the file and of bounded size, every tensor's offsets within the data and its byte count what
+    its shape and dtype need. A damaged file is a `CheckpointError` naming it, before anything is allocated."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(size - 8, _MAX_HEADER):
+                raise bad(f"header length {n} beyond the file's {size} bytes (or over {_MAX_HEADER})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = ok and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {key!r} has no valid dtype, shape and data_offsets within the data ({info!r:.200})")
+        if dtype in DTYPES and math.prod(shape) * DTYPES[dtype].itemsize != end - start:
+            raise bad(f"tensor {key!r} is {dtype}{shape} but holds {end - start} bytes")
     return header, 8 + n
 
 
