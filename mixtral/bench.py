@@ -17,17 +17,18 @@ On a shared machine whose speed drifts from minute to minute, configurations tim
 10): every model loaded together, then R rounds of [prefill, decode] for each in turn (order reversed every
 other round); the ratios are medians of the per-round ratios.
 
+With `--contention [N ...]` it measures instead how batch-1 decode holds up on a machine whose cores are shared:
+quiet, beside 1 (and N) busy processes, at --threads threads and at 1, all in one process over interleaved rounds.
+
     mixtral bench [--preset bench-791m | --checkpoint DIR] [--batch 1 8] [--runs 3] [--rounds 3] [--json out.json]
                   [--plot out.png]
+    mixtral bench --contention [N ...] [--contention-rounds R] [--modes bf16 int4] [--new-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,75 +38,10 @@ from pathlib import Path
 
 import torch
 
+from . import cli_args
+from .measure import machine, machine_line, memory_bandwidth_gbs, random_prompts, run_ours, status
+
 # ---- measurements --------------------------------------------------------------------------------------
-
-
-def memory_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 7) -> float:
-    """Read bandwidth in GB/s: the median time of a vectorised full read (torch.sum) of `nbytes`."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()  # fault the pages in
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import transformers
-
-        tf_version = transformers.__version__
-    except ImportError:
-        tf_version = None
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": tf_version,
-        "python": platform.python_version(),
-    }
-
-
-def machine_line(info: dict | None = None) -> str:
-    """The machine, versions and date on one line, for the top of a benchmark's output."""
-    return " | ".join(f"{k} {v}" for k, v in (info or machine()).items())
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
-
-
-def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1234)
-    return [[1, *torch.randint(3, vocab, (length - 1,), generator=g).tolist()] for _ in range(batch)]
-
-
-def _run_ours(model, prompts: list[list[int]], n_prompt: int, n_new: int) -> tuple[float, float]:
-    """Seconds of our prefill of the prompts' first `n_prompt` tokens, then of `n_new` - 1 greedy decode steps."""
-    from .cache import KVCache
-    from .generate import decode_step, prefill
-
-    batch = len(prompts)
-    cache = KVCache(model.config, batch, n_prompt + n_new, dtype=model.embed.weight.dtype)
-    t0 = time.perf_counter()
-    logits = prefill(model, cache, [p[:n_prompt] for p in prompts])
-    t1 = time.perf_counter()
-    pos = torch.full((batch,), n_prompt, dtype=torch.long)
-    for _ in range(n_new - 1):
-        logits = decode_step(model, cache, logits.argmax(-1), pos)
-        pos += 1
-    return t1 - t0, time.perf_counter() - t1
 
 
 @torch.no_grad()
@@ -126,26 +62,26 @@ def _run_transformers(model, prompts: list[list[int]], n_prompt: int, n_new: int
 def _time_ours(path: str, batch: int, prompt_len: int, new_tokens: int, runs: int, compile_: bool) -> dict:
     from .checkpoint import load_model
 
-    base = _status("VmRSS")
+    base = status("VmRSS")
     model = load_model(path)
-    loaded = _status("VmRSS")
+    loaded = status("VmRSS")
     if compile_:
         from .generate import compile_model
 
         compile_model(model)
-    prompts = _prompts(batch, prompt_len, model.config.vocab_size)
-    _run_ours(model, prompts, min(16, prompt_len), 4)  # warm up (and compile)
-    times = [_run_ours(model, prompts, prompt_len, new_tokens) for _ in range(runs)]
+    prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
+    run_ours(model, prompts, min(16, prompt_len), 4)  # warm up (and compile)
+    times = [run_ours(model, prompts, prompt_len, new_tokens) for _ in range(runs)]
     return _result(times, batch, prompt_len, new_tokens, base, loaded)
 
 
 def _time_transformers(path: str, batch: int, prompt_len: int, new_tokens: int, runs: int) -> dict:
     from transformers import MixtralForCausalLM
 
-    base = _status("VmRSS")
+    base = status("VmRSS")
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    loaded = _status("VmRSS")
-    prompts = _prompts(batch, prompt_len, model.config.vocab_size)
+    loaded = status("VmRSS")
+    prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
     _run_transformers(model, prompts, min(16, prompt_len), 4)
     times = [_run_transformers(model, prompts, prompt_len, new_tokens) for _ in range(runs)]
     return _result(times, batch, prompt_len, new_tokens, base, loaded)
@@ -159,7 +95,7 @@ def _result(times, batch, prompt_len, new_tokens, base, loaded) -> dict:
         # the first new token comes from the prefill's logits: new_tokens - 1 decode steps
         "decode_tok_s": batch * (new_tokens - 1) / decode_s,
         "decode_tok_s_runs": [batch * (new_tokens - 1) / t[1] for t in times],
-        "peak_rss": _status("VmHWM"),
+        "peak_rss": status("VmHWM"),
         "rss_after_imports": base,
         "rss_after_load": loaded,
     }
@@ -172,14 +108,14 @@ def _interleaved(spec: dict) -> dict[str, dict[str, list[float]]]:
     new_tokens - 1 decode steps). -> {"prefill": {name: [per round]}, "decode": {...}}"""
     from .checkpoint import load_model
 
-    models = {name: (_run_ours, load_model(path)) for name, path in spec["paths"].items()}
+    models = {name: (run_ours, load_model(path)) for name, path in spec["paths"].items()}
     if spec.get("transformers"):
         from transformers import MixtralForCausalLM
 
         tf = MixtralForCausalLM.from_pretrained(spec["transformers"], dtype=torch.bfloat16).eval()
         models["transformers"] = (_run_transformers, tf)
     n_prompt, n_new = spec["prompt_len"], spec["new_tokens"]
-    prompts = _prompts(1, n_prompt, next(iter(models.values()))[1].config.vocab_size)
+    prompts = random_prompts(1, n_prompt, next(iter(models.values()))[1].config.vocab_size)
     for run, model in models.values():
         run(model, prompts, min(16, n_prompt), 4)  # warm up
     speeds: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
@@ -190,6 +126,73 @@ def _interleaved(spec: dict) -> dict[str, dict[str, list[float]]]:
             speeds["prefill"].setdefault(name, []).append(n_prompt / p)
             speeds["decode"].setdefault(name, []).append((n_new - 1) / d)
     return speeds
+
+
+def _busy_processes(n: int) -> list[subprocess.Popen]:
+    """n processes that each keep a core busy (a Python loop), as another program sharing the machine would."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    time.sleep(0.2)  # started and running before the timing starts
+    return procs
+
+
+def _contention(spec: dict) -> dict[str, dict[str, list[float]]]:
+    """Batch-1 decode tok/s of each model in `spec["paths"]`, all loaded in this process, quiet and beside each
+    number of busy processes in spec["busy"], at spec["threads"] threads and at 1: per round, each busy level in
+    turn (its processes started for it, then stopped), and within it each model at each thread count (order
+    reversed every other round). -> {model: {"<busy>x<threads>": [tok/s per round]}}"""
+    from .checkpoint import load_model
+
+    models = {name: load_model(path) for name, path in spec["paths"].items()}
+    n_prompt, n_new = spec["prompt_len"], spec["new_tokens"]
+    prompts = random_prompts(1, n_prompt, next(iter(models.values())).config.vocab_size)
+    for model in models.values():
+        run_ours(model, prompts, min(16, n_prompt), 4)  # warm up
+    runs = [(name, threads) for name in models for threads in dict.fromkeys([spec["threads"], 1])]
+    speeds: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for rnd in range(spec["rounds"]):
+        for busy in [0, *spec["busy"]]:
+            procs = _busy_processes(busy)
+            try:
+                for name, threads in runs[:: 1 if rnd % 2 == 0 else -1]:
+                    torch.set_num_threads(threads)
+                    _, d = run_ours(models[name], prompts, n_prompt, n_new)
+                    speeds[name].setdefault(f"{busy}x{threads}", []).append((n_new - 1) / d)
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+    torch.set_num_threads(spec["threads"])
+    return speeds
+
+
+def contention_ratios(speeds: dict[str, list[float]], threads: int, busy: list[int]) -> dict:
+    """For one model: median tok/s per "<busy>x<threads>" condition, and medians of the per-round ratios busy /
+    quiet (at `threads` threads) and `threads` threads / 1 thread at each busy level."""
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True))
+
+    out: dict = {"tok_s": speeds, "median_tok_s": {k: statistics.median(v) for k, v in speeds.items()}}
+    out["busy_vs_quiet"] = {str(b): ratio(f"{b}x{threads}", f"0x{threads}") for b in busy}
+    if threads != 1:
+        out["vs_1_thread"] = {str(b): ratio(f"{b}x{threads}", f"{b}x1") for b in [0, *busy]}
+    return out
+
+
+def contention_table(contention: dict, threads: int) -> str:
+    """The contention measurement as a markdown table: one row per model and busy level."""
+    lines = [
+        f"| impl | busy processes | decode tok/s, {threads} threads | decode tok/s, 1 thread | busy / quiet | "
+        f"{threads} threads / 1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in contention["models"].items():
+        for b in [0, *contention["busy"]]:
+            med = c["median_tok_s"]
+            rel = "-" if b == 0 else f"{c['busy_vs_quiet'][str(b)]:.2f}"
+            one = f"{c['vs_1_thread'][str(b)]:.2f}" if "vs_1_thread" in c else "-"
+            lines.append(f"| {name} | {b} | {med[f'{b}x{threads}']:.1f} | {med[f'{b}x1']:.1f} | {rel} | {one} |")
+    return "\n".join(lines) + "\n"
 
 
 def interleaved_ratios(speeds: dict[str, list[float]]) -> dict:
@@ -210,6 +213,9 @@ def child_main(argv: list[str]) -> None:
     torch.set_num_threads(spec["threads"])
     if spec["impl"] == "interleaved":
         print("RESULT " + json.dumps(_interleaved(spec)))
+        return
+    if spec["impl"] == "contention":
+        print("RESULT " + json.dumps(_contention(spec)))
         return
     if spec["impl"] == "transformers":
         res = _time_transformers(spec["path"], spec["batch"], spec["prompt_len"], spec["new_tokens"], spec["runs"])
@@ -304,6 +310,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     from .model import Transformer
     from .quantize import active_weight_bytes, quantize_model, weight_bytes
 
+    args.threads = cli_args.threads(args)  # the children get the same number
     torch.set_num_threads(args.threads)
     info = machine()
     print(machine_line(info), flush=True)
@@ -343,11 +350,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             f"per token: " + ", ".join(f"{m} {p[1] / 1e6:.0f} MB" for m, p in paths.items()),
             flush=True,
         )
-        if quantized:
-            prompts = torch.tensor(_prompts(4, 64, cfg.vocab_size))
+        if quantized and args.contention is None:
+            prompts = torch.tensor(random_prompts(4, 64, cfg.vocab_size))
             results["quality_random_prompts"] = quantization_quality(model, quantized, prompts)
         del model, quantized
 
+        if args.contention is not None:
+            return _run_contention(args, results, {m: paths[m][0] for m in args.modes if m in paths})
         impls = [m for m in args.modes if m in paths] + ([] if args.no_transformers else ["transformers"])
         # Rounds interleave the configurations (and a bandwidth probe before each), so that a noisy stretch
         # of a shared machine is spread over all of them rather than landing on one.
@@ -396,6 +405,41 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     _add_ratios(results)
     print()
     print(markdown_table(results))
+    return results
+
+
+def _run_contention(args: argparse.Namespace, results: dict, paths: dict[str, str]) -> dict:
+    """`--contention`: batch-1 decode quiet, beside 1 (and each further N) busy processes, at --threads threads
+    and at 1, in one process over interleaved rounds; prints the table of medians and ratios."""
+    busy = sorted({1, *args.contention})
+    spec = {
+        "impl": "contention",
+        "paths": paths,
+        "busy": busy,
+        "rounds": args.contention_rounds,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+    }
+    print(
+        f"contention: decode of {args.new_tokens} tokens after {args.prompt_len}, quiet and beside "
+        f"{', '.join(map(str, busy))} busy processes, at {args.threads} threads and 1, "
+        f"{args.contention_rounds} interleaved rounds in one process",
+        flush=True,
+    )
+    speeds = _run_child(spec)
+    results["contention"] = {
+        "busy": busy,
+        "rounds": args.contention_rounds,
+        "models": {name: contention_ratios(v, args.threads, busy) for name, v in speeds.items()},
+    }
+    print()
+    print(
+        f"Medians over {args.contention_rounds} rounds; ratios are medians of per-round ratios "
+        "(busy / quiet at the same thread count; threads / 1 thread at the same busy level):"
+    )
+    print()
+    print(contention_table(results["contention"], args.threads))
     return results
 
 
@@ -542,7 +586,22 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         help="also time batch 1 with every model in one process, R interleaved rounds of [prefill, decode] "
         "(ratios robust to a machine whose speed drifts; 0: off; default: 10)",
     )
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
+    cli_args.add_threads_flag(p)
+    p.add_argument(
+        "--contention",
+        type=int,
+        nargs="*",
+        metavar="N",
+        help="instead of the table: batch-1 decode quiet, beside 1 busy process (and beside each N), at --threads "
+        "threads and at 1, in one process; prints busy / quiet and threads / 1-thread ratios",
+    )
+    p.add_argument(
+        "--contention-rounds",
+        type=int,
+        default=5,
+        metavar="R",
+        help="interleaved rounds of --contention (default: 5)",
+    )
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument(
         "--compile",
@@ -559,11 +618,23 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         help="instead of speed: quality of int8/int4 against "
         "bf16 on these text files, for --checkpoint (default: the built-in model)",
     )
+    p.add_argument(
+        "--full-scale",
+        nargs=argparse.REMAINDER,
+        metavar="...",
+        help="the real Mixtral 8x7B shape (or a slice of it) against llama.cpp on the same weights; the flags after "
+        "it are the full-scale run's own (--full-scale --help lists them)",
+    )
     p.add_argument("--quality-group-sizes", type=int, nargs="+", default=[32, 64, 128], help="int4 group sizes")
     p.add_argument("--save-quantized", metavar="DIR", help="with --quality: write the quantized checkpoints here")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.full_scale is not None:
+        from . import full_scale
+
+        full_scale.main(args.full_scale)
+        return
     if args.quality:
         rep = quality_report(args.checkpoint, args.quality, args.quality_group_sizes, save_dir=args.save_quantized)
         print(f"{rep['checkpoint']}: {rep['windows']} windows of {rep['seq_len']} tokens from {' '.join(rep['texts'])}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -12,9 +14,11 @@ import torch
 
 from . import bench, cli_args, parallel
 from .checkpoint import (
+    QUANT_FILE,
     check_output,
     find_checkpoint,
     load_model,
+    own_tokenizer,
     save_gguf,
     save_model,
     save_quantized,
@@ -22,7 +26,9 @@ from .checkpoint import (
     stored_tensors,
 )
 from .checkpoint.gguf import EXPORT_TYPES, describe_types
+from .checkpoint.load import memory_fit
 from .config import PRESETS, get_preset
+from .eval import cli as eval_cli
 from .generate import generate_stream
 from .model import Transformer
 from .quantize import GROUP_SIZES, QUANT_MODES
@@ -66,10 +72,23 @@ def _timings(n_prompt: int, n_gen: int, prefill_s: float, decode_s: float) -> st
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.lora and (args.quantize or args.ep > 1 or args.tp > 1):
+        raise cli_args.CLIError("--lora applies to a plain model in one process: without --quantize, --ep, --tp")
     model, tokenizer = cli_args.load(args)
+    if args.lora:
+        from .quantize import quantization_of
+        from .train.lora import load_adapter
+
+        if quantization_of(model) is not None:
+            raise cli_args.CLIError("--lora needs a floating-point model, and this checkpoint is quantized")
+        load_adapter(model, args.lora)  # computed into the weights as they are read, not merged
     prompt = args.prompt
     if prompt == "-":  # only rank 0 reads stdin
         prompt = parallel.broadcast_from_main(sys.stdin.read() if parallel.is_main_process() else None)
+        if not prompt:
+            raise cli_args.CLIError("the prompt read from stdin (--prompt -) is empty: give the text to continue")
+    elif not prompt:
+        raise cli_args.CLIError("--prompt is empty: give the text to continue ('-' reads it from stdin)")
     ids = tokenizer.encode(prompt, bos=not args.no_bos)
     if not ids:
         raise cli_args.CLIError("the prompt is empty and --no-bos leaves no token to start from")
@@ -85,6 +104,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
+        # Ctrl-C must stop an answer even where the launcher left SIGINT ignored or blocked (inherited across exec)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("Chat with the model. Ctrl-C stops an answer; Ctrl-D (or Ctrl-C at the prompt) quits.", file=sys.stderr)
     while True:
         try:
@@ -97,6 +119,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         line = line.rstrip("\n")
         if not line.strip():
             continue
+        if not interactive:  # the transcript a terminal shows: each message, then its answer
+            sys.stdout.write(f"> {line}\n")
         messages.append({"role": "user", "content": line})
         context = model.config.max_seq_len
         want = args.max_new_tokens or min(args.default_max_new_tokens, context // 2)
@@ -135,30 +159,60 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(_timings(len(ids), n, prefill_s, decode_s), file=sys.stderr)
 
 
+def _count(n: int) -> str:
+    """A parameter count as people write it: 21.4M, 46.7B, 680.5K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _quantization(ckpt) -> dict | None:
+    """A quantized checkpoint's quantization.json ({"mode", "group_size", "dtype"}); None for a plain one."""
+    if ckpt.layout != "quantized":
+        return None
+    try:
+        return json.loads((ckpt.path / QUANT_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise cli_args.CLIError(f"{ckpt.path / QUANT_FILE} cannot be read: {e}") from None
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     ckpt = find_checkpoint(cli_args.checkpoint(args))
     cfg = ckpt.config
     total, active = cfg.param_counts()
+    quant = _quantization(ckpt)
     info = {
         "checkpoint": str(ckpt.path),
-        "layout": {"hf": "Hugging Face", "mistral": "Mistral consolidated", "gguf": "GGUF"}[ckpt.layout],
+        "layout": {"hf": "Hugging Face", "mistral": "Mistral consolidated", "gguf": "GGUF", "quantized": "quantized"}[
+            ckpt.layout
+        ],
         "files": [f.name for f in ckpt.files],
         "size_on_disk_bytes": ckpt.size_bytes,
         "dtype": (
             describe_types(stored_tensors(ckpt.files[0]))
             if ckpt.layout == "gguf"
+            else quant.get("dtype", "?")
+            if quant
             else str(stored_dtype(ckpt)).removeprefix("torch.")
         ),
+        "quantization": quant,
         "parameters_total": total,
         "parameters_active_per_token": active,
+        "memory": memory_fit(ckpt.size_bytes, in_place=quant is not None),
         "config": cfg.__dict__,
     }
     if args.json:
         print(json.dumps(info, indent=2))
         return
     print(f"checkpoint   {info['checkpoint']} ({info['layout']} layout, {len(ckpt.files)} weight file(s))")
-    print(f"size on disk {ckpt.size_bytes / 1e9:.3f} GB, stored as {info['dtype']}")
-    print(f"parameters   {total / 1e9:.3f}B total, {active / 1e9:.3f}B active per token")
+    stored = info["dtype"]
+    if quant:
+        group = f", groups of {quant['group_size']}" if quant["mode"] == "int4" and quant.get("group_size") else ""
+        stored = f"{quant['mode']} (weight-only quantized{group}; router, norms and embedding in {stored})"
+    print(f"size on disk {ckpt.size_bytes / 1e9:.3f} GB, stored as {stored}")
+    print(f"parameters   {_count(total)} total, {_count(active)} active per token")
+    print(f"memory       {info['memory']}")
     for key, value in cfg.__dict__.items():
         print(f"  {key:<15}{value}")
 
@@ -167,7 +221,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     check_output(args.out, overwrite=args.force, force="--force")  # before minutes of work
     path, dtype = cli_args.checkpoint(args), cli_args.dtype(args.dtype)
     model = load_model(path, dtype=dtype, quantize=args.mode, group_size=args.group_size)
-    save_quantized(model, args.out, overwrite=args.force)
+    save_quantized(model, args.out, tokenizer=own_tokenizer(path), overwrite=args.force)
     print(f"wrote an {args.mode} checkpoint to {args.out}", file=sys.stderr)
 
 
@@ -186,7 +240,7 @@ def cmd_routing(args: argparse.Namespace) -> None:
     from .routing import markdown_table, write_report
 
     model, tokenizer = cli_args.load(args)
-    report = write_report(model, tokenizer, args.text, args.out, args.layer, args.max_tokens)
+    report = write_report(model, tokenizer, args.text, args.out, args.layer, args.max_tokens, progress=True)
     print(markdown_table(report), end="")
     print(f"wrote routing.json, routing.md, routing_share.png and routing_tokens.html to {args.out}", file=sys.stderr)
 
@@ -196,9 +250,18 @@ def cmd_init(args: argparse.Namespace) -> None:
     config = get_preset(args.preset)
     torch.manual_seed(args.seed)
     model = Transformer(config).to(cli_args.DTYPES[args.dtype])
-    save_model(model, args.out, overwrite=args.force)
+    tokenizer = load_tokenizer()  # Mixtral's, where the vocabulary holds it
+    save_model(model, args.out, tokenizer=tokenizer if tokenizer.vocab_size <= config.vocab_size else None,
+               overwrite=args.force)  # fmt: skip
     total, _ = config.param_counts()
     print(f"wrote a random {args.preset} model ({total / 1e6:.1f}M parameters, {args.dtype}) to {args.out}")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("mixtral")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
@@ -215,6 +278,7 @@ def add_force_flag(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtral", description="The Mixtral sparse mixture-of-experts model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -225,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_model_flags(p)
     p.add_argument("--prompt", required=True, help="the text to continue ('-' reads it from stdin)")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
+    p.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="a LoRA adapter to apply at load, without merging: PEFT's format or `mixtral train`'s out_dir/adapter",
+    )
     cli_args.add_sampling_flags(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 
@@ -273,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to route (one source each)")
     p.add_argument("--out", default="routing", metavar="DIR", help="output folder (default: routing)")
     p.add_argument("--layer", type=int, help="layer for the token-level view (default: the middle one)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens analysed per text (default: 16384)")
+    p.add_argument(
+        "--max-tokens", type=cli_args.positive_int, default=16384, help="tokens analysed per text (default: 16384)"
+    )
     p.set_defaults(func=cmd_routing)
 
     p = sub.add_parser(
@@ -310,12 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cli.add_command(sub)
     train_cli.add_command(sub)
+    eval_cli.add_command(sub)
     bench.add_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli_args.run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the command's own usage, not the top level's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return cli_args.run(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ serve` (serve/cli.py), `mixtral train` / `eval` (train/cli.py) and `mixtral benc
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -12,9 +14,9 @@ import torch
 
 from . import parallel
 from .builtin import default_checkpoint
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, load_model, resolve_checkpoint
 from .config import ConfigError
-from .generate import compile_model, prepare_kernels
+from .generate import prepare_for_device, prepare_kernels
 from .model import Transformer
 from .quantize import GROUP_SIZES, QUANT_MODES
 from .sampling import SamplingParams
@@ -30,6 +32,8 @@ class CLIError(Exception):
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command (`args.func`); its input errors are one line on stderr and exit status 2."""
     try:
+        if "threads" in args:
+            apply_threads(args)
         args.func(args)
     except (CLIError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"mixtral {args.command}: error: {e}", file=sys.stderr)
@@ -41,6 +45,73 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type`: a whole number >= 1, else one line saying so (with the command's usage)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give one >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= 1")
+    return value
+
+
+# ---- threads ----------------------------------------------------------------------------------------------
+
+CGROUP = Path("/sys/fs/cgroup")  # where this process's cgroup (v2: cpu.max; v1: cpu/cpu.cfs_*) is mounted
+
+
+def cgroup_cpus(root: Path | None = None) -> float | None:
+    """The CPUs the cgroup CPU quota allows (quota / period, maybe fractional), or None where there is none."""
+    root = CGROUP if root is None else root
+    try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):  # cgroup v1: quota -1 means none
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def available_cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by the cgroup quota (rounded down), at least 1.
+    torch's own default counts every core of the machine, which in a container or under taskset oversubscribes."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    if quota is not None:
+        n = min(n, math.floor(quota))
+    return max(1, n)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch and the CPU kernels (default: the cores this process may use, by its CPU "
+        "affinity and cgroup quota); on a busy machine fewer threads than cores can be much faster",
+    )
+
+
+def threads(args: argparse.Namespace) -> int:
+    """The --threads value, or the default: `available_cpus()`."""
+    return getattr(args, "threads", None) or available_cpus()
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op threads (the CPU kernels run on the same OpenMP pool) from --threads."""
+    torch.set_num_threads(threads(args))
+
+
 # ---- the model --------------------------------------------------------------------------------------------
 
 
@@ -50,7 +121,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="checkpoint folder: Hugging Face layout (config.json + model*.safetensors) or Mistral's "
         "(params.json + consolidated.safetensors / consolidated.00.pth), or a llama.cpp .gguf file (its own "
-        "tokenizer inside; loaded quantized where it is); default: the built-in model",
+        "tokenizer inside; loaded quantized where it is), or a Hugging Face model id org/name[@revision] (from the "
+        "local Hugging Face cache, else downloaded; HF_HUB_OFFLINE=1 keeps to the cache); default (or 'builtin'): the "
+        "built-in model",
     )
     p.add_argument(
         "--dtype",
@@ -87,8 +160,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="torch.compile the blocks (CPU). Off by default: on the 2-core machine we measured it costs ~75 s "
-        "per process and decodes no faster (docs/performance.md); falls back to eager where no compiler works",
+        help="torch.compile the blocks (CPU or GPU). Off by default: on the 2-core machine we measured it costs "
+        "~75 s per process and decodes no faster (docs/performance.md); falls back to eager where no compiler works",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a GPU, replay decode steps from CUDA graphs (default: on; --no-cuda-graphs runs them eagerly)",
     )
     p.add_argument(
         "--tokenizer",
@@ -96,12 +175,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="tokenizer.model or tokenizer.json to use; default: the checkpoint's own, else the Mixtral v1 "
         "tokenizer shipped in mistral-common",
     )
+    add_threads_flag(p)
 
 
 def checkpoint(args: argparse.Namespace) -> Path:
-    """The --checkpoint folder, else the built-in model."""
+    """The --checkpoint folder (a Hugging Face id, org/name[@revision], is fetched or read from the HF cache
+    unless a local path of that name exists), else the built-in model."""
     if args.checkpoint:
-        return Path(args.checkpoint).expanduser()
+        return resolve_checkpoint(args.checkpoint)
     try:
         return default_checkpoint()
     except FileNotFoundError as e:
@@ -140,8 +221,8 @@ def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
         # quantized while it is read: the memory holds the quantized model, never the whole one in bf16
         quantize = {"quantize": args.quantize, "group_size": args.group_size}
         model = load_model(path, dtype=dtype(args.dtype), device=dev, **quantize)
-        if args.compile and model.embed.weight.device.type == "cpu":
-            compile_model(model)
+        # the Triton MoE kernel on a GPU, compiled when asked (on any device), CUDA graphs unless turned off
+        prepare_for_device(model, compile=args.compile, cuda_graphs=args.cuda_graphs)
     tokenizer = load_tokenizer(args.tokenizer or path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CLIError(
@@ -170,7 +251,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats; 1: off")
     g.add_argument("--seed", type=int, help="random seed: the same seed gives the same output")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (default: 512)")
+    g.add_argument(
+        "--prefill-chunk", type=positive_int, default=512, help="prompt tokens per forward pass (default: 512)"
+    )
 
 
 def sampling_params(args: argparse.Namespace, n_prompt: int, context: int) -> SamplingParams:
@@ -181,6 +264,12 @@ def sampling_params(args: argparse.Namespace, n_prompt: int, context: int) -> Sa
         max_new_tokens = min(args.default_max_new_tokens, context - n_prompt)
         if max_new_tokens < 1:
             raise CLIError(f"the prompt is {n_prompt} tokens and fills the model's context of {context} tokens")
+    elif max_new_tokens >= 1 and n_prompt + max_new_tokens > context:
+        room = f"at most {context - n_prompt} new tokens fit" if n_prompt < context else "no new token fits"
+        raise CLIError(
+            f"the prompt is {n_prompt} tokens and --max-new-tokens is {max_new_tokens}: together "
+            f"{n_prompt + max_new_tokens}, more than the model's context of {context} tokens ({room})"
+        )
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=args.temperature,

@@ -5,6 +5,7 @@ is never asserted: the figures come from the benchmark run on a quiet machine, s
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -62,3 +63,26 @@ def test_transformers_prefill_computes_the_last_positions_logits_only_as_its_gen
     model.forward = lambda *a, **kw: shapes.append((kw.get("input_ids").shape[1], out := real(*a, **kw))) or out
     _run_transformers(model, [[1, 5, 6, 7, 8]], 5, 3)
     assert [(n, tuple(o.logits.shape)) for n, o in shapes] == [(5, (1, 1, 320)), (1, (1, 1, 320)), (1, (1, 1, 320))]
+
+
+def test_contention_measures_quiet_busy_and_one_thread_and_prints_the_ratios(tmp_path):
+    # The flag's plumbing only: each model decodes quiet and beside 1 and 2 busy processes, at 2 threads and at 1,
+    # in interleaved rounds; the ratios are medians of per-round ratios. (How fast is for the benchmark run.)
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "mixtral", "bench", "--preset", "tiny", "--modes", "bf16", "int8", "--prompt-len",
+        "8", "--new-tokens", "4", "--contention", "2", "--contention-rounds", "2", "--threads", "2", "--json",
+        str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| impl | busy processes | decode tok/s, 2 threads | decode tok/s, 1 thread |" in done.stdout
+    res = json.loads(out.read_text())["contention"]
+    assert res["busy"] == [1, 2] and res["rounds"] == 2 and set(res["models"]) == {"bf16", "int8"}
+    for c in res["models"].values():
+        assert {k: len(v) for k, v in c["tok_s"].items()} == {f"{b}x{t}": 2 for b in (0, 1, 2) for t in (2, 1)}
+        assert set(c["busy_vs_quiet"]) == {"1", "2"} and set(c["vs_1_thread"]) == {"0", "1", "2"}
+        s = c["tok_s"]
+        assert c["busy_vs_quiet"]["2"] == statistics.median(a / b for a, b in zip(s["2x2"], s["0x2"], strict=True))
+        assert c["vs_1_thread"]["1"] == statistics.median(a / b for a, b in zip(s["1x2"], s["1x1"], strict=True))
+    assert "| bf16 | 2 |" in done.stdout and "| int8 | 0 |" in done.stdout

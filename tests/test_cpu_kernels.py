@@ -1,12 +1,13 @@
-"""The AVX512-BF16 decode kernels (`mixtral/kernels/cpu_decode.cpp`) against the plain PyTorch path they
-replace: the same products in float32 rounded once, so they differ from an exact float32 result no more
-than torch.mv does; and the model decodes the same with and without them."""
+"""The CPU decode kernels (`mixtral/kernels/cpu_decode.cpp`, AVX512-BF16 or AVX2 builds) against the plain
+PyTorch path they replace: the same products in float32 rounded once, so they differ from an exact float32 result
+no more than torch.mv does; and the model decodes the same with and without them."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from mixtral.kernels.ops import (
     linear,
     swiglu,
 )
-from mixtral.kernels.weights import QuantizedWeight, aten_scales_zeros, int4_parts, quantize_int8
+from mixtral.kernels.weights import QuantizedWeight, quantize_int8
 from mixtral.model import RMSNorm, Transformer
 from mixtral.moe import experts_reference
 from mixtral.quantize import QuantizedLinear, quantize_model
@@ -243,7 +244,7 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
     with torch.no_grad():
         for rows in (2, FUSED_MIN_ROWS["int4"], FUSED_ROWS["int8"] + 1):  # int8 beyond: dequantized, oneDNN
             xr = torch.randn(rows, K, dtype=torch.bfloat16)
-            y8, y4 = q8(xr), q4(xr)
+            y8, y4 = linear(xr, q8), linear(xr, q4)
             torch.testing.assert_close(y8, ops.gemm(xr, q8.dequantize()), rtol=2e-2, atol=2e-2 * y8.abs().max().item())
             torch.testing.assert_close(y4, ops.gemm(xr, q4.dequantize()), rtol=2e-2, atol=2e-2 * y4.abs().max().item())
     assert calls == ["gemm_int8", "gemm_int4", "gemm_int4"]  # int4 has no upper limit
@@ -411,6 +412,59 @@ def test_turned_off_by_the_environment_falls_back_to_torch_mv():
     assert tokens == "4"
 
 
+def test_the_instruction_set_is_picked_by_the_cpus_flags():
+    avx2 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi"}
+    assert cpu_kernels.pick_isa(avx512) == "avx512"
+    assert cpu_kernels.pick_isa(avx512, "avx2") == "avx2"  # MIXTRAL_CPU_KERNELS=avx2: to compare the two builds
+    assert cpu_kernels.pick_isa(avx512 - {"avx512_bf16"}) == "avx2"  # AVX-512 without BF16 (Skylake-X, Ice Lake)
+    assert cpu_kernels.pick_isa(avx2) == cpu_kernels.pick_isa(avx2, "avx512") == "avx2"
+    assert cpu_kernels.pick_isa(avx2 - {"fma"}) is None and cpu_kernels.pick_isa(set()) is None
+
+
+@needs_kernels
+def test_this_cpu_runs_the_build_its_flags_call_for():
+    flags = cpu_kernels.cpu_flags()
+    isa = cpu_kernels.pick_isa(flags, os.environ.get("MIXTRAL_CPU_KERNELS", ""))
+    assert cpu_kernels.status() == f"{cpu_kernels.ISA_NAMES[isa]} decode kernels"
+    assert isa == "avx512" or "avx512_bf16" not in flags or os.environ.get("MIXTRAL_CPU_KERNELS") == "avx2"
+
+
+def test_each_instruction_set_builds_into_a_folder_named_by_its_flags(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("MIXTRAL_KERNEL_DIR", str(tmp_path))
+    builds = []
+
+    def fake_load(name, sources, extra_cflags, build_directory, **kwargs):
+        builds.append((Path(build_directory).name, extra_cflags))
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.library, "register_fake", lambda name: lambda fn: fn)
+    monkeypatch.setattr(cpu_kernels, "_isa", None)
+    for isa in ("avx2", "avx512"):
+        cpu_kernels._build(isa)
+    (avx2, avx2_flags), (avx512, avx512_flags) = builds
+    assert avx2.startswith("mixtral_cpu_decode_avx2_") and avx512.startswith("mixtral_cpu_decode_avx512_")
+    assert "-mavx2" in avx2_flags and "-mavx512bf16" not in avx2_flags and "-mavx512bf16" in avx512_flags
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 12, 200])
+def test_int4_weights_are_read_in_place_where_the_kernels_run(rows, monkeypatch):
+    """Our kernels read the stored int4 blocks (memory-mapped ones included) as they are: no conversion to ATen's
+    layout (a copy of the weight) at any row count."""
+    monkeypatch.setattr(kops, "_aten_int4", lambda w: pytest.fail("converted to ATen's int4 layout"))
+    torch.manual_seed(12)
+    qw = QuantizedWeight.from_float(torch.randn(128, 256, dtype=torch.bfloat16), "int4", 64)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = linear(x, qw)
+    ref = x.float() @ qw.dequantize().float().T
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape", [(3584, 1024), (1024, 3584), (37, 64), (5, 16), (9, 208)])
 @pytest.mark.parametrize("outliers", [False, True])
@@ -491,17 +545,17 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
     if outliers:
         x[:: max(shape[1] // 3, 1)] *= 1000
     y = cpu_kernels.ops().gemv_int4(qw.blocks, x, group)
-    packed, sz = int4_parts(qw.blocks, group, torch.bfloat16)
-    ref = torch._weight_int4pack_mm_for_cpu(x[None], packed, group, aten_scales_zeros(sz))[0]
+    packed, sz = kops._aten_int4(qw.view_all())  # in ATen's layout for this CPU (ours on AVX-512 CPUs)
+    ref = torch._weight_int4pack_mm_for_cpu(x[None], packed, group, sz)[0]
     w = qw.dequantize(torch.float32)
     exact = w @ x.float()
     fixed_err = (w.abs() @ torch.ones(shape[1])) * x.float().abs().max() * 2**-14
     assert ((y.float() - exact).abs() <= (exact.abs() + fixed_err) * 2**-8 + fixed_err + 1e-3).all()
     assert _max_err(y, exact) <= 1.5 * _max_err(ref, exact) + fixed_err.max() + 1e-3
     with torch.no_grad():  # and through the quantized weight's own call
-        torch.testing.assert_close(qw(x[None]), y[None], rtol=0, atol=0)
+        torch.testing.assert_close(linear(x[None], qw), y[None], rtol=0, atol=0)
         with cpu_kernels.disabled():
-            torch.testing.assert_close(qw(x[None]), ref[None], rtol=0, atol=0)
+            torch.testing.assert_close(linear(x[None], qw), ref[None], rtol=0, atol=0)
 
 
 @needs_kernels
@@ -520,9 +574,9 @@ def test_quantized_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(mode, rows):
     y = gemv(X)
     assert torch.equal(y, torch.stack([gemv(x) for x in X]))
     with torch.no_grad():
-        assert torch.equal(qw(X[None]), y[None])
+        assert torch.equal(linear(X[None], qw), y[None])
         with cpu_kernels.disabled():
-            aten = qw(X)
+            aten = linear(X, qw)
     torch.testing.assert_close(y, aten, rtol=2e-2, atol=2e-2 * aten.abs().max().item())
     with pytest.raises(RuntimeError, match="x must be"):
         gemv(X[None])
@@ -700,3 +754,89 @@ def test_the_fused_steps_arguments_follow_changes_to_the_model(monkeypatch):
     steps()
     model.float()  # tensors converted in place: the cached bf16 arguments must not be used
     assert torch.equal(steps(torch.float32), plain(torch.float32))
+
+
+@pytest.fixture
+def parallel_settings():
+    """Restores `set_parallel`'s settings and torch's thread count after the test."""
+    old, threads = cpu_kernels.ops().set_parallel(-1, -1, -1, -1, -1), torch.get_num_threads()
+    yield cpu_kernels.ops().set_parallel
+    cpu_kernels.ops().set_parallel(*old[:5])
+    torch.set_num_threads(threads)
+
+
+def _kernel_outputs() -> list[torch.Tensor]:
+    """Outputs of kernels of every kind of parallel region: GEMV (odd row counts), GEMM and fused experts in bf16
+    and int4, a norm over many rows, attention, and fused decode steps in bf16 and int4."""
+    ops = cpu_kernels.ops()
+    g = torch.Generator().manual_seed(3)
+    W, x = torch.randn(1037, 256, generator=g).bfloat16(), torch.randn(256, generator=g).bfloat16()
+    X = torch.randn(7, 256, generator=g).bfloat16()
+    w1, w3 = torch.randn(320, 256, generator=g).bfloat16() / 16, torch.randn(320, 256, generator=g).bfloat16() / 16
+    w2 = torch.randn(256, 320, generator=g).bfloat16() / 16
+    q, k, v = (torch.randn(2, n, 1 if i == 0 else 40, 64, generator=g).bfloat16() for i, n in enumerate((8, 2, 2)))
+    out = [ops.gemv(W, x), ops.gemm(X, W), ops.swiglu(X, w1, w2, w3), ops.rms_norm(X.repeat(40, 1), x, 1e-5)]
+    out.append(ops.decode_attention(q, k, v, torch.ones(2, 1, 1, 40, dtype=torch.bool), 0.125))
+    for mode in ("bf16", "int4"):
+        _, model = _small_model(11)
+        if mode == "int4":
+            quantize_model(model, "int4", group_size=32)
+        out.append(_decode(model, 6))
+    return out
+
+
+@needs_kernels
+def test_the_thread_pool_gives_what_the_openmp_regions_give_bit_for_bit(parallel_settings):
+    """`parallel` on the pool (chunks claimed from a counter, the caller working too) against plain OpenMP regions
+    (one static range per thread): each unit of work is computed the same way whatever the split, so every kernel's
+    output is the same bit for bit, for any number of chunks per thread and of threads (3 on a 2-core machine: a
+    worker descheduled while it holds a chunk)."""
+    set_parallel = parallel_settings
+    set_parallel(0, -1, -1, -1, -1)
+    reference = _kernel_outputs()
+    for mode, chunks, threads in [(1, 4, 2), (2, 1, 2), (2, 64, 2), (1, 3, 3), (2, 1024, 1), (1, 4, 2)]:
+        torch.set_num_threads(threads)
+        set_parallel(mode, chunks, -1, -1, -1)
+        for got, want in zip(_kernel_outputs(), reference, strict=True):
+            assert torch.equal(got, want), (mode, chunks, threads)
+
+
+@needs_kernels
+def test_regions_from_several_threads_and_after_a_fork_still_compute_the_product(parallel_settings):
+    """One caller at a time owns the pool; another thread's regions meanwhile run on that thread alone. A child
+    forked after the pool started has none of its workers and starts its own."""
+    import threading
+
+    parallel_settings(1, -1, -1, -1, -1)
+    g = torch.Generator().manual_seed(5)
+    W, x = torch.randn(2048, 512, generator=g).bfloat16(), torch.randn(512, generator=g).bfloat16()
+    want = cpu_kernels.ops().gemv(W, x)
+    bad = []
+
+    def work():
+        for _ in range(200):
+            if not torch.equal(cpu_kernels.ops().gemv(W, x), want):
+                bad.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 if the product is right
+        os._exit(0 if all(torch.equal(cpu_kernels.ops().gemv(W, x), want) for _ in range(20)) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+@needs_kernels
+def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_one():
+    """torch's build lock is a file: a build killed while holding it leaves it behind. Ours is an OS lock, and a
+    lock file found while holding it is stale and removed, so the kernels still load (not a wait without end)."""
+    folder = cpu_kernels.build_directory(cpu_kernels.build_name(cpu_kernels.isa() or "avx2"))
+    (folder / "lock").write_text("")  # what a killed build leaves
+    code = "from mixtral.kernels import cpu; assert cpu.ops() is not None, cpu.status()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert not (folder / "lock").exists()

@@ -227,7 +227,7 @@ def test_lora_training_changes_only_the_adapters(corpus, tmp_path):
     for n, p in trainer.model.named_parameters():
         changed = not torch.equal(p, before[n])
         assert changed == (".A" in n or ".B" in n), n
-    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "run" / "model").exists()
 
 

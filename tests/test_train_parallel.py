@@ -40,8 +40,8 @@ def _train(corpus: Path, out: Path, steps: int, *extra: str, ep: int = 1, tp: in
     args = [
         "train", "--data", *_data(corpus), "--out-dir", str(out), "--preset", "tiny", "--seq-len", "32",
         "--batch-size", "4", "--grad-accum", "2", "--steps", str(steps), "--warmup", "2", "--lr", "3e-3",
-        "--min-lr-ratio", "1", "--grad-clip", "0.5", "--z-loss-coef", "0.001", "--checkpoint-every", "3",
-        "--eval-every", "3", "--log-every", "1", "--data-cache", "", "--seed", "1",
+        "--min-lr-ratio", "1", "--grad-clip", "0.5", "--z-loss-coef", "0.001", "--first-choice-aux-coef", "0.05",
+        "--checkpoint-every", "3", "--eval-every", "3", "--log-every", "1", "--data-cache", "", "--seed", "1",
         *extra,
     ]  # fmt: skip
     if ep * tp > 1:
@@ -57,8 +57,9 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _losses(out: Path) -> dict[int, tuple[float, float, float, float]]:
-    return {r["step"]: (r["loss"], r["aux_loss"], r["z_loss"], r["grad_norm"]) for r in _records(out) if "loss" in r}
+def _losses(out: Path) -> dict[int, tuple[float, ...]]:
+    keys = ("loss", "aux_loss", "first_choice_aux_loss", "z_loss", "grad_norm")
+    return {r["step"]: tuple(r[k] for k in keys) for r in _records(out) if "loss" in r}
 
 
 @pytest.fixture(scope="module")

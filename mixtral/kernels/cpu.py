@@ -1,17 +1,21 @@
 """The CPU decode kernels of `cpu_decode.cpp`, built on first use with torch.utils.cpp_extension.
 
-`ops()` returns the loaded ops (`torch.ops.mixtral_cpu`), or None where they cannot run: a CPU without
-AVX512-BF16, -VNNI and -VBMI, no C++ compiler, a failed build, or `MIXTRAL_CPU_KERNELS=0` in the environment.
+The source builds for one of two instruction sets (`isa()`): AVX512-BF16, -VNNI and -VBMI (Zen 4, Sapphire
+Rapids), or else AVX2 with FMA and F16C (most other x86 CPUs of the last decade); the same ops, signatures and
+weight layouts either way. `ops()` returns the loaded ops (`torch.ops.mixtral_cpu`), or None where they cannot
+run: a CPU with neither set, no C++ compiler, a failed build, or `MIXTRAL_CPU_KERNELS=0` in the environment
+(`MIXTRAL_CPU_KERNELS=avx2` builds the AVX2 kernels on an AVX-512 CPU too, to compare the two).
 Callers then use the plain PyTorch path, which computes the same function (see `quantize.linear` and
 `moe.experts_decode`); `status()` says which path is in use and why, and a failed build is reported once on stderr.
 
 The build takes a minute or two the first time and is kept in a folder of this installed copy's own
-(`build_directory`), keyed by the source and flags.
+(`build_directory`), keyed by the source and the flags of the instruction set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -25,30 +29,46 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # -fopenmp: ATen's parallel_for is inline OpenMP; without the flag it runs on one thread.
-FLAGS = [
-    "-O3",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mavx512vnni",
-    "-mavx512vbmi",
-    "-mfma",
-]
+BASE_FLAGS = ["-O3", "-fopenmp"]
+# Per instruction set: the compiler flags, and the /proc/cpuinfo flags a CPU needs for them.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi", "-mfma"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+CPU_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi", "fma"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
+ISA_NAMES = {"avx512": "AVX512-BF16", "avx2": "AVX2"}
 
 _ops: Any = None
 _reason: str | None = None  # why the kernels are not in use; None before the first try
+_isa: str | None = None  # the instruction set of the loaded kernels
 
 
-def cpu_has_avx512_features() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux x86-64)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return set()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx512_bf16", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"))
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def pick_isa(flags: set[str], wanted: str = "") -> str | None:
+    """The instruction set to build for a CPU with these flags: "avx512" where it has all of CPU_FLAGS["avx512"],
+    else "avx2" where it has AVX2, FMA and F16C, else None; `wanted` ("avx2") asks for the AVX2 build even where
+    AVX-512 is there."""
+    order = ["avx2"] if wanted == "avx2" else list(ISA_FLAGS)
+    return next((isa for isa in order if all(f in flags for f in CPU_FLAGS[isa])), None)
+
+
+def isa() -> str | None:
+    """The instruction set the kernels are built for on this CPU (see `pick_isa`)."""
+    return pick_isa(cpu_flags(), os.environ.get("MIXTRAL_CPU_KERNELS", ""))
 
 
 def ops() -> Any:
@@ -58,11 +78,11 @@ def ops() -> Any:
         return _ops
     if os.environ.get("MIXTRAL_CPU_KERNELS", "1") == "0":
         _reason = "turned off by MIXTRAL_CPU_KERNELS=0"
-    elif not cpu_has_avx512_features():
-        _reason = "this CPU lacks AVX512-BF16, AVX512-VNNI or AVX512-VBMI"
+    elif isa() is None:
+        _reason = "this CPU has neither AVX512-BF16/VNNI/VBMI nor AVX2 with FMA and F16C"
     else:
         try:
-            _build()
+            _build(isa())
             _ops = torch.ops.mixtral_cpu
             _reason = ""
         except Exception as e:  # no compiler, no ninja, headers missing: the PyTorch path does the same work
@@ -74,7 +94,7 @@ def ops() -> Any:
 def status() -> str:
     """Which kernels single-token CPU matmuls use, in words."""
     ops()
-    return "AVX512-BF16 decode kernels" if _ops is not None else f"torch.mv ({_reason})"
+    return f"{ISA_NAMES[_isa]} decode kernels" if _ops is not None else f"torch.mv ({_reason})"
 
 
 @contextlib.contextmanager
@@ -100,12 +120,36 @@ def build_directory(name: str) -> Path:
     return base / copy / name
 
 
-def _build() -> None:
+def build_name(target: str) -> str:
+    """The build's name, by a hash of the source and the flags of instruction set `target`: a changed source is a
+    new name, so "not built yet" is exact."""
+    flags = BASE_FLAGS + ISA_FLAGS[target]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return f"mixtral_cpu_decode_{target}_{digest}"
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One builder at a time per build folder, by an OS lock (`flock`) that the kernel releases when its holder
+    dies. torch's own lock is a file that a killed build leaves behind, after which every later build would wait
+    for it forever; holding ours, any such file is stale, and it is removed."""
+    with open(folder / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(target: str | None = None) -> None:
+    """Builds (or loads a finished build of) the kernels for instruction set `target` (default: this CPU's)."""
     from torch.utils.cpp_extension import load
 
-    # Named by a hash of the source and flags: a changed source is a new name, so "not built yet" is exact.
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
-    name = f"mixtral_cpu_decode_{digest}"
+    global _isa
+    target = target or isa() or "avx2"
+    flags = BASE_FLAGS + ISA_FLAGS[target]
+    name = build_name(target)
     folder = build_directory(name)
     folder.mkdir(parents=True, exist_ok=True)
     fresh = not any(folder.glob(f"{name}*.so"))
@@ -113,17 +157,19 @@ def _build() -> None:
         print(f"mixtral: compiling the CPU kernels into {folder} (once per install; 1-3 minutes)...", file=sys.stderr)
         sys.stderr.flush()
     start = time.perf_counter()
-    load(
-        name,
-        [str(SOURCE)],
-        extra_cflags=FLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(folder),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _build_lock(folder):
+        load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
     if fresh:
         print(f"mixtral: CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    _isa = target
 
     @torch.library.register_fake("mixtral_cpu::gemv")
     def _(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

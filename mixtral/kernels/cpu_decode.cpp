@@ -23,7 +23,18 @@
 #include <omp.h>
 #include <torch/extension.h>
 
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -31,20 +42,201 @@
 
 namespace {
 
-// f(b0, b1) over [begin, end) split into one contiguous range per thread, as at::parallel_for does, without its
-// per-call bookkeeping (~1.5 us a region here; a decode step runs ~50 regions). f must not throw: the ops check
-// their inputs before.
+// ---- parallel regions ------------------------------------------------------------------------------------------
+// `parallel(begin, end, grain, f)` runs f(b0, b1) over [begin, end) on the calling thread and a pool of its own
+// (at::get_num_threads() - 1 workers). Why not OpenMP: a region of OpenMP ends in a barrier that waits for every
+// thread of the team to have run its share, so on a machine whose cores are shared with other processes each of the
+// ~50 regions of a decode step waits for the thread the OS descheduled last (docs/kernels.md has the figures). Here
+// the range is cut into about g_chunks_per_thread chunks per thread, every thread, the caller included, claims
+// chunks from one atomic counter, and the region ends when every chunk is done, not when every thread has arrived: a
+// worker that has not started by then finds nothing left and never delays the caller. A worker spins g_spin_us for
+// the next region, then sleeps on a futex. The chunks are of the same units as before and f computes each unit the
+// same way: a split never changes a result (the tests compare the pool with OpenMP regions, `set_parallel`).
+// f must not throw: the ops check their inputs before.
+namespace pool {
+
+// Runtime knobs (`set_parallel`), for the tests and the A/B measurements of docs/kernels.md: mode 1 the pool, 0 OpenMP
+// regions as before (the reference), 2 the pool without the back-off below.
+std::atomic<int> g_mode{1};
+std::atomic<int> g_chunks_per_thread{4};
+std::atomic<int> g_spin_us{50};
+std::atomic<int> g_stall_us{300};
+std::atomic<int> g_backoff_max_us{200000};
+std::atomic<int64_t> g_stalls{0};
+
+// The back-off (the caller's, under `owner`). A region whose caller, done with its own chunks, waited longer than
+// g_stall_us plus the time of those chunks for the workers' last ones waited for a descheduled worker: the cores are
+// shared. The regions then run on the caller alone (the workers go to sleep and leave their cores to the other
+// processes) for backoff_us, doubled at each such wait up to g_backoff_max_us, and the pool is tried again;
+// 256 regions without one reset it. In a quiet machine no region waits that long and nothing changes.
+using Clock = std::chrono::steady_clock;
+Clock::time_point serial_until{};
+int64_t backoff_us = 0, clean_regions = 0;
+
+using Call = void (*)(const void*, int64_t, int64_t);
+
+// One job at a time. ticket = (generation << 24) | next chunk: a claim is a compare-and-swap on both, so a worker
+// that read the fields of a finished job (or half of the next one's) fails its claim instead of running them.
+constexpr int kChunkBits = 24;
+constexpr uint64_t kChunkMask = (uint64_t{1} << kChunkBits) - 1;
+std::atomic<uint64_t> ticket{0};
+std::atomic<uint32_t> done{0};      // chunks of the current job finished
+std::atomic<uint32_t> wake{0};      // bumped when a job is posted; sleeping workers wait on it (futex)
+std::atomic<int> sleepers{0};
+std::atomic<bool> stop{false};
+std::atomic<const void*> job_fn{nullptr};
+std::atomic<Call> job_call{nullptr};
+std::atomic<int64_t> job_begin{0}, job_end{0}, job_chunk{1}, job_chunks{0};
+
+std::mutex owner;  // one caller at a time; another thread's region runs on its own thread
+int64_t n_workers = 0;
+std::atomic<int> alive{0};  // workers running (they are detached: none is left to join at exit)
+thread_local bool in_region = false;
+
+inline void cpu_relax() { _mm_pause(); }
+
+void futex_wait(std::atomic<uint32_t>* a, uint32_t v) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(a), FUTEX_WAIT_PRIVATE, v, nullptr, nullptr, 0);
+}
+void futex_wake_all(std::atomic<uint32_t>* a) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(a), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+// Claims and runs chunks of the current job until none is left.
+void run_chunks() {
+  uint64_t t = ticket.load(std::memory_order_acquire);
+  for (;;) {
+    const int64_t chunks = job_chunks.load(std::memory_order_relaxed);
+    const int64_t i = static_cast<int64_t>(t & kChunkMask);
+    if (i >= chunks) return;
+    const Call call = job_call.load(std::memory_order_relaxed);
+    const void* fn = job_fn.load(std::memory_order_relaxed);
+    const int64_t begin = job_begin.load(std::memory_order_relaxed), end = job_end.load(std::memory_order_relaxed);
+    const int64_t chunk = job_chunk.load(std::memory_order_relaxed);
+    if (!ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    const int64_t b0 = begin + i * chunk;
+    call(fn, b0, std::min(end, b0 + chunk));
+    done.fetch_add(1, std::memory_order_acq_rel);
+    t = ticket.load(std::memory_order_acquire);
+  }
+}
+
+void worker_main() {
+  in_region = true;  // a kernel called from a chunk runs serially
+  uint32_t seen = wake.load(std::memory_order_acquire);
+  for (;;) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(g_spin_us.load());
+    for (int spins = 0; wake.load(std::memory_order_acquire) == seen && !stop.load(std::memory_order_relaxed);) {
+      cpu_relax();
+      if (++spins % 64 == 0 && std::chrono::steady_clock::now() > until) {
+        sleepers.fetch_add(1);
+        while (wake.load() == seen && !stop.load()) futex_wait(&wake, seen);
+        sleepers.fetch_sub(1);
+      }
+    }
+    if (stop.load()) {
+      alive.fetch_sub(1);
+      return;
+    }
+    seen = wake.load(std::memory_order_acquire);
+    run_chunks();
+  }
+}
+
+void stop_workers() {
+  stop.store(true);
+  wake.fetch_add(1);
+  futex_wake_all(&wake);
+  while (alive.load() > 0) sched_yield();
+  n_workers = 0;
+  stop.store(false);
+}
+
+// After a fork the child has none of the parent's workers: it starts its own on its first region. The lock may
+// have been held by another thread of the parent: a new one.
+void after_fork_in_child() {
+  n_workers = 0;
+  alive.store(0);
+  sleepers.store(0);
+  new (&owner) std::mutex();
+}
+
+void ensure_workers(int64_t n) {
+  static const bool registered = (pthread_atfork(nullptr, nullptr, after_fork_in_child), true);
+  (void)registered;
+  if (n_workers == n) return;
+  stop_workers();
+  for (int64_t i = 0; i < n; ++i) {
+    alive.fetch_add(1);
+    std::thread(worker_main).detach();
+  }
+  n_workers = n;
+}
+
+}  // namespace pool
+
 template <class F>
 void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (threads <= 1 || omp_in_parallel()) return f(begin, end);
+  if (threads <= 1 || omp_in_parallel() || pool::in_region) return f(begin, end);
+  if (pool::g_mode.load(std::memory_order_relaxed) == 0) {
 #pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), chunk = (n + omp_get_num_threads() - 1) / omp_get_num_threads();
-    const int64_t b0 = begin + t * chunk;
-    if (b0 < end) f(b0, std::min(end, b0 + chunk));
+    {
+      const int64_t t = omp_get_thread_num(), chunk = (n + omp_get_num_threads() - 1) / omp_get_num_threads();
+      const int64_t b0 = begin + t * chunk;
+      if (b0 < end) f(b0, std::min(end, b0 + chunk));
+    }
+    return;
+  }
+  std::unique_lock<std::mutex> lock(pool::owner, std::try_to_lock);
+  if (!lock.owns_lock()) return f(begin, end);  // another thread's region is running: this one runs here
+  const int mode = pool::g_mode.load(std::memory_order_relaxed);
+  if (mode == 1 && pool::backoff_us > 0 && pool::Clock::now() < pool::serial_until) return f(begin, end);
+  pool::ensure_workers(at::get_num_threads() - 1);
+  // chunks of at least `grain` units, about kChunksPerThread per thread
+  const int64_t units = (n + grain - 1) / grain;
+  const int64_t want = std::min<int64_t>(units, threads * pool::g_chunks_per_thread.load(std::memory_order_relaxed));
+  const int64_t chunk = (units + want - 1) / want * grain, chunks = (n + chunk - 1) / chunk;
+  pool::job_fn.store(&f, std::memory_order_relaxed);
+  pool::job_call.store([](const void* p, int64_t b0, int64_t b1) { (*static_cast<const F*>(p))(b0, b1); },
+                       std::memory_order_relaxed);
+  pool::job_begin.store(begin, std::memory_order_relaxed);
+  pool::job_end.store(end, std::memory_order_relaxed);
+  pool::job_chunk.store(chunk, std::memory_order_relaxed);
+  pool::job_chunks.store(chunks, std::memory_order_relaxed);
+  pool::done.store(0, std::memory_order_relaxed);
+  const uint64_t gen = (pool::ticket.load(std::memory_order_relaxed) >> pool::kChunkBits) + 1;
+  pool::ticket.store(gen << pool::kChunkBits, std::memory_order_release);
+  pool::wake.fetch_add(1);
+  if (pool::sleepers.load() > 0) pool::futex_wake_all(&pool::wake);
+  const auto t0 = pool::Clock::now();
+  pool::in_region = true;
+  pool::run_chunks();
+  pool::in_region = false;
+  // The last chunks may be running on workers; one descheduled while it holds a chunk is the only wait left.
+  // The caller spins while the wait is short enough to be a worker finishing its chunk, then gives its core away:
+  // the worker it waits for may be queued behind it.
+  const auto t1 = pool::Clock::now();
+  const auto stall = t1 - t0 + std::chrono::microseconds(pool::g_stall_us.load(std::memory_order_relaxed));
+  bool stalled = false;
+  for (int spins = 0; pool::done.load(std::memory_order_acquire) < chunks;) {
+    pool::cpu_relax();
+    if (++spins % 64 == 0 && (stalled || pool::Clock::now() - t1 > stall)) {
+      stalled = true;
+      sched_yield();
+    }
+  }
+  if (mode != 1) return;
+  const auto t2 = pool::Clock::now();
+  if (stalled) {
+    pool::g_stalls.fetch_add(1, std::memory_order_relaxed);
+    pool::backoff_us = std::min<int64_t>(std::max<int64_t>(2 * pool::backoff_us, 1000), pool::g_backoff_max_us.load());
+    pool::serial_until = t2 + std::chrono::microseconds(pool::backoff_us);
+    pool::clean_regions = 0;
+  } else if (++pool::clean_regions >= 256) {
+    pool::backoff_us = 0;
   }
 }
 
@@ -68,45 +260,85 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest, ties to even; NaN
 
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
-// A row's dot product once its first K4 columns (a multiple of 4 x 32) are summed in acc: the last columns, then the
-// sum of the four accumulators (so the row's result does not depend on how many rows were read together).
-inline float finish_row(__m512 (&acc)[4], const uint16_t* w, const uint16_t* x, int64_t K4, int64_t K) {
-  for (int64_t k = K4; k < K; k += kStep)
-    acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+// ---- the SIMD layer -------------------------------------------------------------------------------------------
+// The kernels are written once against a vector of 16 float32 (`V16`) and 32 bf16 taken as a dot-product operand
+// (`Bf16x32`, multiplied by `dp`), built for one of two instruction sets, chosen by the compiler flags (`cpu.py`):
+//   - AVX512-BF16/VNNI/VBMI (Zen 4, Sapphire Rapids): a V16 is one __m512, `dp` one `vdpbf16ps`;
+//   - AVX2 with FMA: a V16 is two __m256, and `dp` two FMAs per 8 pairs: a bf16 is the upper half of a float32,
+//     so the even elements of 16 bf16 are their dwords shifted left by 16 and the odd ones their dwords with the
+//     lower half masked off (bf16 products are exact in float32, so acc + a b + c d with two FMAs is
+//     `vdpbf16ps` up to denormals, which it flushes). Lanes past the end of a row are read with a scalar copy.
+// The integer dot products of the quantized GEMVs (`Fixed`, `dot_i8`, `dot_blocks_i4`) have a version per set:
+// `vpdpbusd` on AVX-512; on AVX2 `vpmaddwd` on x as one int16 per element (exact: see `Fixed`).
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define MIXTRAL_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MIXTRAL_AVX512 0
+#else
+#error "cpu_decode.cpp needs AVX512-BF16/VNNI/VBMI, or AVX2 with FMA (see cpu.py for the flags)"
+#endif
+
+#if MIXTRAL_AVX512
+struct V16 {
+  __m512 v;
+};
+struct Bf16x32 {  // 32 bf16: 16 pairs
+  __m512bh v;
+};
+
+inline V16 v_zero() { return {_mm512_setzero_ps()}; }
+inline V16 v_set1(float f) { return {_mm512_set1_ps(f)}; }
+inline V16 v_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void v_store(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
+inline V16 operator+(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V16 operator-(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline V16 operator*(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V16 operator/(V16 a, V16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline V16 v_max(V16 a, V16 b) { return {_mm512_max_ps(a.v, b.v)}; }  // b where either is NaN
+inline V16 v_fmadd(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }    // a b + c
+inline V16 v_fnmadd(V16 a, V16 b, V16 c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a b
+inline float v_sum(V16 a) { return _mm512_reduce_add_ps(a.v); }
+inline V16 v_round_int(V16 a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT)}; }
+inline V16 v_scale2(V16 p, V16 n) { return {_mm512_scalef_ps(p.v, n.v)}; }  // p 2^n, n integral, rounded once
+inline V16 v_from_bf16(const uint16_t* p) {  // bf16 -> float32 is a 16-bit shift
+  return {_mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
+}
+inline V16 v_from_i8(const int8_t* q) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))))};
+}
+// A mask of the first min(n, 16) lanes.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+inline V16 v_load_first(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first_lanes(n), p)}; }
+inline void v_store_first(float* p, int64_t n, V16 a) { _mm512_mask_storeu_ps(p, first_lanes(n), a.v); }
+inline V16 v_from_bf16_first(const uint16_t* p, int64_t n) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(first_lanes(n), p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))};
+}
+// a where allowed[i] for the first min(n, 16) lanes, else 0.
+inline V16 v_keep_allowed(V16 a, const bool* allowed, int64_t n) {
+  const __mmask16 in = first_lanes(n);
+  const __mmask16 live = _mm_mask_cmpneq_epi8_mask(in, _mm_maskz_loadu_epi8(in, allowed), _mm_setzero_si128());
+  return {_mm512_maskz_mov_ps(live, a.v)};
+}
+// a + b c with the product rounded, then the sum (the rounding-mode forms are never contracted into an FMA).
+inline V16 v_add_product(V16 a, V16 b, V16 c) {
+  const __m512 prod = _mm512_mul_round_ps(b.v, c.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return {_mm512_add_round_ps(a.v, prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
 
-// y[r] = dot(W[r, :], x) in float32 for rows [r0, r1) of a row-major W with K columns (K % 32 == 0), four
-// accumulators per row to hide the latency of `vdpbf16ps`. Two rows at a time, one from each half of the range, so
-// each thread reads two sequential streams: on our AMD EPYC (Zen 4) the bf16 decode step runs 1.06-1.18x faster
-// than with one stream (rows one after another), 0.98x with three or four (A/B of kernel builds in one process).
-// Reading 8 neighbouring rows together with software prefetch was 10-20% slower than one stream.
-void dot_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t r0, int64_t r1, int64_t K) {
-  constexpr int kStreams = 2;
-  const int64_t part = (r1 - r0) / kStreams, K4 = K / (4 * kStep) * (4 * kStep);
-  for (int64_t i = r0; i < r0 + part; ++i) {
-    __m512 acc[kStreams][4];
-    for (auto& a : acc)
-      for (auto& v : a) v = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K4; k += 4 * kStep)
-      for (int s = 0; s < kStreams; ++s)
-        for (int u = 0; u < 4; ++u)
-          acc[s][u] = _mm512_dpbf16_ps(acc[s][u], (__m512bh)_mm512_loadu_si512(W + (i + s * part) * K + k + u * kStep),
-                                       (__m512bh)_mm512_loadu_si512(x + k + u * kStep));
-    for (int s = 0; s < kStreams; ++s) y[i + s * part] = finish_row(acc[s], W + (i + s * part) * K, x, K4, K);
-  }
-  for (int64_t r = r0 + kStreams * part; r < r1; ++r) {  // the last row of an odd count
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < K4; k += 4 * kStep)
-      for (int u = 0; u < 4; ++u)
-        acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(W + r * K + k + u * kStep),
-                                  (__m512bh)_mm512_loadu_si512(x + k + u * kStep));
-    y[r] = finish_row(acc, W + r * K, x, K4, K);
-  }
+inline Bf16x32 bf16x32(const uint16_t* p) { return {(__m512bh)_mm512_loadu_si512(p)}; }
+inline Bf16x32 bf16_pair(const uint16_t* p) {  // the pair p[0], p[1] in every lane
+  int32_t pair;
+  std::memcpy(&pair, p, 4);
+  return {(__m512bh)_mm512_set1_epi32(pair)};
 }
+// acc[i] + a[2i] b[2i] + a[2i + 1] b[2i + 1] for the 16 pairs.
+inline V16 dp(V16 acc, Bf16x32 a, Bf16x32 b) { return {_mm512_dpbf16_ps(acc.v, a.v, b.v)}; }
 
 // The sums of four float32 vectors, as 4 floats: [sum a, sum b, sum c, sum d].
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+inline __m128 reduce4(V16 va, V16 vb, V16 vc, V16 vd) {
+  const __m512 a = va.v, b = vb.v, c = vc.v, d = vd.v;
   // 128-bit quarters: ab = [a0 + a2, a1 + a3, b0 + b2, b1 + b3], likewise cd
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
   const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
@@ -116,19 +348,6 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 sums = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0x4e));
   const __m512i lane0 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(lane0, sums));
-}
-
-// e^x for 16 floats, within ~2 ulp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 (ln 2 in two
-// parts, so r is exact), e^r by its Taylor polynomial of degree 6 (error < r^7 / 7! ~ 1.2e-7), 2^n applied by
-// vscalefps. x is clamped below at -104 (e^x rounds to 0 there); NaN stays NaN.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // (the second operand is returned when either is NaN)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
 }
 
 // 16 floats rounded to bf16 (to nearest, ties to even, as `float_to_bf16`; NaN stays NaN), kept as the float32
@@ -141,14 +360,200 @@ inline __m512i round16_bits(__m512 v) {
   return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
 }
 
-inline __m512 round16(__m512 v) { return _mm512_castsi512_ps(round16_bits(v)); }
+inline V16 round16(V16 v) { return {_mm512_castsi512_ps(round16_bits(v.v))}; }
 
 // The same 16 values as bf16.
-inline __m256i to_bf16x16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(v), 16)); }
+inline __m256i to_bf16x16(V16 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bits(v.v), 16)); }
 
-// A mask of the first min(n, 16) lanes.
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+#else  // AVX2
+struct V16 {
+  __m256 lo, hi;
+};
+struct Bf16x32 {  // 32 bf16 as float32: the even elements of each half of 16, then the odd ones
+  __m256 even[2], odd[2];
+};
 
+inline V16 v_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 v_set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+inline V16 v_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void v_store(float* p, V16 a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline V16 operator+(V16 a, V16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline V16 operator-(V16 a, V16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline V16 operator*(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V16 operator/(V16 a, V16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline V16 v_max(V16 a, V16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline V16 v_fmadd(V16 a, V16 b, V16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline V16 v_fnmadd(V16 a, V16 b, V16 c) {
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline float sum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float v_sum(V16 a) { return sum8(_mm256_add_ps(a.lo, a.hi)); }
+inline V16 v_round_int(V16 a) {
+  constexpr int kMode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, kMode), _mm256_round_ps(a.hi, kMode)};
+}
+// p 2^n for integral n >= -152 (NaN stays NaN), rounded once as vscalefps: n is capped at 152 (p 2^152 is inf for p
+// near 1, as is any larger power), p 2^(n - n / 2) is exact for p near 1 (a normal float32), then times 2^(n / 2)
+// rounds once.
+inline __m256 scale2(__m256 p, __m256 n) {
+  const __m256i ni = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(152.0f), n));  // (min returns n if NaN)
+  const __m256i half = _mm256_srai_epi32(ni, 1), rest = _mm256_sub_epi32(ni, half);
+  auto pow2 = [](__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(rest)), pow2(half));
+}
+inline V16 v_scale2(V16 p, V16 n) { return {scale2(p.lo, n.lo), scale2(p.hi, n.hi)}; }
+inline __m256 from_bf16x8(__m128i b) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)); }
+inline V16 v_from_bf16(const uint16_t* p) {
+  return {from_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          from_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline V16 v_from_i8(const int8_t* q) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+inline V16 v_load_first(const float* p, int64_t n) {
+  if (n >= 16) return v_load(p);
+  alignas(32) float buf[16] = {};
+  std::memcpy(buf, p, n * sizeof(float));
+  return v_load(buf);
+}
+inline void v_store_first(float* p, int64_t n, V16 a) {
+  if (n >= 16) return v_store(p, a);
+  alignas(32) float buf[16];
+  v_store(buf, a);
+  std::memcpy(p, buf, n * sizeof(float));
+}
+inline V16 v_from_bf16_first(const uint16_t* p, int64_t n) {
+  if (n >= 16) return v_from_bf16(p);
+  alignas(32) uint16_t buf[16] = {};
+  std::memcpy(buf, p, n * sizeof(uint16_t));
+  return v_from_bf16(buf);
+}
+inline V16 v_keep_allowed(V16 a, const bool* allowed, int64_t n) {
+  alignas(32) int32_t keep[16] = {};
+  for (int64_t i = 0; i < std::min<int64_t>(n, 16); ++i) keep[i] = allowed[i] ? -1 : 0;
+  return {_mm256_and_ps(a.lo, _mm256_load_ps(reinterpret_cast<const float*>(keep))),
+          _mm256_and_ps(a.hi, _mm256_load_ps(reinterpret_cast<const float*>(keep + 8)))};
+}
+// a + b c with the product rounded, then the sum: the empty asm keeps the compiler from contracting the two into
+// an FMA.
+inline V16 v_add_product(V16 a, V16 b, V16 c) {
+  __m256 lo = _mm256_mul_ps(b.lo, c.lo), hi = _mm256_mul_ps(b.hi, c.hi);
+  asm("" : "+x"(lo), "+x"(hi));
+  return {_mm256_add_ps(a.lo, lo), _mm256_add_ps(a.hi, hi)};
+}
+
+inline Bf16x32 bf16x32(const uint16_t* p) {
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  return {{_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))},
+          {_mm256_castsi256_ps(_mm256_and_si256(a, top)), _mm256_castsi256_ps(_mm256_and_si256(b, top))}};
+}
+inline Bf16x32 bf16_pair(const uint16_t* p) {
+  const __m256 e = _mm256_set1_ps(bf16_to_float(p[0])), o = _mm256_set1_ps(bf16_to_float(p[1]));
+  return {{e, e}, {o, o}};
+}
+// acc[i] + a[2i] b[2i] + a[2i + 1] b[2i + 1] for the 16 pairs (`vdpbf16ps`: the odd product first).
+inline V16 dp(V16 acc, const Bf16x32& a, const Bf16x32& b) {
+  acc.lo = _mm256_fmadd_ps(a.even[0], b.even[0], _mm256_fmadd_ps(a.odd[0], b.odd[0], acc.lo));
+  acc.hi = _mm256_fmadd_ps(a.even[1], b.even[1], _mm256_fmadd_ps(a.odd[1], b.odd[1], acc.hi));
+  return acc;
+}
+
+// The sums of four float32 vectors, as 4 floats: [sum a, sum b, sum c, sum d].
+inline __m128 reduce4(V16 a, V16 b, V16 c, V16 d) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_add_ps(a.lo, a.hi), _mm256_add_ps(b.lo, b.hi));
+  const __m256 cd = _mm256_hadd_ps(_mm256_add_ps(c.lo, c.hi), _mm256_add_ps(d.lo, d.hi));
+  const __m256 s = _mm256_hadd_ps(ab, cd);  // [a, b, c, d] over each 128-bit half
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// 8 floats rounded to bf16 as `float_to_bf16`, kept as the float32 values they round to (see the AVX-512 one).
+inline __m256i round8_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  return _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+
+inline V16 round16(V16 v) {
+  return {_mm256_castsi256_ps(round8_bits(v.lo)), _mm256_castsi256_ps(round8_bits(v.hi))};
+}
+
+// The same 16 values as bf16.
+inline __m256i to_bf16x16(V16 v) {
+  const __m256i lo = _mm256_srli_epi32(round8_bits(v.lo), 16), hi = _mm256_srli_epi32(round8_bits(v.hi), 16);
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);  // (packs within 128-bit halves)
+}
+#endif
+
+inline void v_store_bf16(uint16_t* p, V16 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v)); }
+
+// e^x for 16 floats, within ~2 ulp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 (ln 2 in two
+// parts, so r is exact), e^r by its Taylor polynomial of degree 6 (error < r^7 / 7! ~ 1.2e-7), 2^n applied by
+// `v_scale2`. x is clamped below at -104 (e^x rounds to 0 there); NaN stays NaN.
+inline V16 exp16(V16 x) {
+  x = v_max(v_set1(-104.0f), x);  // (the second operand is returned when either is NaN)
+  const V16 n = v_round_int(x * v_set1(1.44269504f));
+  V16 r = v_fnmadd(n, v_set1(0.693145751953125f), x);
+  r = v_fnmadd(n, v_set1(1.428606765330187e-6f), r);
+  V16 p = v_set1(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = v_fmadd(p, r, v_set1(c));
+  return v_scale2(p, n);
+}
+
+// Accumulators per row of the bf16 GEMV, to hide the latency of `dp` (AVX2: 2, each two chains of two FMAs).
+constexpr int kAcc = MIXTRAL_AVX512 ? 4 : 2;
+
+// A row's dot product once its first KA columns (a multiple of kAcc x 32) are summed in acc: the last columns, then
+// the sum of the accumulators (so the row's result does not depend on how many rows were read together).
+inline float finish_row(V16 (&acc)[kAcc], const uint16_t* w, const uint16_t* x, int64_t KA, int64_t K) {
+  for (int64_t k = KA; k < K; k += kStep) acc[0] = dp(acc[0], bf16x32(w + k), bf16x32(x + k));
+  if constexpr (kAcc == 4) return v_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  return v_sum(acc[0] + acc[1]);
+}
+
+// y[r] = dot(W[r, :], x) in float32 for rows [r0, r1) of a row-major W with K columns (K % 32 == 0), kAcc
+// accumulators per row. Two rows at a time, one from each half of the range, so each thread reads two sequential
+// streams: on our AMD EPYC (Zen 4) the bf16 decode step runs 1.06-1.18x faster than with one stream (rows one
+// after another), 0.98x with three or four (A/B of kernel builds in one process). Reading 8 neighbouring rows
+// together with software prefetch was 10-20% slower than one stream.
+void dot_rows(const uint16_t* W, const uint16_t* x, float* y, int64_t r0, int64_t r1, int64_t K) {
+  constexpr int kStreams = 2;
+  const int64_t part = (r1 - r0) / kStreams, KA = K / (kAcc * kStep) * (kAcc * kStep);
+  for (int64_t i = r0; i < r0 + part; ++i) {
+    V16 acc[kStreams][kAcc];
+    for (auto& a : acc)
+      for (auto& v : a) v = v_zero();
+    for (int64_t k = 0; k < KA; k += kAcc * kStep)
+      for (int s = 0; s < kStreams; ++s)
+        for (int u = 0; u < kAcc; ++u)
+          acc[s][u] = dp(acc[s][u], bf16x32(W + (i + s * part) * K + k + u * kStep), bf16x32(x + k + u * kStep));
+    for (int s = 0; s < kStreams; ++s) y[i + s * part] = finish_row(acc[s], W + (i + s * part) * K, x, KA, K);
+  }
+  for (int64_t r = r0 + kStreams * part; r < r1; ++r) {  // the last row of an odd count
+    V16 acc[kAcc];
+    for (auto& v : acc) v = v_zero();
+    for (int64_t k = 0; k < KA; k += kAcc * kStep)
+      for (int u = 0; u < kAcc; ++u)
+        acc[u] = dp(acc[u], bf16x32(W + r * K + k + u * kStep), bf16x32(x + k + u * kStep));
+    y[r] = finish_row(acc, W + r * K, x, KA, K);
+  }
+}
 // A few rows of x times a few rows of W (a GEMM of a handful of tokens: prefill of short prompts, the tokens of
 // one expert, decode at batch 2-96). y[i, j] = dot(X[i, :], W[j, :]) in float32 for MR rows of X and NR rows of W,
 // both row-major with K columns (K % 32 == 0); y has row stride ldy; `next` is the next `next_rows` rows of W, to
@@ -159,31 +564,33 @@ inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<
 template <int MR, int NR>
 void gemm_tile(const uint16_t* X, const uint16_t* W, const uint16_t* next, int next_rows, float* y, int64_t K,
                int64_t ldy) {
-  __m512 acc[MR][NR];
+  V16 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NR; ++j) acc[i][j] = v_zero();
   for (int64_t k = 0; k < K; k += kStep) {
     // The next block of W (where the caller goes next), a step ahead of its first use: without it each tile
     // waits on NR interleaved streams from memory (1.3x slower at 16-32 rows, cold W). Into L2 (T1), not L1 (T0):
     // with T0 an expert on 4-16 rows of cold weights took the time of its reads plus its arithmetic, with T1 about
     // the larger of the two (1.2-1.4x faster at 4-16 rows, measured on our Zen 4).
     for (int j = 0; j < next_rows; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T1);
-    __m512bh x[MR];
-    for (int i = 0; i < MR; ++i) x[i] = (__m512bh)_mm512_loadu_si512(X + i * K + k);
+    Bf16x32 x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = bf16x32(X + i * K + k);
     for (int j = 0; j < NR; ++j) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(W + j * K + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x[i], w);
+      const Bf16x32 w = bf16x32(W + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = dp(acc[i][j], x[i], w);
     }
   }
   for (int i = 0; i < MR; ++i) {
     int j = 0;
     for (; j + 4 <= NR; j += 4)
       _mm_storeu_ps(y + i * ldy + j, reduce4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3]));
-    for (; j < NR; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    for (; j < NR; ++j) y[i * ldy + j] = v_sum(acc[i][j]);
   }
 }
 
-constexpr int kTileRows = 6;  // rows of x per tile: 6 x 4 accumulators + 6 x rows + 1 W row in 32 registers
+// Rows of x per tile: AVX-512, 6 x 4 accumulators + 6 x rows + 1 W row in 32 registers; AVX2, whose V16 is two
+// registers of 16, as many as spill little.
+constexpr int kTileRows = MIXTRAL_AVX512 ? 6 : 2;
 constexpr int kTileCols = 4;  // rows of W per tile (the output columns a thread takes at once)
 
 // y[i, j] = dot(X[i, :], W[j, :]) for all M rows of X and the NR rows of W; y is [M, ldy]; next as in gemm_tile.
@@ -234,7 +641,7 @@ void gemm_rows(const uint16_t* X, int64_t M, const Rows& W, int64_t N, int64_t K
       int64_t i = 0;
       if (cols == kTileCols)
         for (; i + 4 <= M; i += 4) {  // 4 rows' 4 sums, one rounding of 16
-          const __m256i b = to_bf16x16(_mm512_loadu_ps(y.data() + i * kTileCols));
+          const __m256i b = to_bf16x16(v_load(y.data() + i * kTileCols));
           const __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
           _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + i * N + n0), lo);
           _mm_storel_epi64(reinterpret_cast<__m128i*>(Y + (i + 1) * N + n0), _mm_unpackhi_epi64(lo, lo));
@@ -254,11 +661,10 @@ void gemm_bf16(const uint16_t* X, int64_t M, const uint16_t* W, int64_t N, int64
 // h[0..16) = silu(a) * b for 16 float32 products a and b, with moe.swiglu's bf16 roundings (a, silu, b, the
 // product), as bf16.
 inline void silu_mul16(const float* a, const float* b, uint16_t* h) {
-  const __m512 g = round16(_mm512_loadu_ps(a));
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-  const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-  const __m512 p = _mm512_mul_ps(s, round16(_mm512_loadu_ps(b)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), to_bf16x16(p));
+  const V16 g = round16(v_load(a));
+  const V16 e = exp16(v_zero() - g);
+  const V16 s = round16(g / (v_set1(1.0f) + e));
+  v_store_bf16(h, s * round16(v_load(b)));
 }
 
 // H [M, F] = silu(X W1^T) * (X W3^T) for a few rows of X [M, K] (one expert's tokens in a prefill), with
@@ -297,6 +703,7 @@ void gate_up(const uint16_t* X, int64_t M, const Rows& W1, const Rows& W3, int64
 // subtracted once. The integer sums are exact; the only rounding is x's: an element within ~2^7 of the largest
 // |x| is exact (bf16 has 8 significant bits) and a smaller one is off by at most t / 2 = max|x| * 2^-15, far
 // below the bf16 rounding of the output. y[r] = scale[r] * t * sum(q * (128 hi + lo)), rounded once.
+#if MIXTRAL_AVX512
 struct Fixed {
   std::vector<int8_t> hi, lo;  // padded with zeros to a multiple of 64
   int64_t hi_sum = 0, lo_sum = 0;
@@ -383,6 +790,90 @@ __attribute__((always_inline)) inline void dot_i8(const int8_t* const* q, const 
     out[i] = 128 * dh + dl;
   }
 }
+#else  // AVX2
+// On AVX2 x's fixed point is kept as one int16 per element, v = 128 hi + lo (|v| < 2^14: see above), and each row's
+// sum(q * v) is one `vpmaddwd` per 16 weights (sign-extended to int16): pairs of products summed into int32, exact
+// (|q v| < 2^21). The same integers as the AVX-512 sums, so the same results.
+struct Fixed {
+  std::vector<int16_t> v;  // padded with zeros to a multiple of 64
+  double step = 1.0;       // t
+
+  Fixed() = default;
+  Fixed(const uint16_t* x, int64_t K) : v((K + 63) / 64 * 64, 0) {
+    // The largest |x| from the bits: a bf16's magnitude orders as its low 15 bits do; 0x7f80 and up is inf or NaN.
+    const __m256i magnitude = _mm256_set1_epi16(0x7fff);
+    __m256i top16 = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      top16 = _mm256_max_epu16(
+          top16, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)), magnitude));
+    alignas(32) uint16_t lanes[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), top16);
+    uint16_t top_bits = *std::max_element(lanes, lanes + 16);
+    for (; k < K; ++k) top_bits = std::max<uint16_t>(top_bits, x[k] & 0x7fff);
+    if (top_bits >= 0x7f80) {  // inf or NaN in x: the result is NaN (float32 arithmetic would give NaN or inf)
+      step = std::nan("");
+      return;
+    }
+    if (top_bits == 0) return;
+    int e;
+    std::frexp(bf16_to_float(top_bits), &e);  // top < 2^e, so |x| / t < 2^14 with t = 2^(e - 14)
+    step = std::ldexp(1.0, e - 14);
+    k = 0;
+    if (e > -100) {  // 1 / t is a float32 (it is not for |x| below ~2^-113: those take the loop below)
+      // x / t as x * (1 / t): exact (a power of two), rounded to the nearest integer, ties to even (as nearbyint)
+      const __m256 inv = _mm256_set1_ps(static_cast<float>(std::ldexp(1.0, 14 - e)));
+      for (; k + 16 <= K; k += 16) {
+        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(
+            from_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k))), inv));
+        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(
+            from_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k + 8))), inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.data() + k),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+      }
+    }
+    for (; k < K; ++k) v[k] = static_cast<int16_t>(std::nearbyint(bf16_to_float(x[k]) / step));
+  }
+};
+
+// sum_k q[i][k] * v[k] for R rows of K int8 weights at once (R streams from memory): exact, so the same for any R.
+template <int R>
+__attribute__((always_inline)) inline void dot_i8(const int8_t* const* q, const Fixed& x, int64_t K, int64_t* out) {
+  // An int32 lane takes one pair of products (< 2^22) per 32 columns and accumulator: kFlush columns (< 2^29)
+  // before the lanes are added into int64.
+  constexpr int64_t kFlush = 4096;
+  const int16_t* v = x.v.data();
+  const int64_t K16 = K / 16 * 16;
+  int64_t total[R] = {};
+  for (int64_t k0 = 0; k0 < K16; k0 += kFlush) {
+    const int64_t k1 = std::min(K16, k0 + kFlush);
+    __m256i acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    int64_t k = k0;
+    auto madd = [&](int i, int u, int64_t c) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[i] + c)));
+      acc[i][u] = _mm256_add_epi32(
+          acc[i][u], _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c))));
+    };
+    for (; k + 32 <= k1; k += 32)
+      for (int i = 0; i < R; ++i) {
+        madd(i, 0, k);
+        madd(i, 1, k + 16);
+      }
+    for (; k < k1; k += 16)
+      for (int i = 0; i < R; ++i) madd(i, 0, k);
+    for (int i = 0; i < R; ++i) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(acc[i][0], acc[i][1]));
+      for (const int32_t l : lanes) total[i] += l;
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int64_t k = K16; k < K; ++k) total[i] += static_cast<int64_t>(q[i][k]) * v[k];
+    out[i] = total[i];
+  }
+}
+#endif
 
 // y[r] = scale[r] * dot(Q[r, :], x) for rows [r0, r1): two rows at a time, one from each half of the range (two
 // sequential streams per thread, as `dot_rows`): int8 decode 1.09x one stream (A/B in one process).
@@ -417,12 +908,10 @@ struct Int8Rows {
   const uint16_t* rows(int64_t r, int64_t n, uint16_t* buf) const {
     for (int64_t i = 0; i < n; ++i) {
       const int8_t* q = Q + (r + i) * K;
-      const __m512 s = _mm512_set1_ps(bf16_to_float(scale[r + i]));
+      const V16 s = v_set1(bf16_to_float(scale[r + i]));
       for (int64_t k = 0; k < K; k += 16) {
         if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + n * K + k), _MM_HINT_T0);
-        const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                           reinterpret_cast<const __m128i*>(q + k)))), s);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + i * K + k), to_bf16x16(w));
+        v_store_bf16(buf + i * K + k, v_from_i8(q + k) * s);
       }
     }
     return buf;
@@ -459,6 +948,7 @@ struct Int4Group {
   }
 };
 
+#if MIXTRAL_AVX512
 struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x 32 bytes; `hi` byte 16 + i
   __m512i lo, hi;
   GatherIndex() {
@@ -522,6 +1012,78 @@ void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + bs[i] * kInt4Rows + 16 * v, out[i][v]);
 }
+#else  // AVX2
+// The 8 int32 vectors a[j] whose lane m is row 4m + j (j < 4) or 32 + 4m + j - 4 (j >= 4), as rows 0-7, 8-15, ...,
+// 56-63 (a 4 x 8 transpose of each half).
+inline void rows_in_order(const __m256i (&a)[8], __m256i (&rows)[8]) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256i* s = a + 4 * h;
+    const __m256i t0 = _mm256_unpacklo_epi32(s[0], s[1]), t1 = _mm256_unpacklo_epi32(s[2], s[3]);
+    const __m256i t2 = _mm256_unpackhi_epi32(s[0], s[1]), t3 = _mm256_unpackhi_epi32(s[2], s[3]);
+    // rows 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31 (of this half)
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t1), u1 = _mm256_unpackhi_epi64(t0, t1);
+    const __m256i u2 = _mm256_unpacklo_epi64(t2, t3), u3 = _mm256_unpackhi_epi64(t2, t3);
+    rows[4 * h] = _mm256_permute2x128_si256(u0, u1, 0x20);
+    rows[4 * h + 1] = _mm256_permute2x128_si256(u2, u3, 0x20);
+    rows[4 * h + 2] = _mm256_permute2x128_si256(u0, u1, 0x31);
+    rows[4 * h + 3] = _mm256_permute2x128_si256(u2, u3, 0x31);
+  }
+}
+
+// As above with AVX2: for 2 columns k, k + 1 of the block (A, B: 32 bytes each), C's dword m holds bytes 4m, 4m + 1
+// of A then of B, D's bytes 4m + 2, 4m + 3; a shift and a mask give rows' two nibbles as an int16 pair (row 4m: C's
+// low nibbles, 4m + 1: C >> 8, 32 + 4m: C >> 4, ...), and `vpmaddwd` multiplies them with x's (v_k, v_k+1), summing
+// into int32 (exact: |sum| <= 15 * 2^14 * group). Then the same float32 arithmetic per row as AVX-512.
+template <int R>
+void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, const int64_t* bs,
+                   float* y) {
+  const __m256i nibbles = _mm256_set1_epi32(0x000F000F), top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256 step = _mm256_set1_ps(static_cast<float>(x.step)), eight = _mm256_set1_ps(8.0f);
+  const int16_t* v = x.v.data();
+  alignas(32) float out[R][kInt4Rows] = {};
+  for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
+    for (int i = 0; i < R; ++i) {
+      const Int4Group at(P, K, group, bs[i], g);
+      const uint8_t* p = at.columns;
+      __m256i d[8];
+      for (auto& a : d) a = _mm256_setzero_si256();
+      for (int64_t k = g0; k < g0 + group; k += 2) {
+        const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32));
+        const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32 + 32));
+        const __m256i C = _mm256_blend_epi16(A, _mm256_slli_epi32(B, 16), 0xAA);
+        const __m256i D = _mm256_blend_epi16(_mm256_srli_epi32(A, 16), B, 0xAA);
+        int32_t pair;
+        std::memcpy(&pair, v + k, 4);
+        const __m256i xv = _mm256_set1_epi32(pair);
+        auto add = [&](int j, __m256i q) {
+          d[j] = _mm256_add_epi32(d[j], _mm256_madd_epi16(_mm256_and_si256(q, nibbles), xv));
+        };
+        add(0, C);
+        add(1, _mm256_srli_epi32(C, 8));
+        add(2, D);
+        add(3, _mm256_srli_epi32(D, 8));
+        add(4, _mm256_srli_epi32(C, 4));
+        add(5, _mm256_srli_epi32(C, 12));
+        add(6, _mm256_srli_epi32(D, 4));
+        add(7, _mm256_srli_epi32(D, 12));
+      }
+      __m256i sums[8];
+      rows_in_order(d, sums);
+      const __m256 xs = _mm256_set1_ps(x_sum[g]);
+      for (int j = 0; j < 8; ++j) {  // 8 rows' (scale, zero) pairs: as dwords, scale in the low half
+        const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at.pairs + 16 * j));
+        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
+        const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[j]), step);
+        __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_load_ps(out[i] + 8 * j));
+        o = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), xs, o);
+        _mm256_store_ps(out[i] + 8 * j, o);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) std::memcpy(y + bs[i] * kInt4Rows, out[i], sizeof out[i]);
+}
+#endif
 
 // y for rows [r0, r1) (whole blocks) of an int4 matrix: two blocks at a time, one from each half of the range (two
 // sequential streams per thread, as `dot_rows`): int4 decode 1.053x one block at a time (A/B of kernel builds in one
@@ -542,6 +1104,7 @@ void dot_rows_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K
 // float32, rounded to bf16 once), which then serves every 6 rows of X: each `vdpbf16ps` multiplies a broadcast pair
 // of x by a pair of columns of 16 rows (an outer product: no sums to reduce across lanes at the end). The dequant
 // work, ~90 instructions per 256 weights, is shared by all of X's rows.
+#if MIXTRAL_AVX512
 void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
   static const GatherIndex index;
   const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
@@ -577,26 +1140,53 @@ void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uin
     }
   }
 }
+#else  // AVX2
+void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
+  const __m256i nibble = _mm256_set1_epi32(0x0F), top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  uint32_t* out = reinterpret_cast<uint32_t*>(buf);
+  for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
+    const Int4Group at(P, K, group, b, g);
+    const uint8_t* p = at.columns;
+    for (int j = 0; j < 8; ++j) {  // rows 8 j .. 8 j + 7: bytes 8 (j % 4) on, the high nibbles for j >= 4
+      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at.pairs + 16 * j));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
+      const int shift = j < 4 ? 0 : 4;
+      auto column = [&](int64_t k) {  // the 8 rows' weights of column k, rounded to bf16 (upper halves)
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k * 32 + 8 * (j % 4)));
+        const __m256i q = _mm256_and_si256(_mm256_srli_epi32(_mm256_cvtepu8_epi32(bytes), shift), nibble);
+        const __m256 d = _mm256_sub_ps(_mm256_cvtepi32_ps(q), eight);
+        return round8_bits(_mm256_fmadd_ps(d, scale, zero));  // (d * scale is exact: one rounding)
+      };
+      for (int64_t k = g0; k < g0 + group; k += 2)  // columns k, k + 1 of 8 rows: a bf16 pair per row
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k / 2 * kInt4Rows + 8 * j)),
+                            _mm256_or_si256(_mm256_srli_epi32(column(k), 16), column(k + 1)));
+    }
+  }
+}
+#endif
 
 // y[i][r] = dot(X[i, :], block row r) in float32 for MR rows of X [., K] and the 64 rows of a dequantized block.
 template <int MR>
 void pair_tile(const uint16_t* X, int64_t K, const uint16_t* buf, float* y) {
-  __m512 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(buf);
-  for (int64_t k = 0; k < K; k += 2, w += kInt4Rows) {
-    __m512bh wv[4];
-    for (int v = 0; v < 4; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + 16 * v);
-    for (int i = 0; i < MR; ++i) {
-      int32_t xp;
-      std::memcpy(&xp, X + i * K + k, 4);
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], wv[v], xb);
+  constexpr int kParts = MIXTRAL_AVX512 ? 4 : 1;  // 16-row parts of the block per pass over buf (registers)
+  for (int v0 = 0; v0 < 4; v0 += kParts) {
+    V16 acc[MR][kParts];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < kParts; ++v) acc[i][v] = v_zero();
+    const uint16_t* w = buf + 32 * v0;  // 16 rows' pairs: 32 bf16
+    for (int64_t k = 0; k < K; k += 2, w += 2 * kInt4Rows) {
+      Bf16x32 wv[kParts];
+      for (int v = 0; v < kParts; ++v) wv[v] = bf16x32(w + 32 * v);
+      for (int i = 0; i < MR; ++i) {
+        const Bf16x32 xb = bf16_pair(X + i * K + k);
+        for (int v = 0; v < kParts; ++v) acc[i][v] = dp(acc[i][v], wv[v], xb);
+      }
     }
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < kParts; ++v) v_store(y + i * kInt4Rows + 16 * (v0 + v), acc[i][v]);
   }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + i * kInt4Rows + 16 * v, acc[i][v]);
 }
 
 // y [M, 64] for all M rows of X and one dequantized block.
@@ -675,12 +1265,9 @@ struct Vector {
     if (format == Format::kInt4) {
       group_sums.assign(K / group, 0.0f);  // groups are multiples of 16 columns (`check_int4`)
       for (int64_t g = 0; g < K / group; ++g) {
-        __m512 s = _mm512_setzero_ps();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 16)
-          s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))),
-                                   16)));
-        group_sums[g] = _mm512_reduce_add_ps(s);
+        V16 s = v_zero();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 16) s = s + v_from_bf16(x + k);
+        group_sums[g] = v_sum(s);
       }
     }
   }
@@ -820,10 +1407,10 @@ void attend_heads(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
   std::fill(top, top + N, -INFINITY);
   for (int64_t s = 0; s < S; ++s) {
     if (!allowed[s]) continue;
-    __m512 dot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    V16 dot[4] = {v_zero(), v_zero(), v_zero(), v_zero()};
     for (int64_t c = 0; c < d; c += kStep) {
-      const __m512bh kc = (__m512bh)_mm512_loadu_si512(k + s * k_stride + c);
-      for (int j = 0; j < N; ++j) dot[j] = _mm512_dpbf16_ps(dot[j], kc, (__m512bh)_mm512_loadu_si512(q + j * d + c));
+      const Bf16x32 kc = bf16x32(k + s * k_stride + c);
+      for (int j = 0; j < N; ++j) dot[j] = dp(dot[j], kc, bf16x32(q + j * d + c));
     }
     alignas(16) float sums[4];
     _mm_store_ps(sums, reduce4(dot[0], dot[1], dot[2], dot[3]));
@@ -841,31 +1428,28 @@ void attend_heads(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
       inv[j] = 0.0f;
       continue;
     }
-    const __m512 t = _mm512_set1_ps(top[j]);
-    __m512 total = _mm512_setzero_ps();
+    const V16 t = v_set1(top[j]);
+    V16 total = v_zero();
     for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 in = first_lanes(S - s);
-      const __mmask16 live = _mm_mask_cmpneq_epi8_mask(in, _mm_maskz_loadu_epi8(in, allowed + s), _mm_setzero_si128());
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, sc + s), t)));
-      _mm512_mask_storeu_ps(sc + s, in, e);
-      total = _mm512_add_ps(total, e);
+      const V16 e = v_keep_allowed(exp16(v_load_first(sc + s, S - s) - t), allowed + s, S - s);
+      v_store_first(sc + s, S - s, e);
+      total = total + e;
     }
-    const float sum = _mm512_reduce_add_ps(total);
+    const float sum = v_sum(total);
     inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
   }
   // 3. the weighted sums of values, 16 columns at a time for the N heads
   for (int64_t c = 0; c < d; c += 16) {
-    __m512 acc[N];
-    for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_ps();
+    V16 acc[N];
+    for (int j = 0; j < N; ++j) acc[j] = v_zero();
     for (int64_t s = 0; s < S; ++s) {
       if (!allowed[s]) continue;
-      const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(  // bf16 -> float32 is a 16-bit shift
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + s * v_stride + c))), 16));
-      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(score[j * S + s]), x, acc[j]);
+      const V16 x = v_from_bf16(v + s * v_stride + c);
+      for (int j = 0; j < N; ++j) acc[j] = v_fmadd(v_set1(score[j * S + s]), x, acc[j]);
     }
     for (int j = 0; j < N; ++j) {
       alignas(64) float o[16];
-      _mm512_store_ps(o, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv[j])));
+      v_store(o, acc[j] * v_set1(inv[j]));
       for (int i = 0; i < 16; ++i) out[j * d + c + i] = float_to_bf16(o[i]);
     }
   }
@@ -1486,16 +2070,9 @@ torch::Tensor combine(const std::vector<torch::Tensor>& ys, const torch::Tensor&
       for (int64_t p = 0; p < P; ++p) {
         float* a = acc.data() + tok[p] * kCols;
         const uint16_t* y = row[p] + d0;
-        const __m512 wp = _mm512_set1_ps(w[p]);
-        for (int64_t j = 0; j < n; j += 16) {  // 16 columns (fewer at the end of a row)
-          const __mmask16 m = first_lanes(n - j);
-          const __m256i bits = _mm256_maskz_loadu_epi16(m, y + j);
-          const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-          // a product, then a sum, each rounded (the rounding-mode forms are never contracted into an FMA)
-          const __m512 prod = _mm512_mul_round_ps(yf, wp, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          _mm512_mask_storeu_ps(a + j, m, _mm512_add_round_ps(_mm512_maskz_loadu_ps(m, a + j), prod,
-                                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        }
+        const V16 wp = v_set1(w[p]);
+        for (int64_t j = 0; j < n; j += 16)  // 16 columns (fewer at the end of a row): a product, then a sum
+          v_store_first(a + j, n - j, v_add_product(v_load_first(a + j, n - j), v_from_bf16_first(y + j, n - j), wp));
       }
       for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < n; ++j) o[t * D + d0 + j] = float_to_bf16(acc[t * kCols + j]);
@@ -1504,7 +2081,28 @@ torch::Tensor combine(const std::vector<torch::Tensor>& ys, const torch::Tensor&
   return out;
 }
 
+// How `parallel` runs regions: mode 1 the pool, 2 the pool without its back-off, 0 OpenMP regions (the
+// reference); chunks per thread, the workers' spin before sleeping, a region's wait that counts as a stall and the
+// longest back-off, in microseconds; a negative value leaves that one as it is. -> the previous five, then the
+// number of stalls so far.
+std::vector<int64_t> set_parallel(int64_t mode, int64_t chunks_per_thread, int64_t spin_us, int64_t stall_us,
+                                  int64_t backoff_max_us) {
+  std::vector<int64_t> old{pool::g_mode.load(),     pool::g_chunks_per_thread.load(), pool::g_spin_us.load(),
+                           pool::g_stall_us.load(), pool::g_backoff_max_us.load(),    pool::g_stalls.load()};
+  TORCH_CHECK(mode <= 2 && chunks_per_thread <= 1024 && spin_us <= 1000000 && stall_us <= 1000000 &&
+                  backoff_max_us <= 10000000,
+              "set_parallel: out of range");
+  if (mode >= 0) pool::g_mode.store(static_cast<int>(mode));
+  if (chunks_per_thread > 0) pool::g_chunks_per_thread.store(static_cast<int>(chunks_per_thread));
+  if (spin_us >= 0) pool::g_spin_us.store(static_cast<int>(spin_us));
+  if (stall_us >= 0) pool::g_stall_us.store(static_cast<int>(stall_us));
+  if (backoff_max_us >= 0) pool::g_backoff_max_us.store(static_cast<int>(backoff_max_us));
+  return old;
+}
+
 TORCH_LIBRARY(mixtral_cpu, m) {
+  m.def("set_parallel(int mode, int chunks_per_thread, int spin_us, int stall_us, int backoff_max_us) -> int[]",
+        &set_parallel);  // no tensor: any key
   m.def("gemv(Tensor W, Tensor x) -> Tensor");
   m.def("gemm(Tensor x, Tensor W) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");

@@ -179,7 +179,8 @@ def qkv_one_row(wq: nn.Module, wk: nn.Module, wv: nn.Module, x: torch.Tensor) ->
     """[q; k; v] of a single token (x [1, 1, D]) in one kernel call, or None where the kernel cannot run (then one
     projection each): bf16 nn.Linear without hooks only."""
     ws = [kernel_tensors(m) for m in (wq, wk, wv)]
-    if any(w is None or len(w) != 1 for w in ws) or x.shape[-1] % 32 or not x.is_contiguous():
+    bf16 = all(w is not None and len(w) == 1 and w[0].dtype == torch.bfloat16 for w in ws)  # (not int4 blocks)
+    if not bf16 or x.shape[-1] % 32 or not x.is_contiguous():
         return None
     ops = _cpu_ops(x)
     return None if ops is None else ops.gemv_cat([w[0] for w in ws], x.reshape(-1))
@@ -479,6 +480,21 @@ def _fused_experts_cpu(x_TD: torch.Tensor, stack: Experts) -> list[list[torch.Te
     if x_TD.shape[1] % multiple or weights[0].shape[1] % multiple:
         return None
     return tensors
+
+
+def experts_dense(x_TD: torch.Tensor, stack: Experts, routing: Routing) -> torch.Tensor:
+    """Every token through every expert, each output scaled by the token's router weight for that expert (0 for
+    the experts it did not choose), summed in float32 and rounded once. Fixed shapes and nothing read on the host:
+    the dispatch for a step compiled whole or captured in a CUDA graph where the Triton kernel cannot run, at the
+    cost of reading all E experts (E/K times the grouped path's weights)."""
+    weights_TK, idx_TK = routing
+    E = stack.n
+    weights_TE = torch.zeros((x_TD.shape[0], E), dtype=torch.float32, device=x_TD.device)
+    weights_TE.scatter_(1, idx_TK, weights_TK.float())  # (top-k ids are distinct: no pair adds to another)
+    w1, w2, w3 = (dequantized(w) for w in (stack.w1, stack.w2, stack.w3))
+    h_ETF = F.silu(torch.einsum("td,efd->etf", x_TD, w1)) * torch.einsum("td,efd->etf", x_TD, w3)
+    y_ETD = torch.einsum("etf,edf->etd", h_ETF, w2)
+    return (y_ETD.float() * weights_TE.T[:, :, None]).sum(dim=0).to(x_TD.dtype)
 
 
 def experts_triton(

@@ -19,7 +19,8 @@ HELP = {
     'and/or JSONL files ({"text": ...} or {"messages": [...]} chats, loss on assistant tokens only)',
     "out_dir": "output folder: metrics.jsonl, checkpoint/ (for --resume), model/ (Hugging Face layout) or adapter/",
     "preset": "model shape to train from scratch (see `mixtral init --help`); [model] in the TOML overrides fields",
-    "init_from": "start from this checkpoint's weights instead of random ones (fine-tuning)",
+    "init_from": "start from this checkpoint's weights instead of random ones (fine-tuning): a folder, a .gguf "
+    "file, a Hugging Face id, or 'builtin' (the built-in model)",
     "tokenizer": "tokenizer file; default: --init-from's, else Mixtral's v1 tokenizer",
     "eval_data": "held-out files; default: hold out --eval-fraction of the documents",
     "eval_fraction": "fraction of documents held out when no --eval-data is given",
@@ -35,6 +36,8 @@ HELP = {
     "weight_decay": "AdamW weight decay on matrices (not on norms)",
     "grad_clip": "clip the gradient norm to this",
     "aux_loss_coef": "coefficient of the load-balancing loss (Mixtral: 0.02)",
+    "first_choice_aux_coef": "coefficient of a second balancing loss over the first choices alone (top-1): the "
+    "top-k loss can sit at its minimum while one expert takes most first choices (0: off)",
     "z_loss_coef": "coefficient of the router z-loss (0: off)",
     "router_jitter": "multiply router inputs by U(1-j, 1+j) noise while training (0: off)",
     "dtype": "float32, or bfloat16 autocast (master weights stay float32)",
@@ -82,6 +85,7 @@ def add_command(sub) -> None:
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=HELP[f.name])
+    cli_args.add_threads_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -89,8 +93,16 @@ def add_command(sub) -> None:
         help="fold a LoRA adapter into its base model and save the result",
         description="Write base + adapter as one checkpoint (Hugging Face layout).",
     )
-    p.add_argument("--base", required=True, metavar="DIR", help="the base checkpoint the adapter was trained on")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (out_dir/adapter of a run)")
+    p.add_argument(
+        "--base",
+        required=True,
+        metavar="DIR",
+        help="the base checkpoint the adapter was trained on ('builtin': the built-in model); the merged model is "
+        "stored in its dtype, with its tokenizer",
+    )
+    p.add_argument("--adapter", required=True, metavar="DIR",
+                   help="the adapter folder: out_dir/adapter of a run, or a PEFT LoRA adapter (adapter_config.json + "
+                   "adapter_model.safetensors)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged checkpoint (see --force)")
     p.add_argument(
         "--force",
@@ -99,20 +111,6 @@ def add_command(sub) -> None:
         "is replaced",
     )
     p.set_defaults(func=cmd_merge_lora)
-
-    p = sub.add_parser(
-        "eval",
-        help="held-out loss and bits per character of a checkpoint on text files",
-        description="Mean next-token loss and bits per character on text files (each file a document, "
-        "packed into sequences of --seq-len tokens), as `mixtral train` reports them.",
-    )
-    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (default: the built-in model)")
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files (wildcards allowed)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="dtype to compute in; 'auto' keeps the stored one (default: auto)")  # fmt: skip
-    p.set_defaults(func=cmd_eval)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -129,7 +127,7 @@ def config_from_args(args: argparse.Namespace):
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"--config {path}: unknown settings {unknown}")
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "func", "command")})
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "threads")})
     if values.get("data_cache") == "":
         values["data_cache"] = None
     return TrainConfig(**values)
@@ -157,17 +155,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
-    from ..checkpoint import check_output, load_model, save_model
-    from .lora import load_adapter, merge_lora
+    from ..checkpoint import check_output, find_checkpoint, load_model, resolve_checkpoint, save_model, stored_dtype
+    from ..tokenizer import load_tokenizer
+    from .lora import adapter_format, load_adapter, merge_lora
 
     check_output(args.out, overwrite=args.force, force="--force")  # before loading anything
-    model = load_model(args.base, dtype=torch.float32)
+    adapter_format(args.adapter)  # an adapter folder (PEFT's format or ours), before loading the base
+    base = resolve_checkpoint(args.base)  # a folder, a .gguf file, a Hugging Face id or "builtin"
+    stored = stored_dtype(find_checkpoint(base))
+    model = load_model(base, dtype=torch.float32)  # merged in float32, then stored as the base was
     load_adapter(model, args.adapter)
-    save_model(merge_lora(model), args.out, overwrite=args.force)
+    merged = merge_lora(model).to(stored)
+    # the base's tokenizer (its own, a GGUF file's, else Mixtral's v1), so that the output is a whole model folder
+    tokenizer = load_tokenizer(base)
+    if tokenizer.vocab_size > merged.config.vocab_size:
+        tokenizer = None
+    save_model(merged, args.out, tokenizer=tokenizer, overwrite=args.force)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def cmd_eval_text(args: argparse.Namespace) -> None:
+    """`mixtral eval --text FILE ...` (the command is registered in `eval/cli.py`): held-out loss and bits per
+    character, as `mixtral train` reports them."""
     from ..checkpoint import load_model
     from ..tokenizer import load_tokenizer
     from .data import PackedSequences, expand_paths, read_documents, tokenize
@@ -175,9 +184,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     path = cli_args.checkpoint(args)
     model = load_model(path, dtype=cli_args.dtype(args.dtype))
+    context = model.config.max_seq_len
+    seq_len = context if args.seq_len is None else args.seq_len
+    if seq_len > context:
+        raise cli_args.CLIError(f"--seq-len {seq_len} is more than the model's context of {context} tokens")
     tokenizer = load_tokenizer(path)
-    data = tokenize(read_documents(expand_paths(args.text)), tokenizer)
-    seq_len = args.seq_len or model.config.max_seq_len
-    out = evaluate(model, PackedSequences(data, seq_len), args.batch_size)
+    data = tokenize(read_documents(expand_paths(args.text, what="--text"), what="--text"), tokenizer)
+    out = evaluate(model, PackedSequences(data, seq_len), args.batch_size, progress=True)
     bpc = f", bits per character {out['eval_bpc']:.4f}" if "eval_bpc" in out else ""
     print(f"{path}: loss {out['eval_loss']:.4f} nats/token{bpc} ({len(data.tokens)} tokens, sequences of {seq_len})")

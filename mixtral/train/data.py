@@ -39,27 +39,30 @@ class Document:
     source: str = ""
 
 
-def expand_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
-    """Paths with shell wildcards (*, ?, [..]) expanded, sorted; a pattern that matches nothing is an error."""
+def expand_paths(patterns: Sequence[str | os.PathLike], what: str = "training data") -> list[Path]:
+    """Paths with shell wildcards (*, ?, [..]) expanded, sorted; a pattern that matches nothing is an error
+    (naming the paths as `what`)."""
     out: list[Path] = []
     for pattern in map(str, patterns):
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches:
-                raise DataError(f"training data pattern {pattern!r} matches no files")
+                raise DataError(f"{what} pattern {pattern!r} matches no files")
             out += map(Path, matches)
         else:
             out.append(Path(pattern).expanduser())
     return out
 
 
-def read_documents(paths: Sequence[str | os.PathLike], split: str = "file") -> list[Document]:
+def read_documents(
+    paths: Sequence[str | os.PathLike], split: str = "file", what: str = "training data"
+) -> list[Document]:
     if split not in ("file", "paragraph"):
         raise DataError(f"split={split!r} is invalid: choose 'file' or 'paragraph'")
     docs: list[Document] = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise DataError(f"training data {path} does not exist or is not a file")
+            raise DataError(f"{what} {path} does not exist or is not a file")
         try:
             content = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

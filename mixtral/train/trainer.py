@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .. import parallel
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model, resolve_checkpoint, save_model
 from ..config import ModelConfig, get_preset
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
@@ -93,6 +93,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.02
+    first_choice_aux_coef: float = 0.0
     z_loss_coef: float = 0.0
     router_jitter: float = 0.0
     dtype: str = "float32"  # "bfloat16": autocast; master weights stay float32
@@ -174,13 +175,15 @@ class Trainer:
         self.main = parallel.is_main_process()
         self.progress = progress and self.main
         torch.manual_seed(cfg.seed)  # the same on every rank: the same initial model
-        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
-        if cfg.init_from and self.distributed:
+        # a folder, a .gguf file, a Hugging Face id or "builtin"
+        init_from = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+        self.tokenizer = load_tokenizer(cfg.tokenizer or init_from)
+        if init_from and self.distributed:
             self.model = parallel.load_model_parallel(
-                cfg.init_from, ep=cfg.ep, tp=cfg.tp, tokens="sharded", dtype=torch.float32, device=self.device
+                init_from, ep=cfg.ep, tp=cfg.tp, tokens="sharded", dtype=torch.float32, device=self.device
             )
-        elif cfg.init_from:
-            self.model = load_model(cfg.init_from, dtype=torch.float32, device=self.device)
+        elif init_from:
+            self.model = load_model(init_from, dtype=torch.float32, device=self.device)
         else:
             with torch.device(self.device):
                 self.model = Transformer(cfg.model_config())
@@ -350,7 +353,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, mc = self.cfg, self.model.config
-        ce_sum = aux_sum = z_sum = 0.0
+        ce_sum = aux_sum = aux1_sum = z_sum = 0.0
         loads, firsts = [], []
         for _ in range(cfg.grad_accum):
             # Every rank draws the same batch and keeps its own rows.
@@ -361,13 +364,15 @@ class Trainer:
             if self.ep == 1:
                 ce = cross_entropy(logits, targets, mask)
                 aux = load_balancing_loss(router, mc.n_experts, mc.top_k)
+                aux1 = load_balancing_loss(router, mc.n_experts, 1) if cfg.first_choice_aux_coef else torch.zeros(())
                 z = router_z_loss(router) if cfg.z_loss_coef else torch.zeros(())
             else:
-                ce, aux, z = self._global_losses(logits, targets, mask, router)
-            loss = ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+                ce, aux, aux1, z = self._global_losses(logits, targets, mask, router)
+            loss = ce + cfg.aux_loss_coef * aux + cfg.first_choice_aux_coef * aux1 + cfg.z_loss_coef * z
             # ep x: reduce_gradients averages the ranks' parts of the gradient, which add up to the whole.
             (loss * self.ep / cfg.grad_accum).backward()
             ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
+            aux1_sum += aux1.item()
             loads.append(expert_load(router, mc.n_experts, mc.top_k))
             firsts.append(first_choice_load(router, mc.n_experts))
         if not self.distributed:
@@ -389,6 +394,7 @@ class Trainer:
             "step": self.step,
             "loss": ce_sum / n,
             "aux_loss": aux_sum / n,
+            "first_choice_aux_loss": aux1_sum / n,
             "z_loss": z_sum / n,
             "grad_norm": float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0],
@@ -405,7 +411,7 @@ class Trainer:
 
     def _global_losses(
         self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, router: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The losses over every rank's rows together, equal on every rank; each rank's gradient through them
         reaches only its own tokens (the pooling sums backward as the identity)."""
         mc = self.model.config
@@ -413,9 +419,14 @@ class Trainer:
         # The ranks' target counts differ when chat masks do: weight each rank's mean by its count.
         ce = self._pool(cross_entropy(logits, targets, mask) * count) / self._pool(count.clone()).clamp(min=1)
         aux = load_balancing_loss(router, mc.n_experts, mc.top_k, pool=self._pool)
+        aux1 = (
+            load_balancing_loss(router, mc.n_experts, 1, pool=self._pool)
+            if self.cfg.first_choice_aux_coef
+            else torch.zeros(())
+        )
         # Every rank routes as many tokens: the z-loss is the mean of the ranks' means.
         z = self._pool(router_z_loss(router)) / self.ep if self.cfg.z_loss_coef else torch.zeros(())
-        return ce, aux, z
+        return ce, aux, aux1, z
 
     def evaluate(self) -> dict[str, float]:
         # Under expert parallelism every rank runs the whole eval batch (each dispatches its own copy of the
@@ -509,11 +520,9 @@ class Trainer:
             model = parallel.gather_model(self.model)  # every rank sends its shards; rank 0 gets the whole
             if not self.main:
                 return
-        save_model(model, self.out / "model", overwrite=True)  # the run's own, claimed at its start
-        src = Path(self.tokenizer.source)
-        if src.is_file():  # a model folder that carries its own tokenizer
-            name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
-            shutil.copyfile(src, self.out / "model" / name)
+        # the run's own, claimed at its start; with the tokenizer it was trained with (from a GGUF file: its
+        # metadata's, rebuilt as a tokenizer.model)
+        save_model(model, self.out / "model", tokenizer=self.tokenizer, overwrite=True)
 
 
 def run_entries(out: Path) -> list[Path]:
@@ -590,10 +599,18 @@ def _settle_checkpoint(out: Path, folder: Path) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer, seqs: PackedSequences, batch_size: int, max_batches: int = 0, autocast=contextlib.nullcontext
+    model: Transformer,
+    seqs: PackedSequences,
+    batch_size: int,
+    max_batches: int = 0,
+    autocast=contextlib.nullcontext,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Mean loss per target token over the sequences (the first `max_batches` batches; 0: all) and, for text,
-    bits per character: the summed loss in bits divided by the characters those tokens spell."""
+    bits per character: the summed loss in bits divided by the characters those tokens spell. `progress`: a
+    bar on stderr."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: must be >= 1")
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
@@ -601,7 +618,7 @@ def evaluate(
     n_batches = math.ceil(len(seqs) / batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
+    for b in tqdm(range(n_batches), desc="eval", unit="batch", disable=not progress):
         idx = range(b * batch_size, min((b + 1) * batch_size, len(seqs)))
         inputs, targets, mask = (t.to(device) for t in seqs.batch(idx))
         with autocast():
