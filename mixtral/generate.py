@@ -10,21 +10,31 @@ loop that strings them together.
 - `generate_stream` / `generate` run a batch of prompts to completion; each sequence stops on its own,
   and text is streamed piece by piece;
 - `prepare_kernels` builds (once per installed copy) or loads the CPU kernels before anything is timed or
-  served, rather than inside the first forward pass.
+  served, rather than inside the first forward pass; `prepare_for_device` readies a loaded model for its device
+  (the MoE dispatch, compilation, CUDA graphs), as the commands run it.
+
+On a GPU a decode step reads nothing back to the host until its logits (`decode_fixed`): the cache's slots and
+mask and the expert dispatch stay on the device, and the attention span is known on the host beforehand
+(`cache.decode_span`). Such a step is replayed from a CUDA graph (`DecodeGraph`), one per batch size and span.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import CacheRows, KVCache
+from .cache import CacheRows, KVCache, decode_span
 from .kernels import cpu as cpu_kernels
 from .kernels import cpu_step
 from .model import Block, RMSNorm, Transformer
 from .sampling import SamplingParams, TokenLogprob, logprobs, sample
+
+if TYPE_CHECKING:
+    from .constrained import Constraint
 
 # ---- compiling the model --------------------------------------------------------------------------------------
 
@@ -64,7 +74,7 @@ def _keep_eager() -> None:
         fn = getattr(cls, name)
         if not getattr(fn, "_mixtral_eager", False):
             eager = torch.compiler.disable(fn)
-            eager._mixtral_eager = True
+            eager._mixtral_eager, eager._mixtral_original = True, fn
             setattr(cls, name, eager)
 
 
@@ -83,7 +93,8 @@ def compile_model(model: Transformer) -> bool:
         return False
     _keep_eager()
     # One compiled entry per (block, prefill/decode shape): more than dynamo's default of 8 cache entries.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(model.layers))
+    # On a GPU also one per decode step's batch size and attention span (`decode_span`).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32 * len(model.layers))
     for layer in model.layers:  # (the fused one-token CPU step, `decode_step`, runs outside them: nothing to compile)
         layer.forward = torch.compile(layer.forward, dynamic=False)
     model.compiled = True
@@ -125,16 +136,95 @@ def decode_step(model: Transformer, cache: KVCache, tokens_B: torch.Tensor, pos_
     """One new token per sequence, each at its own position (-1: an idle row); returns logits [B, V].
 
     One sequence in a bf16 `KVCache` on a CPU takes the fused one-call step (`kernels/cpu_step.py`) where it can
-    run: the same logits as the model's code, which runs everywhere else."""
+    run: the same logits as the model's code, which runs everywhere else. On other devices, with host-side
+    positions, the step runs on the device alone (`decode_fixed`), replayed from a CUDA graph where it can be."""
+    device = model.embed.weight.device
+    if device.type != "cpu" and type(cache) is KVCache and pos_B.device.type == "cpu":
+        span = decode_span(cache, pos_B)
+        tokens_B1, pos_B1 = tokens_B.view(-1, 1), pos_B.view(-1, 1)
+        graph = _decode_graph(model, cache, span) if device.type == "cuda" else None
+        if graph is not None:
+            return graph(tokens_B1, pos_B1)
+        return decode_fixed(model, cache, tokens_B1.to(device), pos_B1.to(device), span)
     step = _fused_step(model, cache, tokens_B)
     if step is not None and int(pos_B) >= 0:
         logits, router_LBE = step(int(tokens_B), int(pos_B), cache)
         # as `Transformer.forward` leaves them: this step's, or none when they are not kept
         model.router_logits = list(router_LBE.unbind(0)) if model.keep_router_logits else []
         return logits[:, 0].float()
-    device = model.embed.weight.device
     logits = model(tokens_B.view(-1, 1).to(device), positions=pos_B.view(-1, 1).to(device), cache=cache)
     return logits[:, 0].float()
+
+
+def decode_fixed(
+    model: Transformer, cache: KVCache, tokens_B1: torch.Tensor, pos_B1: torch.Tensor, span: int
+) -> torch.Tensor:
+    """`decode_step` on the device alone: one token per row of `cache` (tokens and positions [B, 1] on the model's
+    device, position -1: an idle row), attending over the first `span` slots (`cache.decode_span`); logits [B, V]
+    float32. Nothing is read back to the host and every shape is fixed by (B, span) where the MoE dispatch is
+    (`MoE.host_sync_free`): so it compiles as one graph and can be captured in a CUDA graph."""
+    logits = model(tokens_B1, positions=pos_B1, cache=cache.fixed(span))
+    return logits[:, 0].float()
+
+
+class DecodeGraph:
+    """`decode_fixed` for one cache (its tensors: the rows a view shows), batch size and span, captured in a CUDA
+    graph: a step is two small copies and one replay instead of ~30 kernel launches per layer from Python. The
+    warm-up runs (lazy initialisation, Triton's compilation) and the capture feed idle rows, which leave the cache
+    as it was."""
+
+    def __init__(self, model: Transformer, cache: KVCache, span: int, pool: tuple) -> None:
+        device = cache.slot_pos.device
+        B = cache.batch_size
+        self.tokens_B1 = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.pos_B1 = torch.full((B, 1), -1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_fixed(model, cache, self.tokens_B1, self.pos_B1, span)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits_BV = decode_fixed(model, cache, self.tokens_B1, self.pos_B1, span)
+
+    def __call__(self, tokens_B1: torch.Tensor, pos_B1: torch.Tensor) -> torch.Tensor:
+        self.tokens_B1.copy_(tokens_B1)
+        self.pos_B1.copy_(pos_B1)
+        self.graph.replay()
+        return self.logits_BV.clone()  # the graph's buffer is overwritten by its next replay
+
+
+def graphable(model: Transformer) -> bool:
+    """Whether a decode step of `model` can be a CUDA graph: allowed (`model.cuda_graphs`), every MoE dispatch on
+    the device alone (`MoE.host_sync_free`), router logits not kept, and no hooks (tensor parallelism's
+    collectives, adapters) whose code the graph would not run."""
+    if not model.cuda_graphs or model.keep_router_logits:
+        return False
+    if not all(layer.moe.host_sync_free for layer in model.layers):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _decode_graph(model: Transformer, cache: KVCache, span: int) -> DecodeGraph | None:
+    """This step's CUDA graph (captured the first time a batch size and span come), or None: not `graphable`, or
+    its capture failed (said once; the step then runs eagerly). Kept with the cache, which the graph writes."""
+    if not graphable(model):
+        return None
+    key = (id(model), model.version, cache.slot_pos.data_ptr(), cache.batch_size, span)
+    graph = cache.graphs.get(key)
+    if graph is None:
+        if "pool" not in cache.graphs:  # one memory pool for all of a cache's graphs: they never run at once
+            cache.graphs["pool"] = torch.cuda.graph_pool_handle()
+        try:
+            graph = DecodeGraph(model, cache, span, cache.graphs["pool"])
+        except Exception as e:  # any failure to capture leaves the eager step, which computes the same
+            warnings.warn(
+                f"decode step not captured in a CUDA graph ({type(e).__name__}: {e}); running eagerly", stacklevel=3
+            )
+            graph = False
+        cache.graphs[key] = graph
+    return graph or None
 
 
 def _fused_step(model: Transformer, cache: KVCache, tokens_B: torch.Tensor) -> cpu_step.Step | None:
@@ -251,6 +341,29 @@ class TextStream:
 # ---- the kernels ---------------------------------------------------------------------------------------------
 
 
+def default_moe_impl(device: torch.device | str) -> str:
+    """The expert dispatch a model on `device` runs by default: the fused Triton kernel on a CUDA GPU where triton
+    is installed (all experts in one launch per projection, nothing read on the host: a decode step can be a CUDA
+    graph), else the grouped path (our CPU kernels; the plain PyTorch matmuls elsewhere)."""
+    from .kernels.fused_moe import triton_unavailable_reason
+
+    device = torch.device(device)
+    if device.type == "cuda" and triton_unavailable_reason(device) is None:
+        return "triton"
+    return "grouped"
+
+
+def prepare_for_device(model: Transformer, *, compile: bool = False, cuda_graphs: bool = True) -> None:
+    """Ready a loaded single-device model for the device it is on, as generate, chat, serve and bench run it: its
+    MoE dispatch (`default_moe_impl`), torch.compile of its blocks (`compile_model`, any device) when asked,
+    whether decode steps may be CUDA graphs on a GPU, and its CPU kernels built (`prepare_kernels`)."""
+    model.set_moe_impl(default_moe_impl(model.embed.weight.device))
+    model.cuda_graphs = cuda_graphs
+    if compile:
+        compile_model(model)
+    prepare_kernels(model)
+
+
 def prepare_kernels(model: Transformer) -> None:
     """Build (the first time in an installed copy: a minute or two) or load the CPU kernels `model` runs on,
     now rather than inside its first forward pass: so that the build is not counted as a prompt's time, and
@@ -274,6 +387,9 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
     logprob: TokenLogprob | None = None  # when asked for (`top_logprobs`), on every token but an EOS
+    # The server's: the prompt tokens' logprobs (None for the first, which nothing predicts), on a sequence's first
+    # event, when its request asks for them (echo with logprobs, prompt_logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
     eos: bool = False
 
@@ -299,11 +415,16 @@ class SequenceState:
         tokenizer=None,
         eos_id: int | None = None,
         top_logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ) -> None:
         self.index = index
         self.prompt = list(prompt)
+        self.constraint = constraint  # a grammar the output must follow (constrained.py): its mask, then its step
         self.params = params
-        self.eos_id = eos_id
+        self.eos_id = None if params.ignore_eos else eos_id
+        self.stop_ids = frozenset(params.stop_token_ids)
+        # what cannot be sampled before min_tokens: the tokens that would end the sequence
+        self._enders = sorted({t for t in (eos_id, *params.stop_token_ids) if t is not None})
         self.top_logprobs = top_logprobs  # None: no logprobs; k: the chosen token's and the k most likely
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.stream = None if tokenizer is None else TextStream(tokenizer, self.prompt, params.stop)
@@ -316,11 +437,28 @@ class SequenceState:
         """The position of the newest token: the one to feed to the model next."""
         return len(self.history) - 1
 
-    def step(self, logits_V: torch.Tensor) -> Event:
-        """Sample the next token from `logits_V` (this sequence's, for its next position) and take it."""
-        history = torch.tensor(self.history, dtype=torch.long)
-        token = sample(logits_V, self.params, history, self.generator, len(self.prompt))
-        if token == self.eos_id:
+    def allowed(self, logits_V: torch.Tensor) -> torch.Tensor:
+        """`logits_V` with the tokens that would end the sequence (EOS, stop_token_ids) at -inf while fewer than
+        `min_tokens` have been generated, and those the sequence's grammar does not allow next at -inf (a copy then;
+        else `logits_V` itself): what to sample from."""
+        if self.constraint is not None:
+            logits_V = self.constraint.mask(logits_V).to(logits_V.dtype)
+        if self.n_out >= self.params.min_tokens or not self._enders:
+            return logits_V
+        out = logits_V.clone()
+        out[[t for t in self._enders if t < out.shape[-1]]] = float("-inf")
+        return out
+
+    def step(self, logits_V: torch.Tensor, token: int | None = None) -> Event:
+        """Sample the next token from `logits_V` (this sequence's, for its next position; `allowed` applied here)
+        and take it; or take `token`, sampled already from `allowed(logits_V)` (by `sampling.sample_batch`, with
+        this sequence's generator)."""
+        if token is None:
+            history = torch.tensor(self.history, dtype=torch.long)
+            token = sample(self.allowed(logits_V), self.params, history, self.generator, len(self.prompt))
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if token == self.eos_id or token in self.stop_ids:
             self.done = True
             return Event(self.index, token, self._rest(), "stop", eos=True)
         lp = None

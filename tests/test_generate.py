@@ -146,6 +146,29 @@ def test_each_sequence_stops_on_its_own():
     assert reasons[0] == "stop"
 
 
+def test_ignore_eos_min_tokens_and_stop_token_ids():
+    """vLLM's extensions in the generation loop: EOS ignored; EOS and stop ids held off for min_tokens; a stop id
+    ends the sequence as EOS does (not part of the output)."""
+    model = tiny_model()
+    prompt = [[1, 2, 3]]
+    free = generate(model, prompt, max_new_tokens=10, eos_id=None)[0]
+    eos = free[0]  # greedy's first token made the EOS: without the extensions, nothing is generated
+
+    def run(**extra) -> tuple[list[int], str]:
+        events = list(generate_stream(model, prompt, SamplingParams(max_new_tokens=10, **extra), eos_id=eos))
+        return [e.token for e in events if not e.eos], events[-1].finish_reason
+
+    assert run() == ([], "stop")
+    assert run(ignore_eos=True) == (free, "length")
+    tokens, reason = run(min_tokens=3)
+    assert len(tokens) >= 3 and eos not in tokens[:3]
+    stop = free[4]
+    tokens, reason = run(ignore_eos=True, stop_token_ids=(stop,))
+    assert (tokens, reason) == (free[: free.index(stop)], "stop")
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_new_tokens=4, min_tokens=5)
+
+
 def test_seeds_give_reproducible_samples_alone_or_in_a_batch():
     model = tiny_model()
     prompts = [[1, 2, 3], [7, 8, 9, 10]]

@@ -308,12 +308,13 @@ BAD = [
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ("chat", {"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools"),
     ("chat", {"model": None}, "model"),
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [1, 40000]}, "prompt"),
     ("completions", {"logprobs": 6}, "logprobs"),
-    ("completions", {"echo": True}, "echo"),
+    ("completions", {"echo": 1}, "echo"),
+    ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo or prompt_logprobs
     ("completions", {"best_of": 3}, "best_of"),
 ]
 

@@ -171,10 +171,10 @@ def test_a_failing_sequence_fails_alone(served, expected, monkeypatch):
     client, engine = served
     step = engine_module._Seq.step
 
-    def failing(self, logits):
+    def failing(self, logits, token=None):
         if self.params.seed == 666:
             raise RuntimeError("injected sampling failure")
-        return step(self, logits)
+        return step(self, logits, token)
 
     monkeypatch.setattr(engine_module._Seq, "step", failing)
     errors_before = metric(client, 'mixtral_requests_finished_total{outcome="error"}')

@@ -100,21 +100,31 @@ class Recorder(steps_module.Steps):
     def reset(self, rows=None):
         self.calls.append(("reset", rows))
 
-    def prefill(self, row, tokens, start):
-        self.calls.append(("prefill", row, tokens, start))
+    def prefill(self, row, tokens, start, every=False):
+        self.calls.append(("prefill", row, tokens, start, every))
+
+    def swap(self, a, b):
+        self.calls.append(("swap", a, b))
 
     def decode(self, tokens_B, pos_B):
         self.calls.append(("decode", tokens_B.tolist(), pos_B.tolist()))
 
 
 def test_follow_runs_what_rank_0_sends_until_stop(monkeypatch):
-    sent = [("reset", [1]), ("ping",), ("prefill", 1, [5, 6], 0), ("decode", [7, 0], [2, -1]), ("stop",)]
+    sent = [("reset", [1]), ("ping",), ("prefill", 1, [5, 6], 0, False), ("swap", 1, 0), ("decode", [7], [2]),
+            ("prefill", 0, [8], 2, True), ("stop",)]  # fmt: skip
     messages = iter(sent)
     monkeypatch.setattr("mixtral.parallel.broadcast_from_main", lambda value: next(messages))
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave this process's handlers alone
     recorder = Recorder()
-    assert steps_module.follow(recorder) == 3
-    assert recorder.calls == [("reset", [1]), ("prefill", 1, [5, 6], 0), ("decode", [7, 0], [2, -1])]
+    assert steps_module.follow(recorder) == 5
+    assert recorder.calls == [
+        ("reset", [1]),
+        ("prefill", 1, [5, 6], 0, False),
+        ("swap", 1, 0),
+        ("decode", [7], [2]),
+        ("prefill", 0, [8], 2, True),  # every position's logits (prompt logprobs): the same on every rank
+    ]
     monkeypatch.setattr("mixtral.parallel.broadcast_from_main", lambda value: ("resize", 3))
     with pytest.raises(RuntimeError, match="unknown step 'resize'"):
         steps_module.follow(recorder)

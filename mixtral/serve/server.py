@@ -28,6 +28,7 @@ class Server(uvicorn.Server):
     ) -> None:
         super().__init__(config)
         self.engine, self.drain_timeout, self.say = engine, drain_timeout, say
+        self._signalled = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -42,12 +43,15 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def _on_signal(self, sig: int, frame: object) -> None:
-        if self.should_exit:
+        # Marked before anything that can wait (the engine's lock): a second signal can run this handler
+        # again while the first one is still inside it.
+        if self._signalled:
             self.say(f"{signal.Signals(sig).name} again: exiting now, cutting the requests in flight")
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(128 + sig)
+        self._signalled = True
         self.say(
             f"{signal.Signals(sig).name}: not taking new requests; finishing those in flight "
             f"(up to {self.drain_timeout:g}s)"
