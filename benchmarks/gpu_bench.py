@@ -1,6 +1,7 @@
 """The fused MoE Triton kernel against the plain PyTorch path, on one GPU, on a full-size Mixtral-8x7B-shaped
-model with random weights: decode tokens/s at batch 1 and 32, prefill tokens/s, and the fraction of the
-GPU's memory bandwidth (measured here) that decoding reaches. Run by benchmarks/gpu.sh.
+model with random weights: decode tokens/s at batch 1, 8 and 32 with and without CUDA graphs, prefill
+tokens/s, the fraction of the GPU's memory bandwidth (measured here) that decoding reaches, peak GPU memory.
+Run by benchmarks/gpu.sh.
 
 Weights are bf16 where the whole model fits in free GPU memory (93 GB: an H200 or larger), else the
 experts are int8 with per-channel scales (48 GB: an H100). Both paths use the same weights; with int8 the
@@ -12,8 +13,12 @@ Order of work, each part on its own so that a failure is reported and the rest s
   3. the kernel against the plain path on one layer at decode and prefill sizes (correctness);
   4. the kernel's tile sizes, a few candidates at each size, the fastest kept;
   5. one MoE layer alone: time per call and bandwidth fraction, both paths;
-  6. the whole model: prefill, decode at batch 1 and 32, both paths;
+  6. the whole model: prefill, decode at batch 1, 8 and 32, the plain path, the kernel, and the kernel with
+     decode steps replayed from CUDA graphs (as `mixtral generate` runs on a GPU); peak GPU memory of each;
   7. a summary table with the ratios.
+
+The whole-model runs use the kernel's default tiles (what generation uses); section 4's tuned tiles are
+reported and used for the one-layer timings only.
 
     python benchmarks/gpu_bench.py [--weights auto|bf16|int8] [--prompt-len 2048] [--decode-steps 32]
     # a smoke test of the script itself, the kernel interpreted:
@@ -58,18 +63,18 @@ import_mixtral()
 
 from mixtral.cache import KVCache  # noqa: E402
 from mixtral.config import ModelConfig, get_preset  # noqa: E402
-from mixtral.generate import decode_step, prefill  # noqa: E402
+from mixtral.generate import decode_step, graphable, prefill  # noqa: E402
 from mixtral.kernels.fused_moe import (  # noqa: E402
     DECODE_CONFIG,
     PREFILL_CONFIG,
     KernelConfig,
     default_config,
-    experts_grouped_int8,
     fused_experts,
     triton_unavailable_reason,
 )
+from mixtral.kernels.ops import Experts, Routing, experts, experts_int8_reference  # noqa: E402
 from mixtral.model import Transformer  # noqa: E402
-from mixtral.moe import experts_grouped, route  # noqa: E402
+from mixtral.moe import route  # noqa: E402
 
 DECODE_CANDIDATES = [
     DECODE_CONFIG,
@@ -225,29 +230,25 @@ def build_model(
 # ---- the two paths ---------------------------------------------------------------------------------------------
 
 
-def install(model: Transformer, path: str, weights: str, scales: list, configs: dict | None) -> None:
-    """Make every MoE block run `path` ('plain' or 'triton') on its (bf16 or int8) experts."""
+def install(model: Transformer, path: str, weights: str, scales: list, graphs: bool) -> None:
+    """Make every MoE block run `path` ('plain': the grouped PyTorch path; 'triton': the fused kernel with its
+    default tiles, as `mixtral generate` runs it on a GPU) on its (bf16 or int8) experts, and allow CUDA graphs
+    for decode or not. int8 experts go through a dispatch hook (their scales live outside the model), which
+    rules CUDA graphs out (`generate.graphable`)."""
+    model.cuda_graphs = graphs
     for i, layer in enumerate(model.layers):
         moe = layer.moe
-        moe.impl = "grouped"
-        s = scales[i] if weights == "int8" else None
+        moe.impl = "grouped" if path == "plain" else "triton"
+        moe.dispatch_hook = None
+        if weights == "int8":
+            moe.dispatch_hook = _int8_hook(path, scales[i])
+
+
+def _int8_hook(path: str, s: tuple) -> Callable:
+    def hook(x, stack, routing, local):
         if path == "plain":
-            moe.dispatch_hook = None if s is None else _plain_int8_hook(s)
-        else:
-            moe.dispatch_hook = _triton_hook(s, configs)
-
-
-def _plain_int8_hook(s: tuple) -> Callable:
-    def hook(x, w1, w2, w3, weights_TK, idx_TK, local):
-        return experts_grouped_int8(x, w1, w2, w3, weights_TK, idx_TK, s)
-
-    return hook
-
-
-def _triton_hook(s: tuple | None, configs: dict | None) -> Callable:
-    def hook(x, w1, w2, w3, weights_TK, idx_TK, local):
-        config = pick_config(configs, idx_TK.numel(), w1.shape[0])
-        return fused_experts(x, w1, w2, w3, weights_TK, idx_TK, scales=s, config=config, fallback=False)
+            return experts_int8_reference(x, stack, routing, s)
+        return fused_experts(x, stack.w1, stack.w2, stack.w3, *routing, scales=s)
 
     return hook
 
@@ -262,12 +263,13 @@ def pick_config(configs: dict | None, n_pairs: int, n_experts: int) -> KernelCon
 def moe_call(model: Transformer, layer: int, path: str, weights: str, scales: list, config: KernelConfig | None):
     """A function (x, weights_TK, idx_TK) -> output running one layer's experts through `path`."""
     moe = model.layers[layer].moe
+    stack = Experts(moe.w1, moe.w2, moe.w3)
     s = scales[layer] if weights == "int8" else None
     if path == "plain":
         if s is None:
-            return lambda x, w, i: experts_grouped(x, moe.w1, moe.w2, moe.w3, w, i)
-        return lambda x, w, i: experts_grouped_int8(x, moe.w1, moe.w2, moe.w3, w, i, s)
-    return lambda x, w, i: fused_experts(x, moe.w1, moe.w2, moe.w3, w, i, scales=s, config=config, fallback=False)
+            return lambda x, w, i: experts(x, stack, Routing(w, i))
+        return lambda x, w, i: experts_int8_reference(x, stack, Routing(w, i), s)
+    return lambda x, w, i: fused_experts(x, moe.w1, moe.w2, moe.w3, w, i, scales=s, config=config)
 
 
 def routed_input(config: ModelConfig, model: Transformer, T: int, device: torch.device, seed: int = 0):
@@ -401,15 +403,26 @@ def bench_decode(
     return seconds, unique, kv
 
 
-def bench_model(model, config, device, weights, bw, args, label: str) -> dict:
+BATCHES = (1, 8, 32)
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+
+
+def bench_model(model, config, device, weights, bw, args, label: str, with_prefill: bool) -> dict:
+    """Prefill (when asked) and decode at each of BATCHES for the installed path; peak GPU memory over them."""
     res: dict = {}
-    try:
-        t = bench_prefill(model, config, device, args.prompt_len)
-        res["prefill"] = args.prompt_len / t
-        log(f"  [{label}] prefill {args.prompt_len} tokens: {t * 1e3:8.1f} ms, {res['prefill']:9.1f} tokens/s")
-    except Exception:
-        res["prefill_error"] = failed(f"[{label}] prefill")
-    for B in (1, 32):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if with_prefill:
+        try:
+            t = bench_prefill(model, config, device, args.prompt_len)
+            res["prefill"] = args.prompt_len / t
+            log(f"  [{label}] prefill {args.prompt_len} tokens: {t * 1e3:8.1f} ms, {res['prefill']:9.1f} tokens/s")
+        except Exception:
+            res["prefill_error"] = failed(f"[{label}] prefill")
+    for B in BATCHES:
         try:
             t, unique, kv = bench_decode(model, config, device, B, args.decode_prompt, args.decode_steps)
             moved = fixed_bytes(config) + config.n_layers * unique * expert_bytes(config, weights) + kv
@@ -417,10 +430,12 @@ def bench_model(model, config, device, weights, bw, args, label: str) -> dict:
             res[f"bw{B}"] = moved / t / bw
             log(
                 f"  [{label}] decode batch {B:2d}: {t * 1e3:8.2f} ms/step, {B / t:8.1f} tokens/s, "
-                f"{unique:.2f} experts/layer read, {moved / 1e9:.2f} GB/step, {res[f'bw{B}']:6.1%} of bandwidth"
+                f"{unique:.2f} experts/layer read, {moved / 1e9:.2f} GB/step, {res[f'bw{B}']:6.1%} of the HBM roofline"
             )
         except Exception:
             res[f"decode{B}_error"] = failed(f"[{label}] decode batch {B}")
+    res["peak"] = peak_gb(device)
+    log(f"  [{label}] peak GPU memory {res['peak']:.1f} GB")
     return res
 
 
@@ -498,37 +513,52 @@ def main() -> None:
     layer_times = bench_moe_layer(model, config, device, weights, scales, configs, paths, bw)
 
     section("whole model")
+    # (path, CUDA graphs): the plain path reads expert counts on the host each layer, so it runs eagerly; the
+    # kernel eagerly and from CUDA graphs (`generate.decode_step`), bf16 only (int8 runs through a hook).
+    runs = [("plain", False)]
+    if "triton" in paths:
+        runs.append(("triton", False))
+        if device.type == "cuda" and weights == "bf16":
+            runs.append(("triton", True))
+        else:
+            log("CUDA graphs: not measured (they need a CUDA device and bf16 experts; int8 runs through a hook)")
     results = {}
-    for path in paths:
+    for path, graphs in runs:
+        label = path + (" + graphs" if graphs else "")
         try:
-            install(model, path, weights, scales, configs)
-            results[path] = bench_model(model, config, device, weights, bw, args, path)
+            install(model, path, weights, scales, graphs)
+            if graphs and not graphable(model):
+                raise RuntimeError("the model cannot be captured in CUDA graphs (generate.graphable)")
+            results[label] = bench_model(model, config, device, weights, bw, args, label, with_prefill=not graphs)
         except Exception:
-            results[path] = {"error": failed(f"whole model, {path}")}
+            results[label] = {"error": failed(f"whole model, {label}")}
 
     section("summary")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     log(
         f"{gpu}, Mixtral shape {args.preset} ({config.n_layers} layers), {weights} weights, "
-        f"measured bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}"
+        f"measured bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}; decode after a "
+        f"{args.decode_prompt}-token prompt, {args.decode_steps} timed steps; (bw): share of the HBM roofline"
     )
-    cols = ("prefill", "decode1", "decode32")
-    titles = ("prefill tok/s", "decode b=1 tok/s", "(bw)", "decode b=32 tok/s", "(bw)")
-    log(f"{'path':8s} " + " ".join(t.rjust(w) for t, w in zip(titles, (14, 17, 7, 18, 7), strict=True)))
+    titles = ["prefill tok/s"] + [t for B in BATCHES for t in (f"decode b={B} tok/s", "(bw)")] + ["peak GB"]
+    widths = [14] + [w for _ in BATCHES for w in (18, 7)] + [8]
+    log(f"{'path':16s} " + " ".join(t.rjust(w) for t, w in zip(titles, widths, strict=True)))
 
     def cell(r: dict, key: str, width: int, fmt: str = "{:.1f}") -> str:
-        return (fmt.format(r[key]) if key in r else "failed").rjust(width)
+        return (fmt.format(r[key]) if key in r else "failed" if f"{key}_error" in r else "-").rjust(width)
 
-    for path in paths:
-        r = results.get(path, {})
-        log(
-            f"{path:8s} {cell(r, 'prefill', 14)} {cell(r, 'decode1', 17)} {cell(r, 'bw1', 7, '{:.1%}')} "
-            f"{cell(r, 'decode32', 18)} {cell(r, 'bw32', 7, '{:.1%}')}"
-        )
+    for label, r in results.items():
+        cells = [cell(r, "prefill", 14)]
+        for B in BATCHES:
+            cells += [cell(r, f"decode{B}", 18), cell(r, f"bw{B}", 7, "{:.1%}")]
+        log(f"{label:16s} " + " ".join(cells) + " " + cell(r, "peak", 8))
+    plain = results.get("plain", {})
+    for label in [k for k in results if k != "plain"]:
+        r = results[label]
+        keys = ["prefill", *(f"decode{B}" for B in BATCHES)]
+        ratios = [f"{k} x{r[k] / plain[k]:.2f}" for k in keys if k in r and k in plain]
+        log(f"{label} / plain: " + (", ".join(ratios) if ratios else "n/a"))
     if "triton" in paths:
-        a, b = results.get("triton", {}), results.get("plain", {})
-        ratios = [f"{k} x{a[k] / b[k]:.2f}" for k in cols if k in a and k in b]
-        log("triton / plain: " + (", ".join(ratios) if ratios else "n/a"))
         layer = [
             f"T={T} x{layer_times[('plain', T)] / layer_times[('triton', T)]:.2f}"
             for T in (1, 32, 2048)

@@ -150,6 +150,8 @@ class Transformer(nn.Module):
         # (load-balancing loss, routing analysis).
         self.keep_router_logits = False
         self.router_logits: list[torch.Tensor] = []
+        # Whether generation may replay decode steps from CUDA graphs on a GPU (`generate.decode_step`); False: eager.
+        self.cuda_graphs = True
         # Bumped by whatever changes the model's tensors or modules after it is built (quantization, LoRA, loading,
         # `.to()`): what was derived from them before (the fused decode step's arguments) is derived again.
         self.version = 0
@@ -182,7 +184,8 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def set_moe_impl(self, impl: str) -> None:
-        """Choose the expert dispatch path: 'grouped' (fast) or 'reference' (plain loop)."""
+        """Choose the expert dispatch path (`moe.py`): 'grouped' (CPUs), 'triton' (GPUs), 'dense' (fixed shapes) or
+        'reference' (plain loop)."""
         if impl not in MOE_IMPLS:
             raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
         for layer in self.layers:

@@ -6,7 +6,9 @@ dispatch paths that compute the same function side by side:
   of its tokens (a single token runs its k experts directly);
 - "reference" (`experts_reference`, below): a plain loop over experts, each applied to the tokens that chose it,
   on dequantized weights: the path the others are checked against;
-- "triton" (`ops.experts_triton`): the fused Triton kernel (GPUs), the grouped path where it cannot run.
+- "triton" (`ops.experts_triton`): the fused Triton kernel (GPUs), the grouped path where it cannot run;
+- "dense" (`ops.experts_dense`): every token through every expert, weighted (0 for the unchosen): fixed shapes,
+  nothing read on the host, for a step compiled whole or captured in a CUDA graph without the Triton kernel.
 
 Expert or tensor parallelism (`parallel.py`) wraps whichever path is chosen through `MoE.dispatch_hook`.
 
@@ -24,7 +26,7 @@ from .config import ModelConfig
 from .kernels import ops
 from .kernels.ops import Experts, Routing
 
-MOE_IMPLS = ("grouped", "reference", "triton")
+MOE_IMPLS = ("grouped", "reference", "triton", "dense")
 
 
 def route(router_logits_TE: torch.Tensor, top_k: int) -> Routing:
@@ -52,7 +54,12 @@ def experts_reference(x_TD: torch.Tensor, experts: Experts, routing: Routing) ->
     return out_TD.to(x_TD.dtype)
 
 
-_DISPATCH = {"grouped": ops.experts, "reference": experts_reference, "triton": ops.experts_triton}
+_DISPATCH = {
+    "grouped": ops.experts,
+    "reference": experts_reference,
+    "triton": ops.experts_triton,
+    "dense": ops.experts_dense,
+}
 
 
 class MoE(nn.Module):
@@ -88,6 +95,18 @@ class MoE(nn.Module):
         router_logits_TE = ops.project(self.gate, router_in)
         out_TD = self.dispatch(x_TD, route(router_logits_TE, self.top_k))
         return out_TD.view(x.shape), router_logits_TE
+
+    @property
+    def host_sync_free(self) -> bool:
+        """Whether the dispatch runs on the device alone (no host reads), as a CUDA graph needs: the Triton kernel
+        where it can run on these weights, or the dense path; no parallelism hook."""
+        if self.dispatch_hook is not None:
+            return False
+        if self.impl == "triton":
+            from .kernels.fused_moe import triton_unavailable_reason
+
+            return triton_unavailable_reason(self.w1.device) is None
+        return self.impl == "dense"
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the chosen experts (the step that depends on routing decisions: `generate.compile_model` keeps
