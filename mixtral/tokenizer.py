@@ -12,6 +12,7 @@ Chat format v1 (Mixtral 8x7B Instruct), as mistral-common's ``InstructTokenizerV
 ``[INST]`` and ``[/INST]`` are plain text, not control tokens.
 """
 
+import hashlib
 import importlib.resources
 import json
 import operator
@@ -49,6 +50,7 @@ class _Backend(Protocol):
     vocab_size: int
     bos_id: int
     eos_id: int
+    control_ids: frozenset[int]  # <s>, </s>, [INST], ...: pieces that print nothing
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -74,6 +76,7 @@ class _SentencePieceBackend:
         self.eos_id = self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError("the sentencepiece model defines no BOS or EOS piece")
+        self.control_ids = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -124,6 +127,7 @@ class _TokenizerJsonBackend:
         self._unk_id = id_of.get(model.get("unk_token") or "<unk>", -1)
         # sentencepiece prints nothing for control pieces (<s>, </s>) but " ⁇ " for <unk>.
         self._control = frozenset(special - {self._unk_id})
+        self.control_ids = self._control
         self._byte = [-1] * self.vocab_size
         for i, piece in enumerate(self._pieces):
             if m := _BYTE_PIECE.fullmatch(piece):
@@ -273,6 +277,68 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of pieces (32000 for Mixtral)."""
         return self._backend.vocab_size
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """The control tokens (<s>, </s>, and in v2+ [INST], [TOOL_CALLS], ...), which print nothing."""
+        return self._backend.control_ids
+
+    @property
+    def version(self) -> str:
+        """Mistral's tokenizer version ("v1", "v2", "v3", "v7"): how chats and tools are encoded. Taken from the
+        file name's suffix where it has one (mistral-common's files: ``tokenizer.model.v3``), else from the control
+        tokens, which each version added: [TOOL_CALLS] (v2), [IMG] (v3), [SYSTEM_PROMPT] (v7); none of them: v1."""
+        if m := re.search(r"\.(v\d+)(m\d+)?$", self._source):
+            return m.group(1)
+        controls = {self._backend.id_to_piece(i) for i in self.control_ids}
+        for piece, version in (("[SYSTEM_PROMPT]", "v7"), ("[IMG]", "v3"), ("[TOOL_CALLS]", "v2")):
+            if piece in controls:
+                return version
+        return "v1"
+
+    @property
+    def tool_tokens(self) -> bool:
+        """Whether the vocabulary has Mistral's tool tokens ([AVAILABLE_TOOLS], [TOOL_CALLS], [TOOL_RESULTS])."""
+        return self.version != "v1"
+
+    def decode_with_controls(self, ids: Iterable[int]) -> str:
+        """As `decode`, but control tokens other than <s> and </s> are written as their pieces ("[TOOL_CALLS]")."""
+        ids = [self._check_id(i) for i in ids]
+        parts, run = [], []
+        for i in ids:
+            if i in self.control_ids and i not in (self.bos_id, self.eos_id):
+                parts += [self._backend.decode(run), self._backend.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*parts, self._backend.decode(run)])
+
+    def encode_openai_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of an OpenAI chat (messages with roles system, user, assistant (with ``tool_calls``) and tool
+        (with ``tool_call_id``); ``tools`` as OpenAI's {"type": "function", "function": {...}}), in this tokenizer's
+        version of Mistral's format. v2 and later: through mistral-common (`MistralTokenizer.encode_chat_completion`),
+        its ids exactly. v1, which has no tool tokens: tools, calls and results are written as text in the same
+        layout (see `_v1_tool_messages`), then encoded as `encode_chat`. A conversation mistral-common refuses is a
+        ``ValueError`` saying why."""
+        if self.version == "v1":
+            return self.encode_chat(_v1_tool_messages(messages, tools or []))
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        try:
+            request = ChatCompletionRequest.from_openai(_mistral_ids(messages), tools=list(tools) if tools else None)
+            return self._mistral().encode_chat_completion(request).tokens
+        except (MistralCommonException, ValueError, TypeError, KeyError) as e:  # pydantic's errors are ValueErrors
+            raise ValueError(f"mistral-common refuses the conversation: {e}") from None
+
+    def _mistral(self) -> Any:
+        """mistral-common's tokenizer for this file, at `version` (its own loader reads the version from the file
+        name alone, and calls a bare tokenizer.model v1)."""
+        if getattr(self, "_mistral_tokenizer", None) is None:
+            self._mistral_tokenizer = _mistral_common_tokenizer(self._source, self.version)
+        return self._mistral_tokenizer
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with <s> in front if ``bos`` and </s> at the end if ``eos``.
@@ -428,6 +494,84 @@ def _validate_chat(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"message {i} (assistant): an assistant message needs non-empty content")
         if m.get("prefix", False) and i != last:
             raise ValueError(f'message {i} (assistant): only the last message can have "prefix": True')
+
+
+def _v1_tool_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """An OpenAI chat with tools as plain v1 messages, in the layout of Mistral's v3 format written as text: the
+    tools as "[AVAILABLE_TOOLS] [...] [/AVAILABLE_TOOLS]" in a system message (v1 puts it before the first user
+    turn), an assistant's calls as "[TOOL_CALLS] [{"name": ..., "arguments": {...}}]", a tool's result as a user
+    message "[TOOL_RESULTS] {"content": ..., "call_id": ...} [/TOOL_RESULTS]"."""
+    out: list[dict] = []
+    if tools:
+        listed = json.dumps(list(tools), ensure_ascii=False)
+        out.append({"role": "system", "content": f"[AVAILABLE_TOOLS] {listed} [/AVAILABLE_TOOLS]"})
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        if role == "tool":
+            result = json.dumps({"content": content, "call_id": m.get("tool_call_id")}, ensure_ascii=False)
+            out.append({"role": "user", "content": f"[TOOL_RESULTS] {result} [/TOOL_RESULTS]"})
+        elif role == "assistant" and m.get("tool_calls"):
+            calls = [
+                {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")}
+                for c in m["tool_calls"]
+            ]
+            text = f"[TOOL_CALLS] {json.dumps(calls, ensure_ascii=False)}"
+            out.append({"role": "assistant", "content": f"{content} {text}" if content else text})
+        else:
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "prefix")})
+    return out
+
+
+def _mistral_ids(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """`messages` with their tool-call ids as mistral-common v3+ requires them (9 letters or digits): an id that is
+    not one is replaced by one made from its hash, the same in the call and in the tool's result."""
+
+    def fix(call_id: Any) -> Any:
+        if not isinstance(call_id, str) or re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
+            return call_id
+        digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+        return "".join(_ID_CHARS[(digest >> (6 * k)) % len(_ID_CHARS)] for k in range(9))
+
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "id": fix(c.get("id"))} for c in m["tool_calls"]]
+        if m.get("tool_call_id") is not None:
+            m["tool_call_id"] = fix(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def _mistral_common_tokenizer(source: str, version: str) -> Any:
+    """mistral-common's MistralTokenizer for the tokenizer file `source`, at `version`."""
+    from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+    from mistral_common.tokens.tokenizers import instruct
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer, get_normalizer
+    from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"the {version} chat format needs the tokenizer's own file; {source} is not one")
+    if path.suffix == ".json":
+        return MistralTokenizer.from_file(path)
+    classes = {
+        "v2": instruct.InstructTokenizerV2,
+        "v3": instruct.InstructTokenizerV3,
+        "v7": instruct.InstructTokenizerV7,
+    }
+    if version not in classes:
+        raise ValueError(f"tokenizer version {version} is not supported here (v1, v2, v3, v7)")
+    tokenizer = SentencePieceTokenizer(path, tokenizer_version=TokenizerVersion(version))
+    return MistralTokenizer(
+        classes[version](tokenizer),
+        validator=get_validator(tokenizer.version, mode=ValidationMode.test),
+        request_normalizer=get_normalizer(tokenizer.version, tokenizer.model_settings_builder),
+    )
 
 
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:

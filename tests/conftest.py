@@ -151,3 +151,55 @@ def assert_error(r, status: int, param: str | None = None, code: str | None = No
     if code is not None:
         assert error["code"] == code
     return error
+
+
+def started_engine(load, **engine_args):
+    """A serving `Engine` on `load()`'s (model, tokenizer), started and ready."""
+    import time
+
+    from mixtral.serve.engine import Engine
+
+    engine = Engine(load, **engine_args)
+    engine.start()
+    deadline = time.monotonic() + 600  # the first run in an install builds the CPU kernels
+    while engine.state != "ready":
+        assert time.monotonic() < deadline and engine.state == "loading", (engine.state, engine.load_error)
+        time.sleep(0.01)
+    return engine
+
+
+def engine_tokens(engine, jobs: list[tuple], timeout: float = 120) -> list[list[int]]:
+    """Submit `jobs` (prompt, params[, Request keyword arguments]) at once; the tokens each generates."""
+    import asyncio
+
+    from mixtral.serve.engine import Request
+
+    async def go() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        requests = [Request([job[0]], [job[1]], None, loop, **(job[2] if len(job) > 2 else {})) for job in jobs]
+        for r in requests:
+            engine.submit(r)
+
+        async def tokens(r: Request) -> list[int]:
+            events = [e async for e in r.events()]
+            assert all(e.error is None for e in events), events
+            return [e.token for e in events if e.generated]
+
+        return await asyncio.gather(*map(tokens, requests))
+
+    return asyncio.run(asyncio.wait_for(go(), timeout))
+
+
+def fused_step_model():
+    """A bf16 model of a shape the fused CPU decode step takes (tiny's head_dim 16 is not one), seeded; skips where
+    the CPU kernels are not available."""
+    import dataclasses
+
+    import mixtral
+    from mixtral.kernels import cpu
+
+    if cpu.ops() is None:
+        pytest.skip("the CPU kernels are not available here")
+    torch.manual_seed(0)
+    config = dataclasses.replace(mixtral.get_preset("tiny"), dim=128, hidden_dim=256, head_dim=32)
+    return mixtral.Transformer(config).eval().to(torch.bfloat16)

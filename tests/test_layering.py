@@ -20,8 +20,9 @@ LAYERS = [
     {"cache", "moe"},
     {"model"},
     {"checkpoint", "quantize", "parallel", "train.lora"},
-    {"sampling", "generate"},
-    {"serve", "train", "routing", "bench", "cli_args", "commands"},
+    {"sampling", "constrained", "generate"},
+    {"measure"},
+    {"serve", "train", "eval", "routing", "bench", "full_scale", "cli_args", "commands"},
     {"cli", "__main__", ""},  # "": the package's own __init__, which hands the public names on
 ]
 

@@ -20,28 +20,40 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         "serve",
         help="serve the model over an OpenAI-compatible HTTP API (continuous batching)",
         description="Serve the model over HTTP with the OpenAI API: POST /v1/chat/completions and "
-        "/v1/completions (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests "
+        "/v1/completions (streamed or not), GET /v1/models, POST /tokenize and /detokenize, /health and /metrics "
+        "(Prometheus, with vLLM's latency histograms). vLLM's and llama-server's flag names work too. Requests "
         "join the running batch between decode steps. SIGTERM or Ctrl-C stops taking requests, lets those "
         "in flight finish (up to --shutdown-timeout) and exits; a second Ctrl-C exits at once. Under torchrun "
         "with --ep/--tp, rank 0 serves HTTP and every rank runs each step on its shard of the model "
         "(torchrun kills its workers 30 s after it is signalled: keep --shutdown-timeout below that).",
     )
     cli_args.add_model_flags(p)
+    # vLLM's and llama-server's names for the same things, so their command lines carry over.
+    p.add_argument(
+        "--model", "-m", dest="checkpoint", metavar="DIR", default=argparse.SUPPRESS, help="the same as --checkpoint"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument(
         "--port", type=int, default=8000, help="port to listen on, up to 65535; 0 picks a free one (default: 8000)"
     )
     p.add_argument(
         "--model-name",
+        "--served-model-name",
+        "--alias",
+        "-a",
         metavar="NAME",
         help="the model id clients send as 'model' (default: the checkpoint folder's name)",
     )
     p.add_argument(
         "--max-batch",
+        "--max-num-seqs",
+        "--parallel",
+        "-np",
         type=int,
-        default=8,
+        default=64,
         metavar="N",
-        help="sequences decoded together: the KV cache has this many rows (default: 8)",
+        help="sequences decoded together, at most (default: 64); the paged KV cache's size (--kv-cache-tokens) "
+        "bounds how many fit at once",
     )
     p.add_argument(
         "--max-queue",
@@ -52,13 +64,39 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     p.add_argument(
         "--max-seq-len",
+        "--max-model-len",
+        "--ctx-size",
+        "-c",
         type=int,
         metavar="N",
         help="tokens per sequence (prompt + completion) the KV cache holds; bounds its memory "
         "(default: the model's context)",
     )
     p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        metavar="N",
+        help="positions the paged KV cache holds, all sequences together, in blocks of 16 taken as tokens arrive; "
+        "a sequence is admitted when its prompt + max_tokens fit beside the others' (default: min(--max-batch, 8) x "
+        "--max-seq-len; at least --max-seq-len)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        "--no-enable-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="do not reuse the KV blocks of prompt prefixes other requests computed (on by default)",
+    )
+    p.add_argument(
+        "--no-paged-kv",
+        dest="paged_kv",
+        action="store_false",
+        help="a KV cache of --max-batch rows x --max-seq-len allocated up front instead of the paged one (no "
+        "prefix caching): the reference the paged cache is tested against",
+    )
+    p.add_argument(
         "--prefill-chunk",
+        "--max-num-batched-tokens",
         type=int,
         default=512,
         metavar="N",
@@ -85,21 +123,52 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         help="on SIGTERM, seconds to let requests in flight finish before they are cut (default: 30)",
     )
     p.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="CPU threads for torch (default: torch's choice, one per core); on a busy machine fewer "
-        "threads than cores can be much faster",
-    )
-    p.add_argument(
         "--log-level",
+        "--uvicorn-log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
         help="server log level (default: info)",
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="answer cross-origin (CORS) requests from these origins, e.g. http://localhost:3000, or '*' for any "
+        "(default: none; browsers then refuse pages of other origins)",
+    )
+    p.add_argument(
+        "--lora",
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="LoRA adapters to serve on the base model, un-merged (PEFT's format or `mixtral train`'s "
+        'out_dir/adapter): a request picks one with "model": NAME, and /v1/models lists them; rows of one batch '
+        "may use different adapters (default: none)",
+    )
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def parse_lora(items: list[str], model_name: str) -> dict[str, str]:
+    """--lora NAME=PATH ... as {name: folder}, each folder checked to be an adapter (its files only)."""
+    from ..train.lora import adapter_format
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--lora {item!r} is invalid: give NAME=PATH (the name requests send as 'model')")
+        if name == model_name:
+            raise CLIError(f"--lora {item!r}: {name!r} is the served model's own name; give the adapter another")
+        if name in out:
+            raise CLIError(f"--lora names {name!r} twice")
+        try:
+            adapter_format(path)
+        except ValueError as e:
+            raise CLIError(f"--lora {item!r}: {e}") from None
+        out[name] = path
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -124,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ("--max-queue", args.max_queue, 0),
         ("--prefill-chunk", args.prefill_chunk, 1),
         ("--max-seq-len", args.max_seq_len if args.max_seq_len is not None else 1, 1),
-        ("--threads", args.threads if args.threads is not None else 1, 1),
+        ("--kv-cache-tokens", args.kv_cache_tokens if args.kv_cache_tokens is not None else 1, 1),
     ]:
         if value < least:
             raise CLIError(f"{flag} {value} is invalid: must be >= {least}")
@@ -140,10 +209,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     context = ckpt.config.max_seq_len
     if args.max_seq_len is not None and args.max_seq_len > context:
         raise CLIError(f"--max-seq-len {args.max_seq_len} is more than the model's context of {context} tokens")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < (args.max_seq_len or context):
+        raise CLIError(
+            f"--kv-cache-tokens {args.kv_cache_tokens} cannot hold one sequence of "
+            f"{args.max_seq_len or context} tokens (--max-seq-len)"
+        )
     cli_args.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    model_name = args.model_name or path.resolve().name
+    adapters = parse_lora(args.lora or [], model_name)
     lockstep = args.ep > 1 or args.tp > 1
+    if adapters and (lockstep or args.compile):
+        raise CLIError("--lora serves adapters in one process, without --compile, --ep or --tp")
     if lockstep:
         from .. import parallel
 
@@ -153,7 +229,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not parallel.is_main_process():
             _follow(args)
             return
-    model_name = args.model_name or path.resolve().name
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -165,8 +240,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_seq_len=args.max_seq_len,
         prefill_chunk=args.prefill_chunk,
         steps=LockstepSteps if lockstep else Steps,
+        paged=args.paged_kv,
+        kv_cache_tokens=args.kv_cache_tokens,
+        prefix_caching=args.prefix_caching,
+        adapters=adapters,
     )
-    app = create_app(engine, model_name=model_name, api_key=args.api_key, max_body=int(args.max_body_mb * 2**20))
+    app = create_app(
+        engine,
+        model_name=model_name,
+        api_key=args.api_key,
+        max_body=int(args.max_body_mb * 2**20),
+        allowed_origins=args.allowed_origins,
+    )
     config = uvicorn.Config(
         app,
         log_level=args.log_level,
@@ -181,8 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         server.should_exit = True
 
     def ready() -> None:
-        rows = f"{args.max_batch} rows x {engine.context_len} tokens"
-        _say(f"ready: serving {model_name!r} at {url}/v1 (KV cache {rows})")
+        cache = engine.kv_cache_description()
+        _say(f"ready: serving {model_name!r} at {url}/v1 (KV cache {cache})")
 
     engine.on_failure, engine.on_ready = failed, ready
     _say(f"listening on {url}; loading {path} (/health answers 503 until it is loaded and its kernels are ready)")
@@ -200,13 +285,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _follow(args: argparse.Namespace) -> None:
     """Every rank but 0 under torchrun: load this rank's shard, then run rank 0's steps until it stops."""
     from .. import parallel
-    from ..cache import KVCache
+    from .engine import make_cache
     from .steps import Steps, follow
 
     model, _ = cli_args.load(args)  # the same collectives, in the same order, as rank 0's loader
     context = args.max_seq_len or model.config.max_seq_len
-    weight = model.embed.weight
-    cache = KVCache(model.config, args.max_batch, context, dtype=weight.dtype, device=weight.device)
+    cache = make_cache(
+        model,
+        args.max_batch,
+        context,
+        kv_cache_tokens=args.kv_cache_tokens,
+        paged=args.paged_kv,
+        prefix_caching=args.prefix_caching,
+    )
     follow(Steps(model, cache))
     parallel.shutdown()
 

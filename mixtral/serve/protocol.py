@@ -7,23 +7,57 @@ OpenAI's error body `{"error": {"message", "type", "param", "code"}}` with its H
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import reprlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constrained import Grammar, GrammarError, Grammars
 from ..sampling import SamplingParams, TokenLogprob
 from ..tokenizer import Tokenizer
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
+MAX_PROMPT_LOGPROBS = 20  # vLLM's default limit (--max-logprobs)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions (chat: the rest of the context)
+
+# The fields a request may have; any other is a 400 naming it (a misspelt "max_token" is not silently ignored).
+_OPENAI_IGNORED = frozenset(  # OpenAI's, with nothing to do here
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+)
+_SAMPLING_FIELDS = frozenset(
+    {"model", "n", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
+     "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
+     # vLLM's extensions
+     "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids"}
+)  # fmt: skip
+CHAT_FIELDS = _SAMPLING_FIELDS | _OPENAI_IGNORED | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "functions", "tool_choice", "function_call"
+}  # fmt: skip
+COMPLETION_FIELDS = _SAMPLING_FIELDS | _OPENAI_IGNORED | {"prompt", "best_of", "echo", "suffix", "prompt_logprobs"}
+TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                             "return_token_strs"})  # fmt: skip
+DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
+# vLLM's fields that clients send with their default value, which is what this server does: taken with that
+# value, a 400 with another.
+_VLLM_DEFAULTS = {
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "include_stop_str_in_output": False,
+    "use_beam_search": False,
+}
+_VLLM_CHAT_DEFAULTS = {**_VLLM_DEFAULTS, "add_generation_prompt": True, "continue_final_message": False, "echo": False}
+# vLLM's request extensions that need the engine: passed on in SamplingParams where it has the field (a
+# non-default value is a 400 where it has not).
+_EXTENSIONS = ("ignore_eos", "min_tokens", "stop_token_ids")
+_ENGINE_TAKES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 class APIError(Exception):
@@ -63,8 +97,24 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     top_logprobs: int | None = None  # None: no logprobs
+    # Completions: each choice's prompt text to echo before its completion (None: no echo); vLLM's prompt_logprobs
+    # (None: not asked); max_tokens 0 (the prompt's logprobs alone, nothing generated)
+    echo: list[str] | None = None
+    prompt_logprobs: int | None = None
+    prompt_only: bool = False
+    # Chat: the grammar every choice's output follows (response_format, tools), and how tools are offered: None (no
+    # tools, or tool_choice "none"), "auto" or "required" (a named function is "required" of a list of one)
+    grammar: Grammar | None = None
+    tool_mode: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_top(self) -> int | None:
+        """How many most likely tokens the engine gives per prompt position (None: no prompt logprobs at all):
+        echo with logprobs shows them for the prompt's tokens, and prompt_logprobs asks for them."""
+        wanted = [k for k in (self.prompt_logprobs, self.top_logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     @property
     def response_id(self) -> str:
@@ -130,35 +180,43 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def check_fields(body: Mapping[str, Any], known: frozenset[str], defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse a field that is neither `known` nor one of vLLM's `defaults` at its default value."""
+    for name, value in body.items():
+        if name in known:
+            continue
+        if defaults is not None and name in defaults:
+            if value is None or value is defaults[name]:
+                continue
+            raise invalid(
+                name, f"{name}={show(value)} is not supported by this server (only {json.dumps(defaults[name])})"
+            )
+        raise invalid(name[:100], f"Unrecognized request argument supplied: {show(name)}")
+
+
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise invalid(name, f"{name} (function calling) is not supported by this server")
-    if body.get("tool_choice") not in (None, "none"):
-        raise invalid("tool_choice", "tool_choice is not supported by this server (function calling)")
+    if body.get("functions"):
+        raise invalid("functions", "functions (OpenAI's deprecated function calling) is not supported: use tools")
     if body.get("function_call") not in (None, "none"):
-        raise invalid("function_call", "function_call is not supported by this server")
+        raise invalid("function_call", "function_call is not supported by this server: use tool_choice")
     if body.get("logit_bias"):
         raise invalid("logit_bias", "logit_bias is not supported by this server")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
-        raise invalid("response_format", 'response_format: only {"type": "text"} is supported')
-    if body.get("echo"):
-        raise invalid("echo", "echo is not supported by this server")
     if body.get("suffix"):
         raise invalid("suffix", "suffix (insertion) is not supported by this server")
 
 
-def check_model(body: Mapping[str, Any], served: str) -> str:
+def check_model(body: Mapping[str, Any], served: str | Sequence[str]) -> str:
+    """The request's model: `served` (the base model's name, then its LoRA adapters' names) or a 404 naming them."""
     model = body.get("model")
     if model is None:
         raise invalid("model", "model is required: the name of the served model (see GET /v1/models)")
     if not isinstance(model, str):
         raise invalid("model", f"model must be a string, got {show(model)}")
-    if model != served:
+    names = [served] if isinstance(served, str) else list(served)
+    if model not in names:
         raise APIError(
             404,
-            f"The model {show(model)} does not exist; this server serves {served!r}",
+            f"The model {show(model)} does not exist; this server serves {', '.join(map(repr, names))}",
             param="model",
             code="model_not_found",
         )
@@ -193,14 +251,49 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str, context: int, max_n: int) -> Job:
-    """POST /v1/chat/completions."""
+def parse_chat(
+    body: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    *,
+    model: str | Sequence[str],
+    context: int,
+    max_n: int,
+    vocab: int,
+    grammars: Callable[[], Grammars] | None = None,
+) -> Job:
+    """POST /v1/chat/completions. `grammars`: gives the server's grammar compiler (made on first use), for
+    response_format and tools."""
+    check_fields(body, CHAT_FIELDS, _VLLM_CHAT_DEFAULTS)
     served = check_model(body, model)
     messages = _chat_messages(body.get("messages"))
+    tools = _tools(body.get("tools"))
+    tool_choice = _tool_choice(body.get("tool_choice"), tools)
+    fmt = _response_format(body.get("response_format"))
+    if fmt is not None and tool_choice != "none":
+        raise invalid("response_format", "response_format with tools is not supported: send one or the other")
     try:
-        prompt = tokenizer.encode_chat(messages)
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages) or tokenizer.version != "v1":
+            prompt = tokenizer.encode_openai_chat(messages, openai_tools(tools) if tool_choice != "none" else None)
+        else:  # the v1 format, written here (equal to mistral-common's, tested)
+            prompt = tokenizer.encode_chat(messages)
     except ValueError as e:
         raise invalid("messages", f"messages: {e}") from None
+    grammar, mode = None, None
+    if fmt is not None or tool_choice != "none":
+        if grammars is None:
+            raise invalid("response_format" if fmt is not None else "tools", "this server has no grammar compiler")
+        try:
+            compiler = grammars()
+            if fmt is not None:
+                grammar = compiler.json_object() if fmt == "json_object" else compiler.schema(fmt)
+            else:
+                offered = tools if isinstance(tool_choice, str) else [t for t in tools if t["name"] == tool_choice[0]]
+                mode = "auto" if tool_choice == "auto" else "required"
+                grammar = compiler.tool_calls(
+                    offered, required=mode == "required", parallel=body.get("parallel_tool_calls") is not False
+                )
+        except GrammarError as e:
+            raise invalid("response_format" if fmt is not None else "tools", str(e)) from None
     top = None
     if _bool(body, "logprobs", False):
         top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS["chat"])
@@ -210,23 +303,122 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str, con
     name = "max_completion_tokens"
     if max_tokens is None:
         max_tokens, name = body.get("max_tokens"), "max_tokens"
-    return _job(body, "chat", served, [prompt], "messages", name, max_tokens, top, context, max_n)
+    job = _job(body, "chat", served, [prompt], "messages", name, max_tokens, top, context, max_n, vocab)
+    job.grammar, job.tool_mode = grammar, mode
+    return job
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's `tools` -> [{"name", "description"?, "parameters"?}], checked."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid("tools", f"tools must be a list of tools, got {show(value)}")
+    out, names = [], set()
+    for i, tool in enumerate(value):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(fn, Mapping):
+            raise invalid("tools", f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}')
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise invalid(
+                "tools", f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got {show(name)}"
+            )
+        if name in names:
+            raise invalid("tools", f"tools[{i}].function.name {name!r} is given twice")
+        names.add(name)
+        params = fn.get("parameters")
+        if params is not None and not (isinstance(params, Mapping) and params.get("type", "object") == "object"):
+            raise invalid("tools", f"tools[{i}].function.parameters must be a JSON schema of an object")
+        desc = fn.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise invalid("tools", f"tools[{i}].function.description must be a string")
+        out.append(
+            {"name": name, **({"description": desc} if desc else {}), "parameters": params or {"type": "object"}}
+        )
+    return out
+
+
+def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": t} for t in tools]
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | tuple[str]:
+    """ "none", "auto", "required" or (name,) for a named function; the default: "auto" with tools, else "none"."""
+    if value is None:
+        return "auto" if tools else "none"
+    if value == "none":
+        return value
+    if value in ("auto", "required"):
+        if not tools:
+            raise invalid("tool_choice", f"tool_choice {value!r} needs tools")
+        return value
+    if isinstance(value, Mapping) and value.get("type") == "function" and isinstance(value.get("function"), Mapping):
+        name = value["function"].get("name")
+        if name not in [t["name"] for t in tools]:
+            listed = ", ".join(t["name"] for t in tools) or "none"
+            raise invalid(
+                "tool_choice", f"tool_choice names the function {show(name)}, which is not in tools ({listed})"
+            )
+        return (name,)
+    raise invalid(
+        "tool_choice",
+        f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": {{"name": ...}}}}, '
+        f"got {show(value)}",
+    )
+
+
+def _response_format(value: Any) -> str | dict[str, Any] | None:
+    """None (text), "json_object", or the JSON schema of a json_schema format."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+            raise invalid("response_format", "response_format.json_schema must be an object with a schema object")
+        if not isinstance(spec.get("name"), str):
+            raise invalid("response_format", "response_format.json_schema.name is required (a string)")
+        return dict(spec.get("schema") or {"type": "object"})
+    raise invalid(
+        "response_format",
+        f'response_format.type must be "text", "json_object" or "json_schema", got {show(kind if kind else value)}',
+    )
 
 
 def parse_completion(
-    body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str, context: int, max_n: int, vocab: int
+    body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str | Sequence[str], context: int, max_n: int, vocab: int
 ) -> Job:
     """POST /v1/completions. `prompt` is a string, a list of strings, a list of token ids or a list of them."""
+    check_fields(body, COMPLETION_FIELDS, _VLLM_DEFAULTS)
     served = check_model(body, model)
-    prompts = _completion_prompts(body.get("prompt"), tokenizer, vocab)
+    prompt = body.get("prompt")
+    prompts = _completion_prompts(prompt, tokenizer, vocab)
     top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS["completion"])
     best_of = _integer(body, "best_of", None, 1)
     n = _integer(body, "n", 1, 1)
     if best_of is not None and best_of != n:
         raise invalid("best_of", f"best_of={best_of} is not supported (only best_of equal to n)")
-    return _job(
-        body, "completion", served, prompts, "prompt", "max_tokens", body.get("max_tokens"), top, context, max_n
-    )
+    echo = _bool(body, "echo", False)
+    prompt_top = _integer(body, "prompt_logprobs", None, 0, MAX_PROMPT_LOGPROBS)
+    max_tokens = body.get("max_tokens")
+    job = _job(
+        body, "completion", served, prompts, "prompt", "max_tokens", max_tokens, top, context, max_n, vocab,
+        prompt_only_ok=echo or prompt_top is not None,
+    )  # fmt: skip
+    job.prompt_logprobs = prompt_top
+    if echo:  # the prompt as sent; token ids as their text
+        texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+        texts = texts or [tokenizer.decode(p) for p in prompts]
+        job.echo = [t for t in texts for _ in range(n or 1)]  # one per choice, as job.prompts
+    return job
 
 
 def _job(
@@ -240,7 +432,11 @@ def _job(
     top_logprobs: int | None,
     context: int,
     max_n: int,
+    vocab: int,
+    prompt_only_ok: bool = False,
 ) -> Job:
+    """The checks and SamplingParams common to both routes. `prompt_only_ok`: max_tokens may be 0 (echo or
+    prompt_logprobs: the prompt's logprobs alone are wanted)."""
     _refuse_unsupported(body)
     n = _integer(body, "n", 1, 1)
     assert n is not None
@@ -258,7 +454,8 @@ def _job(
         include_usage = _bool(options, "include_usage", False)
 
     longest = max(len(p) for p in prompts)
-    if longest >= context:
+    prompt_only = prompt_only_ok and max_tokens == 0
+    if longest > context or (longest == context and not prompt_only):
         raise invalid(
             prompt_param,
             f"This model's maximum context length is {context} tokens, but the prompt has {longest} tokens, "
@@ -267,7 +464,7 @@ def _job(
         )
     if max_tokens is None:
         max_tokens = context - longest if kind == "chat" else min(COMPLETION_MAX_TOKENS, context - longest)
-    max_tokens = _integer({max_tokens_param: max_tokens}, max_tokens_param, None, 1)
+    max_tokens = _integer({max_tokens_param: max_tokens}, max_tokens_param, None, 0 if prompt_only_ok else 1)
     assert max_tokens is not None
     if longest + max_tokens > context:
         raise invalid(
@@ -279,7 +476,7 @@ def _job(
 
     seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
     common = dict(
-        max_new_tokens=max_tokens,
+        max_new_tokens=max(max_tokens, 1),  # (prompt_only: none are generated)
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=max(_integer(body, "top_k", 0, -1) or 0, 0),  # -1 (vLLM's "off") and 0 both turn it off
@@ -288,6 +485,7 @@ def _job(
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         stop=_stop(body),
+        **_extensions(body, max_tokens, vocab),
     )
     choice_prompts, params = [], []
     for p in prompts:
@@ -305,7 +503,35 @@ def _job(
         stream=stream,
         include_usage=include_usage,
         top_logprobs=top_logprobs,
+        prompt_only=prompt_only,
     )
+
+
+def _extensions(body: Mapping[str, Any], max_tokens: int, vocab: int) -> dict[str, Any]:
+    """vLLM's ignore_eos, min_tokens and stop_token_ids, checked; those not at their default, as SamplingParams
+    fields (a 400 while the engine has no such field)."""
+    ignore_eos = _bool(body, "ignore_eos", False)
+    min_tokens = _integer(body, "min_tokens", 0, 0)
+    if min_tokens is not None and min_tokens > max_tokens:
+        raise invalid("min_tokens", f"min_tokens={min_tokens} is more than max_tokens={max_tokens}")
+    value = body.get("stop_token_ids")
+    stop_token_ids: tuple[int, ...] = ()
+    if value is not None:
+        ok = isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+        if not ok:
+            raise invalid("stop_token_ids", f"stop_token_ids must be a list of token ids, got {show(value)}")
+        bad = [t for t in value if not 0 <= t < vocab]
+        if bad:
+            raise invalid(
+                "stop_token_ids", f"stop_token_ids holds ids outside the vocabulary [0, {vocab}): {show(bad)}"
+            )
+        stop_token_ids = tuple(dict.fromkeys(value))
+    given = {"ignore_eos": ignore_eos, "min_tokens": min_tokens, "stop_token_ids": stop_token_ids}
+    given = {name: v for name, v in given.items() if v}
+    for name in given:
+        if name not in _ENGINE_TAKES:
+            raise invalid(name, f"{name} is not supported by this server yet")
+    return given
 
 
 def _chat_messages(messages: Any) -> list[dict[str, Any]]:
@@ -320,9 +546,9 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise invalid(
-                "messages", f"messages[{i}].role {show(role)} is not supported: use system, user or assistant"
+                "messages", f"messages[{i}].role {show(role)} is not supported: use system, user, assistant or tool"
             )
         content = m.get("content")
         if isinstance(content, list):
@@ -332,14 +558,51 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
                     raise invalid("messages", f"messages[{i}].content[{j}]: only text parts are supported")
                 parts.append(part["text"])
             content = "".join(parts)
-        if content is None and role == "assistant" and m.get("tool_calls"):
-            raise invalid("messages", f"messages[{i}]: tool calls are not supported")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls:
+            message = {"role": role, "content": content or None, "tool_calls": _tool_calls(calls, i)}
+            if content is not None and not isinstance(content, str):
+                raise invalid("messages", f"messages[{i}].content must be a string, a list of text parts or null")
+            out.append(message)
+            continue
         if not isinstance(content, str):
             raise invalid("messages", f"messages[{i}].content must be a string or a list of text parts")
-        message: dict[str, Any] = {"role": role, "content": content}
+        message = {"role": role, "content": content}
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise invalid("messages", f"messages[{i}] (tool) needs tool_call_id, the id of the call it answers")
+            message["tool_call_id"] = m["tool_call_id"]
         if role == "assistant" and m.get("prefix"):
             message["prefix"] = m["prefix"]
         out.append(message)
+    return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls, checked: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    if not isinstance(calls, list):
+        raise invalid("messages", f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        ok = isinstance(fn, Mapping) and isinstance(fn.get("name"), str) and isinstance(c.get("id"), str)
+        if not ok or not isinstance(fn.get("arguments", ""), str):
+            raise invalid(
+                "messages",
+                f"messages[{i}].tool_calls[{j}] must be "
+                '{"id", "type": "function", "function": {"name", "arguments"}}',
+            )
+        try:
+            json.loads(fn.get("arguments") or "{}")
+        except ValueError:
+            raise invalid("messages", f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+        out.append(
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": fn.get("arguments") or "{}"},
+            }
+        )
     return out
 
 
@@ -366,6 +629,46 @@ def _token_ids(ids: list[Any], vocab: int) -> list[int]:
     return list(ids)
 
 
+def parse_tokenize(
+    body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str | Sequence[str]
+) -> tuple[list[int], bool]:
+    """POST /tokenize, as vLLM's: `prompt` (a text; `add_special_tokens`, default true, puts <s> in front) or
+    `messages` (a chat, in the same format as /v1/chat/completions, with its own <s>); -> (token ids, whether
+    to return their pieces too)."""
+    check_fields(body, TOKENIZE_FIELDS, {"continue_final_message": False})
+    if body.get("model") is not None:
+        check_model(body, model)
+    if ("prompt" in body) == ("messages" in body):
+        raise invalid(None, "give either prompt (a text) or messages (a chat)")
+    if "prompt" in body:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise invalid("prompt", f"prompt must be a string, got {show(prompt)}")
+        ids = tokenizer.encode(prompt, bos=_bool(body, "add_special_tokens", True))
+    else:
+        _bool(body, "add_special_tokens", False)  # the chat format holds its special tokens whatever this says
+        _bool(body, "add_generation_prompt", True)  # the format has none apart from a user turn's [/INST]
+        try:
+            ids = tokenizer.encode_chat(_chat_messages(body.get("messages")))
+        except ValueError as e:
+            raise invalid("messages", f"messages: {e}") from None
+    return ids, _bool(body, "return_token_strs", False)
+
+
+def parse_detokenize(body: Mapping[str, Any], tokenizer: Tokenizer, *, model: str | Sequence[str]) -> str:
+    """POST /detokenize, as vLLM's: `tokens` (a list of token ids) -> their text."""
+    check_fields(body, DETOKENIZE_FIELDS)
+    if body.get("model") is not None:
+        check_model(body, model)
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+        raise invalid("tokens", f"tokens must be a list of token ids, got {show(tokens)}")
+    bad = [t for t in tokens if not 0 <= t < tokenizer.vocab_size]
+    if bad:
+        raise invalid("tokens", f"tokens holds ids outside the vocabulary [0, {tokenizer.vocab_size}): {show(bad)}")
+    return tokenizer.decode(tokens)
+
+
 # ---- responses -----------------------------------------------------------------------------------------------
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -373,11 +676,12 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
     """A token as logprobs show it: its text (sentencepiece's "▁" as a space) and its UTF-8 bytes. A
-    byte-fallback piece is written "bytes:\\xNN", as OpenAI writes partial characters."""
+    byte-fallback piece is its character when it is one (<0x0A>: "\\n"), and else, part of a character, written
+    "bytes:\\xNN" as OpenAI writes partial characters."""
     piece = tokenizer.id_to_piece(token)
     if m := _BYTE_PIECE.fullmatch(piece):
         b = int(m.group(1), 16)
-        return f"bytes:\\x{b:02x}", [b]
+        return (chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"), [b]
     text = piece.replace("\u2581", " ")
     return text, list(text.encode("utf-8"))
 
@@ -404,6 +708,46 @@ def completion_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprob], offset: i
         "top_logprobs": [{token_text(tokenizer, t)[0]: v for t, v in lp.top} for lp in lps],
         "text_offset": offsets,
     }
+
+
+def echo_logprobs(
+    tokenizer: Tokenizer, prompt: list[int], lps: list[TokenLogprob | None], top_n: int
+) -> dict[str, Any]:
+    """A completion's logprobs for its echoed prompt, as OpenAI gives them: the first token's null (nothing predicts
+    it), then each token's and its `top_n` most likely."""
+    out = completion_logprobs(tokenizer, [lp or TokenLogprob(t, 0.0, []) for t, lp in zip(prompt, lps, strict=True)])
+    out["token_logprobs"] = [None if lp is None else lp.logprob for lp in lps]
+    out["top_logprobs"] = [
+        None if lp is None else {token_text(tokenizer, t)[0]: v for t, v in lp.top[:top_n]} for lp in lps
+    ]
+    return out
+
+
+def joined_logprobs(echoed: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:
+    """The prompt's completion logprobs followed by the generated tokens'."""
+    return {key: echoed[key] + generated[key] for key in echoed}
+
+
+def vllm_prompt_logprobs(
+    tokenizer: Tokenizer, lps: list[TokenLogprob | None], top_n: int
+) -> list[dict[int, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, then {token id: {logprob, rank,
+    decoded_token}} of the token itself and its `top_n` most likely (ranks 1..top_n)."""
+
+    def item(t: int, v: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": v, "rank": rank, "decoded_token": token_text(tokenizer, t)[0]}
+
+    out: list[dict[int, dict[str, Any]] | None] = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {lp.token: item(lp.token, lp.logprob, lp.rank)}
+        for rank, (t, v) in enumerate(lp.top[:top_n], 1):
+            if t not in entry:
+                entry[t] = item(t, v, rank)
+        out.append(entry)
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
