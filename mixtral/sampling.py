@@ -307,7 +307,8 @@ def _sample_block(
 ) -> list[int]:
     logits, hot, finite = _process_batch(logits_BV, params, histories, prompt_lens)
     tokens: list[int] = [0] * len(params)
-    cold = [b for b in range(len(params)) if b not in set(hot)]
+    hot_rows = set(hot)
+    cold = [b for b in range(len(params)) if b not in hot_rows]
     if cold:
         for b, t in zip(cold, _rows(logits, cold).argmax(-1).tolist(), strict=True):
             tokens[b] = t

@@ -180,42 +180,32 @@ def create_app(
                            code="model_not_found")  # fmt: skip
         return model_card(model)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HTTPRequest) -> Response:
+    async def parsed_and_submitted(request: HTTPRequest, parse: Callable[..., Any], **extra: Any) -> Response:
+        """A generation request: authorized, its body parsed off the event loop, then queued."""
         received = time.monotonic()
         authorize(request)
         body = await json_body(request)
         ready()
         assert engine.tokenizer is not None and engine.model is not None
         job = await run_in_threadpool(
-            parse_chat,
+            parse,
             body,
             engine.tokenizer,
             model=names,
             context=engine.context_len,
             max_n=engine.max_batch,
             vocab=engine.model.config.vocab_size,
-            grammars=grammars,
+            **extra,
         )
         return submit(job, received)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Response:
+        return await parsed_and_submitted(request, parse_chat, grammars=grammars)
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Response:
-        received = time.monotonic()
-        authorize(request)
-        body = await json_body(request)
-        ready()
-        assert engine.tokenizer is not None and engine.model is not None
-        job = await run_in_threadpool(
-            parse_completion,
-            body,
-            engine.tokenizer,
-            model=names,
-            context=engine.context_len,
-            max_n=engine.max_batch,
-            vocab=engine.model.config.vocab_size,
-        )
-        return submit(job, received)
+        return await parsed_and_submitted(request, parse_completion)
 
     # vLLM's tokenizer routes: the ids a prompt or chat becomes here (its length against max_model_len), and back.
     @app.post("/tokenize")
