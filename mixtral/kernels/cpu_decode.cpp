@@ -8,8 +8,8 @@
 //
 // What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
 // oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 and int4
-// weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`);
-// int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_blocks_i4`);
+// weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`; int4 on
+// AVX2: the GEMV's integer sums for several rows at once, `block_rows_i4`); int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_blocks_i4`);
 // one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
 // has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
@@ -1099,11 +1099,17 @@ void dot_rows_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K
   for (int64_t b = b0 + 2 * part; b < b1; ++b) dot_blocks_i4<1>(P, x, x_sum, K, group, &b, y);
 }
 
-// int4 products of a few rows (an expert's tokens in a prefill). Block b of 64 rows is dequantized once into a
-// bf16 buffer of column pairs, buf[k / 2][64][2] (QuantizedView.dequantize's values: (q - 8) * scale + zero in
-// float32, rounded to bf16 once), which then serves every 6 rows of X: each `vdpbf16ps` multiplies a broadcast pair
-// of x by a pair of columns of 16 rows (an outer product: no sums to reduce across lanes at the end). The dequant
-// work, ~90 instructions per 256 weights, is shared by all of X's rows.
+// An int4 matrix for the prefill kernels (the layout above).
+struct Int4Matrix {
+  const uint8_t* P;
+  int64_t N, K, group;
+};
+
+// int4 products of a few rows on AVX-512 (an expert's tokens in a prefill; AVX2's are below, after `Vector`). Block
+// b of 64 rows is dequantized once into a bf16 buffer of column pairs, buf[k / 2][64][2] (QuantizedView.dequantize's
+// values: (q - 8) * scale + zero in float32, rounded to bf16 once), which then serves every 6 rows of X: each
+// `vdpbf16ps` multiplies a broadcast pair of x by a pair of columns of 16 rows (an outer product: no sums to reduce
+// across lanes at the end). The dequant work, ~90 instructions per 256 weights, is shared by all of X's rows.
 #if MIXTRAL_AVX512
 void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
   static const GatherIndex index;
@@ -1140,37 +1146,11 @@ void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uin
     }
   }
 }
-#else  // AVX2
-void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
-  const __m256i nibble = _mm256_set1_epi32(0x0F), top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m256 eight = _mm256_set1_ps(8.0f);
-  uint32_t* out = reinterpret_cast<uint32_t*>(buf);
-  for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
-    const Int4Group at(P, K, group, b, g);
-    const uint8_t* p = at.columns;
-    for (int j = 0; j < 8; ++j) {  // rows 8 j .. 8 j + 7: bytes 8 (j % 4) on, the high nibbles for j >= 4
-      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at.pairs + 16 * j));
-      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
-      const int shift = j < 4 ? 0 : 4;
-      auto column = [&](int64_t k) {  // the 8 rows' weights of column k, rounded to bf16 (upper halves)
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k * 32 + 8 * (j % 4)));
-        const __m256i q = _mm256_and_si256(_mm256_srli_epi32(_mm256_cvtepu8_epi32(bytes), shift), nibble);
-        const __m256 d = _mm256_sub_ps(_mm256_cvtepi32_ps(q), eight);
-        return round8_bits(_mm256_fmadd_ps(d, scale, zero));  // (d * scale is exact: one rounding)
-      };
-      for (int64_t k = g0; k < g0 + group; k += 2)  // columns k, k + 1 of 8 rows: a bf16 pair per row
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k / 2 * kInt4Rows + 8 * j)),
-                            _mm256_or_si256(_mm256_srli_epi32(column(k), 16), column(k + 1)));
-    }
-  }
-}
-#endif
 
 // y[i][r] = dot(X[i, :], block row r) in float32 for MR rows of X [., K] and the 64 rows of a dequantized block.
 template <int MR>
 void pair_tile(const uint16_t* X, int64_t K, const uint16_t* buf, float* y) {
-  constexpr int kParts = MIXTRAL_AVX512 ? 4 : 1;  // 16-row parts of the block per pass over buf (registers)
+  constexpr int kParts = 4;  // 16-row parts of the block per pass over buf (registers)
   for (int v0 = 0; v0 < 4; v0 += kParts) {
     V16 acc[MR][kParts];
     for (int i = 0; i < MR; ++i)
@@ -1205,12 +1185,6 @@ void pair_rows(const uint16_t* X, int64_t M, int64_t K, const uint16_t* buf, flo
   }
 }
 
-// An int4 matrix for the prefill kernels (the layout above).
-struct Int4Matrix {
-  const uint8_t* P;
-  int64_t N, K, group;
-};
-
 // Y [M, N] = X W^T rounded to bf16 once, W int4; the 64-row blocks split over the threads.
 void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
   parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
@@ -1242,6 +1216,7 @@ void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Ma
     }
   });
 }
+#endif
 
 // A matrix-vector product's weights: bf16 [N, K]; int8 [N, K] with bf16 scales [N]; or int4 as above (scales
 // inline).
@@ -1287,6 +1262,147 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
       break;
   }
 }
+
+#if !MIXTRAL_AVX512
+// int4 products of a few rows on AVX2 (an expert's tokens in a prefill), with the GEMV's integer dot products: AVX2
+// has no bf16 dot product, so bf16 tiles of dequantized weights (the AVX-512 path above) cost a conversion per use,
+// and row by row the GEMV reads the whole matrix from memory once per row. Here each group of a block has its
+// nibbles split once into the int16 pairs `vpmaddwd` takes (`split_group_i4`: group * 128 bytes, in L1), which then
+// serve every row of X, 3 rows and 32 block rows per pass (12 accumulators and 3 broadcasts of x in the 16
+// registers). The integer sums and the float32 steps per group are the GEMV's (`dot_blocks_i4`), so each row of the
+// result is bit for bit `gemv_int4`'s, at every M.
+
+// Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it: for column pair n, q[8 n + j] is its
+// vector j (lane m: rows 4m + j for j < 4, 32 + 4m + j - 4 for j >= 4; two nibbles as an int16 pair).
+void split_group_i4(const Int4Group& at, int64_t g0, int64_t group, __m256i* q) {
+  const __m256i nibbles = _mm256_set1_epi32(0x000F000F);
+  const uint8_t* p = at.columns;
+  for (int64_t k = g0; k < g0 + group; k += 2, q += 8) {
+    const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32));
+    const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32 + 32));
+    const __m256i C = _mm256_blend_epi16(A, _mm256_slli_epi32(B, 16), 0xAA);
+    const __m256i D = _mm256_blend_epi16(_mm256_srli_epi32(A, 16), B, 0xAA);
+    const __m256i parts[8] = {C,
+                              _mm256_srli_epi32(C, 8),
+                              D,
+                              _mm256_srli_epi32(D, 8),
+                              _mm256_srli_epi32(C, 4),
+                              _mm256_srli_epi32(C, 12),
+                              _mm256_srli_epi32(D, 4),
+                              _mm256_srli_epi32(D, 12)};
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(q + j, _mm256_and_si256(parts[j], nibbles));
+  }
+}
+
+// d[i][j0 .. j0 + 4) = the int32 sums of vectors j0 .. j0 + 3 of a split group (`pairs` column pairs) with the
+// fixed point of x[i] (from the group's first column) for NR rows.
+template <int NR>
+inline void madd_group_i4(const __m256i* q, int64_t pairs, const int16_t* const* x, int j0, __m256i (*d)[8]) {
+  __m256i acc[NR][4];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t n = 0; n < pairs; ++n, q += 8) {
+    __m256i xv[NR];
+    for (int i = 0; i < NR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, x[i] + 2 * n, 4);
+      xv[i] = _mm256_set1_epi32(pair);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m256i w = _mm256_loadu_si256(q + j0 + j);
+      for (int i = 0; i < NR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w, xv[i]));
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < 4; ++j) d[i][j0 + j] = acc[i][j];
+}
+
+// out[0..64) += one group's part of a row's products, from its integer sums d (`dot_blocks_i4`'s float32 steps).
+inline void finish_group_i4(const __m256i (&d)[8], const uint16_t* pairs, double step, float x_sum, float* out) {
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256 st = _mm256_set1_ps(static_cast<float>(step)), eight = _mm256_set1_ps(8.0f);
+  const __m256 xs = _mm256_set1_ps(x_sum);
+  __m256i sums[8];
+  rows_in_order(d, sums);
+  for (int j = 0; j < 8; ++j) {
+    const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16 * j));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
+    const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[j]), st);
+    __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_loadu_ps(out + 8 * j));
+    o = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), xs, o);
+    _mm256_storeu_ps(out + 8 * j, o);
+  }
+}
+
+template <int NR>
+void tile_group_i4(const __m256i* q, const Int4Group& at, int64_t g, int64_t g0, int64_t group, const Vector* xs,
+                   float* out) {
+  const int16_t* x[NR];
+  for (int i = 0; i < NR; ++i) x[i] = xs[i].fixed.v.data() + g0;
+  __m256i d[NR][8];
+  madd_group_i4<NR>(q, group / 2, x, 0, d);
+  madd_group_i4<NR>(q, group / 2, x, 4, d);
+  for (int i = 0; i < NR; ++i)
+    finish_group_i4(d[i], at.pairs, xs[i].fixed.step, xs[i].group_sums[g], out + i * kInt4Rows);
+}
+
+// y [M, 64] (zeroed by the caller) = block b of W times every row of X, given as fixed-point `Vector`s; q a buffer
+// of group * 4 vectors.
+void block_rows_i4(const Int4Matrix& W, int64_t b, const std::vector<Vector>& xs, __m256i* q, float* y) {
+  const int64_t M = static_cast<int64_t>(xs.size());
+  for (int64_t g = 0, g0 = 0; g0 < W.K; ++g, g0 += W.group) {
+    const Int4Group at(W.P, W.K, W.group, b, g);
+    split_group_i4(at, g0, W.group, q);
+    int64_t i = 0;
+    for (; i + 3 <= M; i += 3) tile_group_i4<3>(q, at, g, g0, W.group, xs.data() + i, y + i * kInt4Rows);
+    if (M - i == 2) tile_group_i4<2>(q, at, g, g0, W.group, xs.data() + i, y + i * kInt4Rows);
+    if (M - i == 1) tile_group_i4<1>(q, at, g, g0, W.group, xs.data() + i, y + i * kInt4Rows);
+  }
+}
+
+// The rows of X [M, K] in fixed point, with their group sums.
+std::vector<Vector> int4_rows(const uint16_t* X, int64_t M, int64_t K, int64_t group) {
+  std::vector<Vector> xs;
+  xs.reserve(M);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, Format::kInt4, group);
+  return xs;
+}
+
+// Y [M, N] = X W^T, W int4, each row as `gemv_int4` computes it; the 64-row blocks split over the threads.
+void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
+  const std::vector<Vector> xs = int4_rows(X, M, W.K, W.group);
+  parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> q(W.group * 16);  // group * 4 vectors
+    std::vector<float> y(M * kInt4Rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(y.begin(), y.end(), 0.0f);
+      block_rows_i4(W, b, xs, reinterpret_cast<__m256i*>(q.data()), y.data());
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t r = 0; r < kInt4Rows; ++r) Y[i * W.N + b * kInt4Rows + r] = float_to_bf16(y[i * kInt4Rows + r]);
+    }
+  });
+}
+
+// H = silu(X W1^T) * (X W3^T) with W1, W3 int4 (as `gate_up`), 64 features at a time.
+void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Matrix& W3, uint16_t* H) {
+  const int64_t F = W1.N;
+  const std::vector<Vector> xs = int4_rows(X, M, W1.K, W1.group);
+  parallel(0, F / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> q(W1.group * 16);
+    std::vector<float> y1(M * kInt4Rows), y3(M * kInt4Rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(y1.begin(), y1.end(), 0.0f);
+      std::fill(y3.begin(), y3.end(), 0.0f);
+      block_rows_i4(W1, b, xs, reinterpret_cast<__m256i*>(q.data()), y1.data());
+      block_rows_i4(W3, b, xs, reinterpret_cast<__m256i*>(q.data()), y3.data());
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t c = 0; c < kInt4Rows; c += 16)
+          silu_mul16(y1.data() + i * kInt4Rows + c, y3.data() + i * kInt4Rows + c, H + i * F + b * kInt4Rows + c);
+    }
+  });
+}
+#endif
 
 const uint16_t* bf16_data(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 uint16_t* bf16_out(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
@@ -1644,8 +1760,9 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
   return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
 }
 
-// The same with int4 weights (blocks as `dot_blocks_i4` reads them, see `dequant_block_i4`): the expert
-// QuantizedView.dequantize's weights would give, up to the order of the float32 sums.
+// The same with int4 weights (blocks as `dot_blocks_i4` reads them): the expert QuantizedView.dequantize's weights
+// would give, up to the order of the float32 sums (AVX-512, see `dequant_block_i4`), or up to the GEMV's fixed point
+// of x and unrounded weights (AVX2, see `block_rows_i4`).
 torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& b1, const torch::Tensor& b2,
                           const torch::Tensor& b3, int64_t group) {
   check_weight(x, "x", 2);
@@ -1678,7 +1795,8 @@ torch::Tensor gemm_int8(const torch::Tensor& x, const torch::Tensor& q, const to
   return out;
 }
 
-// The same for int4 weights (see `dequant_block_i4`), up to the order of the float32 sums.
+// The same for int4 weights, up to the order of the float32 sums (AVX-512, see `dequant_block_i4`); on AVX2 each row
+// bit for bit `gemv_int4`'s (see `block_rows_i4`).
 torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int64_t group) {
   check_weight(x, "x", 2);
   check_int4(blocks, 3, group);
