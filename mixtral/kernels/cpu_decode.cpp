@@ -897,6 +897,7 @@ void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* 
   }
 }
 
+#if MIXTRAL_AVX512  // (AVX2: `gemm_i8`, below)
 // Rows of an int8 matrix Q [N, K] with bf16 scales [N] (weight-only), dequantized n at a time into `buf` as
 // QuantizedView.dequantize does (q * scale rounded to bf16 once), for `gemm_rows` and `gate_up`: a prefill reads
 // the int8 bytes, half of bf16's, and multiplies with the bf16 tiles. The next rows are prefetched as it goes.
@@ -918,6 +919,7 @@ struct Int8Rows {
   }
   const uint16_t* next(int64_t) const { return nullptr; }
 };
+#endif
 
 // int4 weights as `quantize.int4_blocks` lays them out, uint8 [N / 64, K / group, group * 32 + 256]: rows in
 // blocks of 64, and for each block and group of `group` columns, first the group's columns in PyTorch's int4pack
@@ -1404,6 +1406,117 @@ void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Ma
 }
 #endif
 
+#if !MIXTRAL_AVX512
+// int8 products of a few rows on AVX2, for the same reason: the GEMV's exact integer sums (`dot_i8`) for 4 rows of
+// W and 3 rows of X at a time (12 accumulators; each 16 weights sign-extended once for the 3 rows of X), so each
+// row of the result is bit for bit `gemv_int8`'s; W is read once for all rows.
+constexpr int kInt8Tile = 4;  // rows of W per tile
+
+// d[i][j] = sum_k Q[j][k] * x_i[k] (x_i in fixed point) for the 4 rows of Q [4, K] and NR rows of X.
+template <int NR>
+void tile_i8(const int8_t* Q, int64_t K, const Vector* xs, int64_t (*d)[kInt8Tile]) {
+  // Each lane takes one pair of products (< 2^22) per 16 columns: kFlush columns (< 2^30) before the lanes are
+  // added into int64.
+  constexpr int64_t kFlush = 4096;
+  const int64_t K16 = K / 16 * 16;
+  const int16_t* x[NR];
+  for (int i = 0; i < NR; ++i) x[i] = xs[i].fixed.v.data();
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < kInt8Tile; ++j) d[i][j] = 0;
+  for (int64_t k0 = 0; k0 < K16; k0 += kFlush) {
+    const int64_t k1 = std::min(K16, k0 + kFlush);
+    __m256i acc[NR][kInt8Tile];
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < kInt8Tile; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      __m256i xv[NR];
+      for (int i = 0; i < NR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + k));
+      for (int j = 0; j < kInt8Tile; ++j) {
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Q + j * K + k)));
+        for (int i = 0; i < NR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w, xv[i]));
+      }
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < kInt8Tile; ++j) {
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[i][j]);
+        for (const int32_t l : lanes) d[i][j] += l;
+      }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < kInt8Tile; ++j)
+      for (int64_t k = K16; k < K; ++k) d[i][j] += static_cast<int64_t>(Q[j * K + k]) * x[i][k];
+}
+
+// y [M, 4] = rows r .. r + 3 of Q [N, K] (scales `scale`) times every row of X (`xs`), in float32 as `dot_rows_i8`.
+void tile_rows_i8(const int8_t* Q, const uint16_t* scale, int64_t K, int64_t r, const std::vector<Vector>& xs,
+                  float* y) {
+  const int64_t M = static_cast<int64_t>(xs.size());
+  int64_t d[3][kInt8Tile];
+  auto put = [&](int n, int64_t i0) {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < kInt8Tile; ++j)
+        y[(i0 + i) * kInt8Tile + j] =
+            static_cast<float>(static_cast<double>(d[i][j]) * xs[i0 + i].fixed.step * bf16_to_float(scale[r + j]));
+  };
+  int64_t i = 0;
+  for (; i + 3 <= M; i += 3) {
+    tile_i8<3>(Q + r * K, K, xs.data() + i, d);
+    put(3, i);
+  }
+  if (M - i == 2) tile_i8<2>(Q + r * K, K, xs.data() + i, d);
+  if (M - i == 1) tile_i8<1>(Q + r * K, K, xs.data() + i, d);
+  put(static_cast<int>(M - i), i);
+}
+
+// Y [M, N] = X Q^T * scale, each row as `gemv_int8` computes it; the tiles split over the threads, the last N % 4
+// rows of W by the GEMV's own loop.
+void gemm_i8(const uint16_t* X, int64_t M, const int8_t* Q, const uint16_t* scale, int64_t N, int64_t K,
+             uint16_t* Y) {
+  std::vector<Vector> xs;
+  xs.reserve(M);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, Format::kInt8);
+  parallel(0, N / kInt8Tile, 4, [&](int64_t t0, int64_t t1) {
+    std::vector<float> y(M * kInt8Tile);
+    for (int64_t t = t0; t < t1; ++t) {
+      tile_rows_i8(Q, scale, K, t * kInt8Tile, xs, y.data());
+      for (int64_t i = 0; i < M; ++i)
+        for (int j = 0; j < kInt8Tile; ++j) Y[i * N + t * kInt8Tile + j] = float_to_bf16(y[i * kInt8Tile + j]);
+    }
+  });
+  const int64_t r0 = N / kInt8Tile * kInt8Tile;
+  if (r0 == N) return;
+  std::vector<float> y(N);
+  for (int64_t i = 0; i < M; ++i) {
+    dot_rows_i8(Q, scale, xs[i].fixed, y.data(), r0, N, K);
+    for (int64_t r = r0; r < N; ++r) Y[i * N + r] = float_to_bf16(y[r]);
+  }
+}
+
+// H = silu(X W1^T) * (X W3^T) with int8 W1, W3 [F, K] (as `gate_up`), 16 features at a time.
+void gate_up_i8(const uint16_t* X, int64_t M, const int8_t* Q1, const uint16_t* s1, const int8_t* Q3,
+                const uint16_t* s3, int64_t F, int64_t K, uint16_t* H) {
+  constexpr int64_t kBlock = 16;
+  std::vector<Vector> xs;
+  xs.reserve(M);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, Format::kInt8);
+  parallel(0, F / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> t(M * kInt8Tile), y1(M * kBlock), y3(M * kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c = 0; c < kBlock; c += kInt8Tile)
+        for (int w = 0; w < 2; ++w) {
+          tile_rows_i8(w ? Q3 : Q1, w ? s3 : s1, K, b * kBlock + c, xs, t.data());
+          float* y = (w ? y3 : y1).data();
+          for (int64_t i = 0; i < M; ++i)
+            for (int j = 0; j < kInt8Tile; ++j) y[i * kBlock + c + j] = t[i * kInt8Tile + j];
+        }
+      for (int64_t i = 0; i < M; ++i)
+        silu_mul16(y1.data() + i * kBlock, y3.data() + i * kBlock, H + i * F + b * kBlock);
+    }
+  });
+}
+#endif
+
 const uint16_t* bf16_data(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 uint16_t* bf16_out(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
 
@@ -1754,10 +1867,18 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
   check_int8(q3, s3, 2);
   check_swiglu_shapes(x, q1.sizes(), q2.sizes(), q3.sizes());
   const int64_t D = x.size(1), F = q1.size(0);
+#if MIXTRAL_AVX512
   auto rows = [](const torch::Tensor& q, const torch::Tensor& s, int64_t K) {
     return Int8Rows{q.data_ptr<int8_t>(), bf16_data(s), K};
   };
   return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
+#else
+  const int8_t *p1 = q1.data_ptr<int8_t>(), *p2 = q2.data_ptr<int8_t>(), *p3 = q3.data_ptr<int8_t>();
+  return swiglu_rows(
+      x, F,
+      [&](const uint16_t* X, int64_t M, uint16_t* H) { gate_up_i8(X, M, p1, bf16_data(s1), p3, bf16_data(s3), F, D, H); },
+      [&](const uint16_t* H, int64_t M, uint16_t* Y) { gemm_i8(H, M, p2, bf16_data(s2), D, F, Y); });
+#endif
 }
 
 // The same with int4 weights (blocks as `dot_blocks_i4` reads them): the expert QuantizedView.dequantize's weights
@@ -1791,7 +1912,11 @@ torch::Tensor gemm_int8(const torch::Tensor& x, const torch::Tensor& q, const to
   TORCH_CHECK(x.size(1) == K && K % kStep == 0, "gemm_int8: x ", x.sizes(), " and weights ", q.sizes(),
               " need x of the weights' columns, a multiple of 32");
   auto out = torch::empty({M, N}, x.options());
+#if MIXTRAL_AVX512
   if (M > 0) gemm_rows(bf16_data(x), M, Int8Rows{q.data_ptr<int8_t>(), bf16_data(scale), K}, N, K, bf16_out(out));
+#else
+  if (M > 0) gemm_i8(bf16_data(x), M, q.data_ptr<int8_t>(), bf16_data(scale), N, K, bf16_out(out));
+#endif
   return out;
 }
 

@@ -44,9 +44,9 @@ FEW_ROWS = 96
 FUSED_ROWS = {"bf16": 160, "int8": 512, "int4": sys.maxsize}
 
 # ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
-# faster than dequantizing blocks. AVX2's int4 kernel of a few rows does not dequantize: it computes the GEMV's integer
+# faster than dequantizing blocks. AVX2's kernels of a few rows do not dequantize: they compute the GEMV's integer
 # sums for all rows at once (each row bit for bit the GEMV's), at least as fast from 2 rows.
-FUSED_MIN_ROWS = {"int8": 6, "int4": 12 if cpu.isa() == "avx512" else 2}
+FUSED_MIN_ROWS = {"int8": 6, "int4": 12} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
 
 # From this many rows on (a prefill, compute-bound) an int8 matmul outside our kernels dequantizes the weight (one
 # cheap pass) and runs the bf16 GEMM: ATen's int8 kernel multiplies at about a third of its speed.
@@ -96,9 +96,9 @@ def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
 
     Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products, row by row;
     FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16 tiles of the weights dequantized a block at a time
-    (int8: bit for bit `dequantize()` then `gemm`), except int4 on AVX2: the GEMV's integer sums for all rows at
-    once. Elsewhere ATen's int8 / int4 kernels, or (int8, many rows)
-    the dense GEMM on the weight dequantized for this call."""
+    (int8: bit for bit `dequantize()` then `gemm`), except on AVX2: the GEMV's integer sums for all rows at once.
+    Elsewhere ATen's int8 / int4 kernels, or (int8, many rows) the dense GEMM on the weight dequantized for this
+    call."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != w.dtype:
         x2 = x2.to(w.dtype)
