@@ -101,27 +101,38 @@ class Grammars:
         """Output that is one JSON object, any keys and values."""
         return self.json_schema('{"type": "object"}')
 
-    def tool_calls(self, tools: list[Mapping[str, Any]], *, required: bool, parallel: bool = True) -> Grammar:
+    def tool_calls(
+        self,
+        tools: list[Mapping[str, Any]],
+        *,
+        required: bool,
+        parallel: bool = True,
+        text: Mapping[str, Any] | None = None,
+    ) -> Grammar:
         """Tool calls as Mistral's models write them: "[TOOL_CALLS]" and a JSON list of one or more
         {"name": NAME, "arguments": {...}}, each valid under its tool's parameters schema. `required`: the output is
         that alone; else (tool_choice auto) it is free text, in which "[TOOL_CALLS]" starts a call that the grammar
-        then checks, and after which only EOS may come. `parallel` False: one call at most."""
+        then checks, and after which only EOS may come; or, with `text` (a JSON schema: response_format), either the
+        calls or one JSON value valid under `text`. `parallel` False: one call at most."""
         # as EBNF: a structural tag's own json_schema content would allow any whitespace
-        xgr = _xgrammar()
-        try:
-            ebnf = str(xgr.Grammar.from_json_schema(
-                json.dumps(calls_schema(tools, parallel)), any_whitespace=False, separators=_SEPARATORS
-            ))  # fmt: skip
-        except (RuntimeError, ValueError, xgr.InvalidJSONError) as e:
-            raise GrammarError(f"the tools' parameters cannot be used: {e}") from None
-        content = {"type": "grammar", "grammar": ebnf}
+        content = {"type": "grammar", "grammar": self._ebnf(calls_schema(tools, parallel), "the tools' parameters")}
         # "[TOOL_CALLS] [{...": the space that Mistral's format (one sentencepiece sentence after the marker) has
         tag = {"type": "tag", "begin": TOOL_CALLS + " ", "content": content, "end": ""}
         if required:
             fmt: dict[str, Any] = tag
+        elif text is not None:
+            answer = {"type": "grammar", "grammar": self._ebnf(text, "the response_format schema")}
+            fmt = {"type": "or", "elements": [tag, answer]}
         else:
             fmt = {"type": "triggered_tags", "triggers": [TOOL_CALLS], "tags": [tag], "stop_after_first": True}
         return self._structural(json.dumps({"type": "structural_tag", "format": fmt}))
+
+    def _ebnf(self, schema: Mapping[str, Any], what: str) -> str:
+        xgr = _xgrammar()
+        try:
+            return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=_SEPARATORS))
+        except (RuntimeError, ValueError, xgr.InvalidJSONError) as e:
+            raise GrammarError(f"{what} cannot be used: {e}") from None
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (one Grammars per server, alive as long as it)
     def _structural(self, text: str) -> Grammar:
@@ -129,7 +140,7 @@ class Grammars:
         try:
             compiled = self._compiler.compile_structural_tag(text)
         except (RuntimeError, ValueError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as e:
-            raise GrammarError(f"the tools' parameters cannot be used: {e}") from None
+            raise GrammarError(f"the tools and format cannot be used together: {e}") from None
         return Grammar(compiled, self.vocab_size)
 
 

@@ -137,6 +137,48 @@ def test_required_and_named_tool_choice_give_valid_calls(api, choice):
             jsonschema.validate(args, tool["function"]["parameters"])
 
 
+def test_tools_with_a_response_format_answer_with_calls_or_the_formats_json(api):
+    # tool_choice auto with response_format: each output is either valid calls or JSON valid under the format;
+    # required: calls only (the format is for text, and there is none); none: the format alone.
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    seen = set()
+    for seed in (1, 2):
+        r = api.chat.completions.create(
+            model="tiny", messages=USER, tools=[WEATHER], tool_choice="auto", response_format=fmt, temperature=1.0,
+            n=3, max_tokens=250, seed=seed, parallel_tool_calls=False,  # one call: a random model would go on
+        )  # fmt: skip
+        for c in r.choices:
+            seen.add("calls" if c.message.tool_calls else "json")
+            if c.message.tool_calls:
+                assert c.finish_reason == "tool_calls" and c.message.content is None, c
+                for call in c.message.tool_calls:
+                    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+            else:
+                assert c.finish_reason == "stop", c
+                jsonschema.validate(json.loads(c.message.content), SCHEMA)
+    assert seen == {"calls", "json"}  # both branches taken (by these seeds)
+    r = api.chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER], tool_choice="required", response_format=fmt, temperature=1.0,
+        max_tokens=250, seed=3, parallel_tool_calls=False,
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    r = api.chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER], tool_choice="none", response_format=fmt, max_tokens=250, seed=3
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_the_auto_grammar_with_a_format_takes_calls_or_the_formats_json_and_nothing_else():
+    tools = [{"name": "get_weather", "parameters": WEATHER["function"]["parameters"]}]
+    grammar = Grammars(load_tokenizer(), 32000).tool_calls(tools, required=False, text=SCHEMA)
+    call = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]'
+    answer = '{"colour": "red", "count": 4, "ok": true, "tags": ["a"]}'
+    for text, ok in [(call, True), (answer, True), ("Hello", False), ('{"colour": "pink"', False),
+                     ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}]', False)]:  # fmt: skip
+        matcher = grammar.start()._matcher
+        assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
+
+
 def test_tool_choice_none_and_auto_answer_in_text(api):
     for choice in ("none", "auto"):
         r = api.chat.completions.create(
@@ -199,7 +241,6 @@ def test_tool_messages_in_the_history(api):
         ({"tools": [WEATHER, WEATHER]}, "tools"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
-        ({"response_format": {"type": "json_object"}, "tools": [WEATHER]}, "response_format"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
     ],

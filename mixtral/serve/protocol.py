@@ -269,8 +269,6 @@ def parse_chat(
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
     fmt = _response_format(body.get("response_format"))
-    if fmt is not None and tool_choice != "none":
-        raise invalid("response_format", "response_format with tools is not supported: send one or the other")
     try:
         if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages) or tokenizer.version != "v1":
             prompt = tokenizer.encode_openai_chat(messages, openai_tools(tools) if tool_choice != "none" else None)
@@ -284,13 +282,17 @@ def parse_chat(
             raise invalid("response_format" if fmt is not None else "tools", "this server has no grammar compiler")
         try:
             compiler = grammars()
-            if fmt is not None:
+            text = {"type": "object"} if fmt == "json_object" else fmt
+            if tool_choice == "none":
                 grammar = compiler.json_object() if fmt == "json_object" else compiler.schema(fmt)
-            else:
+            else:  # with response_format, auto answers either with calls or with the format's JSON
                 offered = tools if isinstance(tool_choice, str) else [t for t in tools if t["name"] == tool_choice[0]]
                 mode = "auto" if tool_choice == "auto" else "required"
                 grammar = compiler.tool_calls(
-                    offered, required=mode == "required", parallel=body.get("parallel_tool_calls") is not False
+                    offered,
+                    required=mode == "required",
+                    parallel=body.get("parallel_tool_calls") is not False,
+                    text=text if mode == "auto" else None,
                 )
         except GrammarError as e:
             raise invalid("response_format" if fmt is not None else "tools", str(e)) from None
