@@ -67,6 +67,16 @@ class Server:
     url: str
     model: str
     proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def run(self, *level_args) -> tuple:
+        """`run_level(self, *level_args)`; a request that fails ends the benchmark, with the server's log."""
+        try:
+            return asyncio.run(run_level(self, *level_args))
+        except httpx.HTTPError as e:
+            state = "running" if self.proc is None or self.proc.poll() is None else f"exited ({self.proc.poll()})"
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log and self.log.exists() else ""
+            sys.exit(f"{self.name} failed a request ({type(e).__name__}: {e}); it is {state}. Its log ends:\n{tail}")
 
     def peak_rss(self) -> int | None:
         """The server process's peak RSS (VmHWM), while it runs."""
@@ -176,7 +186,9 @@ async def run_level(
             r = await one_request(client, server.url, server.model, prompts[i], i, max_tokens, temperature)
             results.append(r)
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # a new connection per request, for both servers: llama-server (cpp-httplib) closes a kept-alive connection after a
+    # few requests, and a request sent on it as it closes fails ("Server disconnected without sending a response")
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
@@ -201,7 +213,7 @@ def start_server(
     cmd += ["--max-batch", str(max_batch), "--max-queue", str(4 * max_batch), "--threads", str(threads), *extra]
     cmd += ["--log-level", "warning"] + (["--quantize", quantize] if quantize else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    return _ready(Server("mixtral serve", "", "bench", proc), log, r"listening on (http://\S+);")
+    return _ready(Server("mixtral serve", "", "bench", proc, log), log, r"listening on (http://\S+);")
 
 
 def start_llama_server(binary: Path, gguf: Path, slots: int, ctx: int, threads: int, log: Path) -> Server:
@@ -213,7 +225,7 @@ def start_llama_server(binary: Path, gguf: Path, slots: int, ctx: int, threads: 
     cmd = [str(binary.resolve()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads)]
     cmd += ["-np", str(slots), "-cb", "-c", str(slots * ctx)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=binary.resolve().parent)
-    server = Server("llama-server", f"http://127.0.0.1:{port}", "bench", proc)
+    server = Server("llama-server", f"http://127.0.0.1:{port}", "bench", proc, log)
     return _ready(server, log, None)
 
 
@@ -316,15 +328,13 @@ def main() -> None:
             else:
                 peers = {c: offline_tokens_per_second(path, c, args.max_tokens) for c in args.concurrency}
             for server in servers:
-                asyncio.run(run_level(server, prompts[:2], 1, 4, args.temperature, 0))  # warm up
+                server.run(prompts[:2], 1, 4, args.temperature, 0)  # warm up
             rows = []
             for c in args.concurrency:
                 row = {}
                 for server in servers if c % 2 else servers[::-1]:  # alternate which goes first
                     n = max(args.requests, c)
-                    results, wall = asyncio.run(
-                        run_level(server, prompts[:n], c, args.max_tokens, args.temperature, args.duration)
-                    )
+                    results, wall = server.run(prompts[:n], c, args.max_tokens, args.temperature, args.duration)
                     row[server.name] = summary(results, wall)
                 rows.append((c, row))
             rss = {server.name: server.peak_rss() for server in servers}

@@ -1033,13 +1033,16 @@ inline void rows_in_order(const __m256i (&a)[8], __m256i (&rows)[8]) {
 }
 
 // As above with AVX2: for 2 columns k, k + 1 of the block (A, B: 32 bytes each), C's dword m holds bytes 4m, 4m + 1
-// of A then of B, D's bytes 4m + 2, 4m + 3; a shift and a mask give rows' two nibbles as an int16 pair (row 4m: C's
-// low nibbles, 4m + 1: C >> 8, 32 + 4m: C >> 4, ...), and `vpmaddwd` multiplies them with x's (v_k, v_k+1), summing
-// into int32 (exact: |sum| <= 15 * 2^14 * group). Then the same float32 arithmetic per row as AVX-512.
+// of A then of B, D's bytes 4m + 2, 4m + 3; a mask gives rows' two nibbles as an int16 pair (row 4m: C's low
+// nibbles, 4m + 1: C >> 8's; rows 32 + 4m, 32 + 4m + 1: the high nibbles of the same, left in place, so 16 times
+// the weight: one shift fewer each, the sums divided by 16 at the end, exactly), and `vpmaddwd` multiplies them
+// with x's (v_k, v_k+1), summing into int32 (exact: |sum| <= 16 * 15 * 2^14 * group < 2^31 for groups up to 512).
+// Then the same float32 arithmetic per row as AVX-512.
 template <int R>
 void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, const int64_t* bs,
                    float* y) {
-  const __m256i nibbles = _mm256_set1_epi32(0x000F000F), top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256i low = _mm256_set1_epi32(0x000F000F), high = _mm256_set1_epi32(0x00F000F0);
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m256 step = _mm256_set1_ps(static_cast<float>(x.step)), eight = _mm256_set1_ps(8.0f);
   const int16_t* v = x.v.data();
   alignas(32) float out[R][kInt4Rows] = {};
@@ -1057,18 +1060,20 @@ void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t
         int32_t pair;
         std::memcpy(&pair, v + k, 4);
         const __m256i xv = _mm256_set1_epi32(pair);
-        auto add = [&](int j, __m256i q) {
-          d[j] = _mm256_add_epi32(d[j], _mm256_madd_epi16(_mm256_and_si256(q, nibbles), xv));
+        auto add = [&](int j, __m256i q, __m256i mask) {
+          d[j] = _mm256_add_epi32(d[j], _mm256_madd_epi16(_mm256_and_si256(q, mask), xv));
         };
-        add(0, C);
-        add(1, _mm256_srli_epi32(C, 8));
-        add(2, D);
-        add(3, _mm256_srli_epi32(D, 8));
-        add(4, _mm256_srli_epi32(C, 4));
-        add(5, _mm256_srli_epi32(C, 12));
-        add(6, _mm256_srli_epi32(D, 4));
-        add(7, _mm256_srli_epi32(D, 12));
+        const __m256i C8 = _mm256_srli_epi32(C, 8), D8 = _mm256_srli_epi32(D, 8);
+        add(0, C, low);
+        add(1, C8, low);
+        add(2, D, low);
+        add(3, D8, low);
+        add(4, C, high);  // 16 times rows 32 + 4m, ...
+        add(5, C8, high);
+        add(6, D, high);
+        add(7, D8, high);
       }
+      for (int j = 4; j < 8; ++j) d[j] = _mm256_srai_epi32(d[j], 4);  // exact: sums of multiples of 16
       __m256i sums[8];
       rows_in_order(d, sums);
       const __m256 xs = _mm256_set1_ps(x_sum[g]);
