@@ -8,8 +8,9 @@
 //
 // What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
 // oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 and int4
-// weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`; int4 on
-// AVX2: the GEMV's integer sums for several rows at once, `block_rows_i4`); int8 and int4 weight-only GEMV with integer dot products (`Fixed`, `dot_i8`, `dot_blocks_i4`);
+// weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`; on
+// AVX2 the GEMV's integer sums for several rows at once, `block_rows_i4`, `tile_i8`); int8 and int4 weight-only GEMV
+// with integer dot products (`Fixed`, `dot_i8`, `dot_blocks_i4`);
 // one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
 // has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
@@ -1038,54 +1039,61 @@ inline void rows_in_order(const __m256i (&a)[8], __m256i (&rows)[8]) {
 // the weight: one shift fewer each, the sums divided by 16 at the end, exactly), and `vpmaddwd` multiplies them
 // with x's (v_k, v_k+1), summing into int32 (exact: |sum| <= 16 * 15 * 2^14 * group < 2^31 for groups up to 512).
 // Then the same float32 arithmetic per row as AVX-512.
+// The 8 vectors of columns k, k + 1 of a block's group (`columns` as `Int4Group` gives them), in the order of
+// `rows_in_order`; q[4..8) are 16 times the weights (the high nibbles left in place).
+inline void split_pair_i4(const uint8_t* columns, int64_t k, __m256i (&q)[8]) {
+  const __m256i low = _mm256_set1_epi32(0x000F000F), high = _mm256_set1_epi32(0x00F000F0);
+  const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + k * 32));
+  const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + k * 32 + 32));
+  const __m256i C = _mm256_blend_epi16(A, _mm256_slli_epi32(B, 16), 0xAA);
+  const __m256i D = _mm256_blend_epi16(_mm256_srli_epi32(A, 16), B, 0xAA);
+  const __m256i C8 = _mm256_srli_epi32(C, 8), D8 = _mm256_srli_epi32(D, 8);
+  const __m256i parts[4] = {C, C8, D, D8};
+  for (int j = 0; j < 4; ++j) {
+    q[j] = _mm256_and_si256(parts[j], low);
+    q[4 + j] = _mm256_and_si256(parts[j], high);
+  }
+}
+
+// out[0..64) += one group's part of a row's products from the int32 sums d of its 8 split vectors (divided here
+// by 16 where `split_pair_i4` left them 16 times the weights: exact), with the group's (scale, zero) pairs.
+inline void finish_group_i4(__m256i (&d)[8], const uint16_t* pairs, double step, float x_sum, float* out) {
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256 st = _mm256_set1_ps(static_cast<float>(step)), eight = _mm256_set1_ps(8.0f);
+  const __m256 xs = _mm256_set1_ps(x_sum);
+  for (int j = 4; j < 8; ++j) d[j] = _mm256_srai_epi32(d[j], 4);
+  __m256i sums[8];
+  rows_in_order(d, sums);
+  for (int j = 0; j < 8; ++j) {  // 8 rows' (scale, zero) pairs: as dwords, scale in the low half
+    const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16 * j));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
+    const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[j]), st);
+    __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_loadu_ps(out + 8 * j));
+    o = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), xs, o);
+    _mm256_storeu_ps(out + 8 * j, o);
+  }
+}
+
 template <int R>
 void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, const int64_t* bs,
                    float* y) {
-  const __m256i low = _mm256_set1_epi32(0x000F000F), high = _mm256_set1_epi32(0x00F000F0);
-  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m256 step = _mm256_set1_ps(static_cast<float>(x.step)), eight = _mm256_set1_ps(8.0f);
   const int16_t* v = x.v.data();
   alignas(32) float out[R][kInt4Rows] = {};
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
     for (int i = 0; i < R; ++i) {
       const Int4Group at(P, K, group, bs[i], g);
-      const uint8_t* p = at.columns;
       __m256i d[8];
       for (auto& a : d) a = _mm256_setzero_si256();
       for (int64_t k = g0; k < g0 + group; k += 2) {
-        const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32));
-        const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32 + 32));
-        const __m256i C = _mm256_blend_epi16(A, _mm256_slli_epi32(B, 16), 0xAA);
-        const __m256i D = _mm256_blend_epi16(_mm256_srli_epi32(A, 16), B, 0xAA);
+        __m256i q[8];
+        split_pair_i4(at.columns, k, q);
         int32_t pair;
         std::memcpy(&pair, v + k, 4);
         const __m256i xv = _mm256_set1_epi32(pair);
-        auto add = [&](int j, __m256i q, __m256i mask) {
-          d[j] = _mm256_add_epi32(d[j], _mm256_madd_epi16(_mm256_and_si256(q, mask), xv));
-        };
-        const __m256i C8 = _mm256_srli_epi32(C, 8), D8 = _mm256_srli_epi32(D, 8);
-        add(0, C, low);
-        add(1, C8, low);
-        add(2, D, low);
-        add(3, D8, low);
-        add(4, C, high);  // 16 times rows 32 + 4m, ...
-        add(5, C8, high);
-        add(6, D, high);
-        add(7, D8, high);
+        for (int j = 0; j < 8; ++j) d[j] = _mm256_add_epi32(d[j], _mm256_madd_epi16(q[j], xv));
       }
-      for (int j = 4; j < 8; ++j) d[j] = _mm256_srai_epi32(d[j], 4);  // exact: sums of multiples of 16
-      __m256i sums[8];
-      rows_in_order(d, sums);
-      const __m256 xs = _mm256_set1_ps(x_sum[g]);
-      for (int j = 0; j < 8; ++j) {  // 8 rows' (scale, zero) pairs: as dwords, scale in the low half
-        const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at.pairs + 16 * j));
-        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
-        const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[j]), step);
-        __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_load_ps(out[i] + 8 * j));
-        o = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), xs, o);
-        _mm256_store_ps(out[i] + 8 * j, o);
-      }
+      finish_group_i4(d, at.pairs, x.step, x_sum[g], out[i]);
     }
   }
   for (int i = 0; i < R; ++i) std::memcpy(y + bs[i] * kInt4Rows, out[i], sizeof out[i]);
@@ -1279,25 +1287,13 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
 // registers). The integer sums and the float32 steps per group are the GEMV's (`dot_blocks_i4`), so each row of the
 // result is bit for bit `gemv_int4`'s, at every M.
 
-// Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it: for column pair n, q[8 n + j] is its
-// vector j (lane m: rows 4m + j for j < 4, 32 + 4m + j - 4 for j >= 4; two nibbles as an int16 pair).
+// Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it (`split_pair_i4`): for column pair n,
+// q[8 n + j] is its vector j.
 void split_group_i4(const Int4Group& at, int64_t g0, int64_t group, __m256i* q) {
-  const __m256i nibbles = _mm256_set1_epi32(0x000F000F);
-  const uint8_t* p = at.columns;
   for (int64_t k = g0; k < g0 + group; k += 2, q += 8) {
-    const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32));
-    const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32 + 32));
-    const __m256i C = _mm256_blend_epi16(A, _mm256_slli_epi32(B, 16), 0xAA);
-    const __m256i D = _mm256_blend_epi16(_mm256_srli_epi32(A, 16), B, 0xAA);
-    const __m256i parts[8] = {C,
-                              _mm256_srli_epi32(C, 8),
-                              D,
-                              _mm256_srli_epi32(D, 8),
-                              _mm256_srli_epi32(C, 4),
-                              _mm256_srli_epi32(C, 12),
-                              _mm256_srli_epi32(D, 4),
-                              _mm256_srli_epi32(D, 12)};
-    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(q + j, _mm256_and_si256(parts[j], nibbles));
+    __m256i parts[8];
+    split_pair_i4(at.columns, k, parts);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(q + j, parts[j]);
   }
 }
 
@@ -1322,24 +1318,6 @@ inline void madd_group_i4(const __m256i* q, int64_t pairs, const int16_t* const*
   }
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < 4; ++j) d[i][j0 + j] = acc[i][j];
-}
-
-// out[0..64) += one group's part of a row's products, from its integer sums d (`dot_blocks_i4`'s float32 steps).
-inline void finish_group_i4(const __m256i (&d)[8], const uint16_t* pairs, double step, float x_sum, float* out) {
-  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m256 st = _mm256_set1_ps(static_cast<float>(step)), eight = _mm256_set1_ps(8.0f);
-  const __m256 xs = _mm256_set1_ps(x_sum);
-  __m256i sums[8];
-  rows_in_order(d, sums);
-  for (int j = 0; j < 8; ++j) {
-    const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16 * j));
-    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
-    const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[j]), st);
-    __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_loadu_ps(out + 8 * j));
-    o = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), xs, o);
-    _mm256_storeu_ps(out + 8 * j, o);
-  }
 }
 
 template <int NR>
@@ -1368,17 +1346,17 @@ void block_rows_i4(const Int4Matrix& W, int64_t b, const std::vector<Vector>& xs
   }
 }
 
-// The rows of X [M, K] in fixed point, with their group sums.
-std::vector<Vector> int4_rows(const uint16_t* X, int64_t M, int64_t K, int64_t group) {
+// The rows of X [M, K] as the GEMV of `format` takes x (fixed point; int4: and its group sums).
+std::vector<Vector> fixed_rows(const uint16_t* X, int64_t M, int64_t K, Format format, int64_t group = 0) {
   std::vector<Vector> xs;
   xs.reserve(M);
-  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, Format::kInt4, group);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, format, group);
   return xs;
 }
 
 // Y [M, N] = X W^T, W int4, each row as `gemv_int4` computes it; the 64-row blocks split over the threads.
 void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
-  const std::vector<Vector> xs = int4_rows(X, M, W.K, W.group);
+  const std::vector<Vector> xs = fixed_rows(X, M, W.K, Format::kInt4, W.group);
   parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> q(W.group * 16);  // group * 4 vectors
     std::vector<float> y(M * kInt4Rows);
@@ -1394,7 +1372,7 @@ void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
 // H = silu(X W1^T) * (X W3^T) with W1, W3 int4 (as `gate_up`), 64 features at a time.
 void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Matrix& W3, uint16_t* H) {
   const int64_t F = W1.N;
-  const std::vector<Vector> xs = int4_rows(X, M, W1.K, W1.group);
+  const std::vector<Vector> xs = fixed_rows(X, M, W1.K, Format::kInt4, W1.group);
   parallel(0, F / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> q(W1.group * 16);
     std::vector<float> y1(M * kInt4Rows), y3(M * kInt4Rows);
@@ -1409,9 +1387,7 @@ void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Ma
     }
   });
 }
-#endif
 
-#if !MIXTRAL_AVX512
 // int8 products of a few rows on AVX2, for the same reason: the GEMV's exact integer sums (`dot_i8`) for 4 rows of
 // W and 3 rows of X at a time (12 accumulators; each 16 weights sign-extended once for the 3 rows of X), so each
 // row of the result is bit for bit `gemv_int8`'s; W is read once for all rows.
@@ -1453,15 +1429,16 @@ void tile_i8(const int8_t* Q, int64_t K, const Vector* xs, int64_t (*d)[kInt8Til
       for (int64_t k = K16; k < K; ++k) d[i][j] += static_cast<int64_t>(Q[j * K + k]) * x[i][k];
 }
 
-// y [M, 4] = rows r .. r + 3 of Q [N, K] (scales `scale`) times every row of X (`xs`), in float32 as `dot_rows_i8`.
+// y[i * stride + j] (i < M, j < 4) = row r + j of Q [N, K] (scales `scale`) times row i of X (`xs`), in float32 as
+// `dot_rows_i8`.
 void tile_rows_i8(const int8_t* Q, const uint16_t* scale, int64_t K, int64_t r, const std::vector<Vector>& xs,
-                  float* y) {
+                  float* y, int64_t stride) {
   const int64_t M = static_cast<int64_t>(xs.size());
   int64_t d[3][kInt8Tile];
   auto put = [&](int n, int64_t i0) {
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < kInt8Tile; ++j)
-        y[(i0 + i) * kInt8Tile + j] =
+        y[(i0 + i) * stride + j] =
             static_cast<float>(static_cast<double>(d[i][j]) * xs[i0 + i].fixed.step * bf16_to_float(scale[r + j]));
   };
   int64_t i = 0;
@@ -1478,13 +1455,11 @@ void tile_rows_i8(const int8_t* Q, const uint16_t* scale, int64_t K, int64_t r, 
 // rows of W by the GEMV's own loop.
 void gemm_i8(const uint16_t* X, int64_t M, const int8_t* Q, const uint16_t* scale, int64_t N, int64_t K,
              uint16_t* Y) {
-  std::vector<Vector> xs;
-  xs.reserve(M);
-  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, Format::kInt8);
+  const std::vector<Vector> xs = fixed_rows(X, M, K, Format::kInt8);
   parallel(0, N / kInt8Tile, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> y(M * kInt8Tile);
     for (int64_t t = t0; t < t1; ++t) {
-      tile_rows_i8(Q, scale, K, t * kInt8Tile, xs, y.data());
+      tile_rows_i8(Q, scale, K, t * kInt8Tile, xs, y.data(), kInt8Tile);
       for (int64_t i = 0; i < M; ++i)
         for (int j = 0; j < kInt8Tile; ++j) Y[i * N + t * kInt8Tile + j] = float_to_bf16(y[i * kInt8Tile + j]);
     }
@@ -1502,19 +1477,14 @@ void gemm_i8(const uint16_t* X, int64_t M, const int8_t* Q, const uint16_t* scal
 void gate_up_i8(const uint16_t* X, int64_t M, const int8_t* Q1, const uint16_t* s1, const int8_t* Q3,
                 const uint16_t* s3, int64_t F, int64_t K, uint16_t* H) {
   constexpr int64_t kBlock = 16;
-  std::vector<Vector> xs;
-  xs.reserve(M);
-  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, Format::kInt8);
+  const std::vector<Vector> xs = fixed_rows(X, M, K, Format::kInt8);
   parallel(0, F / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> t(M * kInt8Tile), y1(M * kBlock), y3(M * kBlock);
+    std::vector<float> y1(M * kBlock), y3(M * kBlock);
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t c = 0; c < kBlock; c += kInt8Tile)
-        for (int w = 0; w < 2; ++w) {
-          tile_rows_i8(w ? Q3 : Q1, w ? s3 : s1, K, b * kBlock + c, xs, t.data());
-          float* y = (w ? y3 : y1).data();
-          for (int64_t i = 0; i < M; ++i)
-            for (int j = 0; j < kInt8Tile; ++j) y[i * kBlock + c + j] = t[i * kInt8Tile + j];
-        }
+      for (int64_t c = 0; c < kBlock; c += kInt8Tile) {
+        tile_rows_i8(Q1, s1, K, b * kBlock + c, xs, y1.data() + c, kBlock);
+        tile_rows_i8(Q3, s3, K, b * kBlock + c, xs, y3.data() + c, kBlock);
+      }
       for (int64_t i = 0; i < M; ++i)
         silu_mul16(y1.data() + i * kBlock, y3.data() + i * kBlock, H + i * F + b * kBlock);
     }
@@ -1879,10 +1849,10 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
   return swiglu_rows(x, rows(q1, s1, D), rows(q2, s2, F), rows(q3, s3, D), F);
 #else
   const int8_t *p1 = q1.data_ptr<int8_t>(), *p2 = q2.data_ptr<int8_t>(), *p3 = q3.data_ptr<int8_t>();
+  const uint16_t *c1 = bf16_data(s1), *c2 = bf16_data(s2), *c3 = bf16_data(s3);
   return swiglu_rows(
-      x, F,
-      [&](const uint16_t* X, int64_t M, uint16_t* H) { gate_up_i8(X, M, p1, bf16_data(s1), p3, bf16_data(s3), F, D, H); },
-      [&](const uint16_t* H, int64_t M, uint16_t* Y) { gemm_i8(H, M, p2, bf16_data(s2), D, F, Y); });
+      x, F, [&](const uint16_t* X, int64_t M, uint16_t* H) { gate_up_i8(X, M, p1, c1, p3, c3, F, D, H); },
+      [&](const uint16_t* H, int64_t M, uint16_t* Y) { gemm_i8(H, M, p2, c2, D, F, Y); });
 #endif
 }
 
