@@ -254,3 +254,40 @@ def test_a_sequence_waits_for_a_promised_block_until_it_is_written_or_its_writer
     steps.prefill(1, prompt[16:], 16)
     assert steps.prefix(2) == (32, False)
     assert cache.hits == 48 and cache.queries == 3 * 41  # every lookup counts, a miss too
+
+
+def test_decode_steps_reuse_the_gathered_view_until_a_row_needs_a_new_block(tiny, monkeypatch):
+    """A decode step that goes on where the last one ended, within the blocks gathered, runs on the last view (which
+    that step wrote) instead of gathering every block again; a new block, a swap or a new sequence gathers again;
+    the logits stay the plain cache's, bit for bit."""
+    import mixtral.cache as cache_module
+
+    model, _ = tiny
+    config = model.config
+    builds = []
+    real_of = cache_module.KVCache.of
+    monkeypatch.setattr(cache_module.KVCache, "of", lambda *a, **k: builds.append(1) or real_of(*a, **k))
+    paged = Steps(model, PagedKVCache(config, 3, 40, block_size=16, prefix_caching=False, dtype=torch.float32))
+    plain = Steps(model, KVCache(config, 3, 128, dtype=torch.float32))
+    prompts = [randoms(n, n) for n in (5, 21, 40)]
+    for steps in (paged, plain):
+        for row, prompt in enumerate(prompts):
+            steps.admit(row, 128, prompt)
+            steps.prefill(row, prompt, 0)
+    pos = torch.tensor([len(p) for p in prompts])
+    builds.clear()
+    for step in range(20):  # the first step gathers; rows 0 and 1 need a new block at step 11 (positions 16 and 32),
+        # row 2 at step 8 (48): two gathers more
+        tokens = torch.tensor(randoms(3, 200 + step))
+        assert torch.equal(paged.decode(tokens, pos), plain.decode(tokens, pos))
+        pos += 1
+    assert len(builds) == 3, len(builds)
+    for steps in (paged, plain):
+        steps.swap(0, 2)
+    pos = pos[[2, 1, 0]]
+    builds.clear()
+    for step in range(3):
+        tokens = torch.tensor(randoms(3, 300 + step))
+        assert torch.equal(paged.decode(tokens, pos), plain.decode(tokens, pos))
+        pos += 1
+    assert len(builds) == 1
