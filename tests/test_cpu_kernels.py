@@ -139,6 +139,8 @@ def test_gemm_of_a_few_rows_is_as_close_to_float32_as_f_linear(M, N, K):
 @needs_kernels
 def test_linear_uses_the_gemm_kernel_for_a_few_rows_and_agrees_with_f_linear(monkeypatch):
     torch.manual_seed(4)
+    few = min(FEW_ROWS, 40)  # AVX2 has no limit (FEW_ROWS): one is set to see the path beyond it
+    monkeypatch.setattr(kops, "FEW_ROWS", few)
     W, x = torch.randn(384, 256, dtype=torch.bfloat16), torch.randn(2, 5, 256, dtype=torch.bfloat16)
     calls = []
     real = cpu_kernels.ops().gemm
@@ -147,8 +149,8 @@ def test_linear_uses_the_gemm_kernel_for_a_few_rows_and_agrees_with_f_linear(mon
         fast = linear(x, W)
         with cpu_kernels.disabled():
             plain = linear(x, W)
-        many = linear(torch.randn(FEW_ROWS + 1, 256, dtype=torch.bfloat16), W)  # oneDNN
-    assert calls == [(10, 256)] and many.shape == (FEW_ROWS + 1, 384)
+        many = linear(torch.randn(few + 1, 256, dtype=torch.bfloat16), W)  # oneDNN
+    assert calls == [(10, 256)] and many.shape == (few + 1, 384)
     exact = x.float() @ W.float().T
     assert fast.shape == plain.shape == (2, 5, 384)
     assert _max_err(fast, exact) <= 1.5 * _max_err(plain, exact) + 1e-3
@@ -250,14 +252,17 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
         monkeypatch.setattr(
             torch.ops.mixtral_cpu, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
         )
+    fused = {mode: min(limit, 40) for mode, limit in FUSED_ROWS.items()}  # AVX2: no limits; one to go beyond
+    fused["int4"] = FUSED_ROWS["int4"]
+    monkeypatch.setattr(kops, "FUSED_ROWS", fused)
     expected = []
     with torch.no_grad():
-        for rows in (1, 2, *FUSED_MIN_ROWS.values(), FUSED_ROWS["int8"] + 1):  # int8 beyond: dequantized, oneDNN
+        for rows in (1, 2, *FUSED_MIN_ROWS.values(), fused["int8"] + 1):  # int8 beyond: dequantized, oneDNN
             xr = torch.randn(rows, K, dtype=torch.bfloat16)
             y8, y4 = linear(xr, q8), linear(xr, q4)
             torch.testing.assert_close(y8, ops.gemm(xr, q8.dequantize()), rtol=2e-2, atol=2e-2 * y8.abs().max().item())
             torch.testing.assert_close(y4, ops.gemm(xr, q4.dequantize()), rtol=2e-2, atol=2e-2 * y4.abs().max().item())
-            expected += ["gemm_int8"] * (FUSED_MIN_ROWS["int8"] <= rows <= FUSED_ROWS["int8"])
+            expected += ["gemm_int8"] * (FUSED_MIN_ROWS["int8"] <= rows <= fused["int8"])
             expected += ["gemm_int4"] * (rows >= FUSED_MIN_ROWS["int4"])  # int4 has no upper limit
     assert calls == expected and "gemm_int8" in calls and calls[-1] == "gemm_int4" and 1 not in FUSED_MIN_ROWS.values()
 
@@ -270,7 +275,9 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
     calls = []
     real = cpu_kernels.ops().swiglu
     monkeypatch.setattr(torch.ops.mixtral_cpu, "swiglu", lambda x, *w: calls.append(x.shape[0]) or real(x, *w))
-    for rows in (1, 2, FUSED_ROWS["bf16"], FUSED_ROWS["bf16"] + 1):
+    limit = min(FUSED_ROWS["bf16"], 40)  # AVX2: no limit; one to go beyond
+    monkeypatch.setattr(kops, "FUSED_ROWS", {**FUSED_ROWS, "bf16": limit})
+    for rows in (1, 2, limit, limit + 1):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         with torch.no_grad():
             fast = swiglu(x, w1, w2, w3)
@@ -278,7 +285,7 @@ def test_moe_swiglu_fuses_an_experts_rows_where_the_kernel_can(monkeypatch):
                 plain = swiglu(x, w1, w2, w3)
         torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
     swiglu(torch.randn(4, 64, dtype=torch.bfloat16), w1, w2, w3)  # gradients on: F.linear
-    assert calls == [2, FUSED_ROWS["bf16"]]
+    assert calls == [2, limit]
     int8_calls = []
     real8 = cpu_kernels.ops().swiglu_int8
     monkeypatch.setattr(

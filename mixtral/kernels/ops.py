@@ -35,13 +35,19 @@ Weight = torch.Tensor | QuantizedWeight | QuantizedView
 # ---- thresholds ------------------------------------------------------------------------------------------------
 
 # Up to this many rows (the tokens of one expert in a prefill, a short prompt, decode at batch <= 96) a bf16 matmul
-# runs as our GEMM kernel of a few rows; beyond, oneDNN's (F.linear) is faster.
-FEW_ROWS = 96
+# runs as our GEMM kernel of a few rows; beyond, oneDNN's (F.linear) is faster where the CPU multiplies bf16 itself
+# (AVX-512 BF16). On AVX2, oneDNN's bf16 matmul converts to float32 on the way and runs at a quarter to a third of
+# our kernel's speed at any number of rows: ours takes them all.
+FEW_ROWS = 96 if cpu.isa() == "avx512" else sys.maxsize
 
 # Up to this many rows a bf16 or quantized expert (`swiglu`), and a matmul with quantized weights, run as our kernels'
 # fused calls; beyond, F.linear (int8: on its weights dequantized per call) and ATen's int4 kernel. int4 has no limit:
-# ATen's int4 GEMM converts every weight to float32.
-FUSED_ROWS = {"bf16": 160, "int8": 512, "int4": sys.maxsize}
+# ATen's int4 GEMM converts every weight to float32. On AVX2, ours are faster at any number of rows (as FEW_ROWS).
+FUSED_ROWS = (
+    {"bf16": 160, "int8": 512, "int4": sys.maxsize}
+    if cpu.isa() == "avx512"
+    else {"bf16": sys.maxsize, "int8": sys.maxsize, "int4": sys.maxsize}
+)
 
 # ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
 # faster than dequantizing blocks. AVX2's kernels of a few rows do not dequantize: they compute the GEMV's integer
