@@ -808,14 +808,23 @@ def _kernel_outputs() -> list[torch.Tensor]:
 
 @needs_kernels
 def test_the_thread_pool_gives_what_the_openmp_regions_give_bit_for_bit(parallel_settings):
-    """`parallel` on the pool (chunks claimed from a counter, the caller working too) against plain OpenMP regions
-    (one static range per thread): each unit of work is computed the same way whatever the split, so every kernel's
-    output is the same bit for bit, for any number of chunks per thread and of threads (3 on a 2-core machine: a
-    worker descheduled while it holds a chunk)."""
+    """`parallel` on the pool (chunks claimed from a counter, the caller working too), and OpenMP regions that give way
+    to it after a stall (mode 3, the default), against plain OpenMP regions (one static range per thread): each unit
+    of work is computed the same way whatever the split, so every kernel's output is the same bit for bit, for any
+    number of chunks per thread and of threads (3 on a 2-core machine: a worker descheduled while it holds a chunk)."""
     set_parallel = parallel_settings
     set_parallel(0, -1, -1, -1, -1)
     reference = _kernel_outputs()
-    for mode, chunks, threads in [(1, 4, 2), (2, 1, 2), (2, 64, 2), (1, 3, 3), (2, 1024, 1), (1, 4, 2)]:
+    for mode, chunks, threads in [
+        (1, 4, 2),
+        (2, 1, 2),
+        (2, 64, 2),
+        (1, 3, 3),
+        (2, 1024, 1),
+        (1, 4, 2),
+        (3, 4, 2),
+        (3, 4, 3),
+    ]:
         torch.set_num_threads(threads)
         set_parallel(mode, chunks, -1, -1, -1)
         for got, want in zip(_kernel_outputs(), reference, strict=True):

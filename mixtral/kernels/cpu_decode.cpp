@@ -44,8 +44,9 @@
 namespace {
 
 // ---- parallel regions ------------------------------------------------------------------------------------------
-// `parallel(begin, end, grain, f)` runs f(b0, b1) over [begin, end) on the calling thread and a pool of its own
-// (at::get_num_threads() - 1 workers). Why not OpenMP: a region of OpenMP ends in a barrier that waits for every
+// `parallel(begin, end, grain, f)` runs f(b0, b1) over [begin, end) as an OpenMP region while those run on cores of
+// their own (`omp_region`), and on the calling thread and a pool of its own (at::get_num_threads() - 1 workers)
+// while they do not. Why the pool: a region of OpenMP ends in a barrier that waits for every
 // thread of the team to have run its share, so on a machine whose cores are shared with other processes each of the
 // ~50 regions of a decode step waits for the thread the OS descheduled last (docs/kernels.md has the figures). Here
 // the range is cut into about g_chunks_per_thread chunks per thread, every thread, the caller included, claims
@@ -57,8 +58,9 @@ namespace {
 namespace pool {
 
 // Runtime knobs (`set_parallel`), for the tests and the A/B measurements of docs/kernels.md: mode 1 the pool, 0 OpenMP
-// regions as before (the reference), 2 the pool without the back-off below.
-std::atomic<int> g_mode{1};
+// regions as before (the reference), 2 the pool without the back-off below, 3 (the default) OpenMP regions while
+// none of them waits for a descheduled thread, the pool (mode 1) for a while after one did (see `omp_region`).
+std::atomic<int> g_mode{3};
 std::atomic<int> g_chunks_per_thread{4};
 std::atomic<int> g_spin_us{50};
 std::atomic<int> g_stall_us{300};
@@ -174,7 +176,47 @@ void ensure_workers(int64_t n) {
   n_workers = n;
 }
 
+// Mode 3's state: OpenMP regions give way to the pool until `omp_off_until` (steady clock, ns) after a region
+// waited for a descheduled thread; the pause doubles at each such wait (1 ms to g_backoff_max_us) and 256 regions
+// without one reset it. Atomics: regions of several threads may run at once.
+std::atomic<int64_t> omp_off_until{0}, omp_backoff_us{0}, omp_clean{0};
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
 }  // namespace pool
+
+// One OpenMP region, one static range per thread. Why OpenMP at all, beside the pool: ATen's own parallel ops run on
+// OpenMP's threads, which spin for a while after each of its regions; the pool's workers then share the cores with
+// spinning threads between ATen's ops and ours (an int4 decode step of the 8x7B shape: ~1.2x slower on the pool on a
+// quiet machine), where OpenMP regions run on the very threads that spin. With `timed`, the calling thread (thread
+// 0) compares its wait at the closing barrier with its own share: a wait longer than its share + g_stall_us is a
+// thread the OS descheduled (the cores are shared), and the next regions go to the pool (mode 3).
+template <class F>
+void omp_region(int64_t begin, int64_t end, int64_t threads, const F& f, bool timed) {
+  const int64_t n = end - begin, t0 = timed ? pool::now_ns() : 0;
+  int64_t own_ns = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), chunk = (n + omp_get_num_threads() - 1) / omp_get_num_threads();
+    const int64_t b0 = begin + t * chunk;
+    if (b0 < end) f(b0, std::min(end, b0 + chunk));
+    if (timed && t == 0) own_ns = pool::now_ns() - t0;
+  }
+  if (!timed) return;
+  const int64_t t2 = pool::now_ns(), wait_ns = t2 - t0 - own_ns;
+  if (wait_ns > own_ns + 1000 * int64_t{pool::g_stall_us.load(std::memory_order_relaxed)}) {
+    pool::g_stalls.fetch_add(1, std::memory_order_relaxed);
+    const int64_t backoff = std::min<int64_t>(std::max<int64_t>(2 * pool::omp_backoff_us.load(), 1000),
+                                              pool::g_backoff_max_us.load(std::memory_order_relaxed));
+    pool::omp_backoff_us.store(backoff);
+    pool::omp_off_until.store(t2 + 1000 * backoff);
+    pool::omp_clean.store(0);
+  } else if (pool::omp_clean.fetch_add(1, std::memory_order_relaxed) + 1 >= 256) {
+    pool::omp_backoff_us.store(0);
+  }
+}
 
 template <class F>
 void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -182,19 +224,14 @@ void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (n <= 0) return;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
   if (threads <= 1 || omp_in_parallel() || pool::in_region) return f(begin, end);
-  if (pool::g_mode.load(std::memory_order_relaxed) == 0) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t t = omp_get_thread_num(), chunk = (n + omp_get_num_threads() - 1) / omp_get_num_threads();
-      const int64_t b0 = begin + t * chunk;
-      if (b0 < end) f(b0, std::min(end, b0 + chunk));
-    }
-    return;
-  }
+  const int first_mode = pool::g_mode.load(std::memory_order_relaxed);
+  if (first_mode == 0) return omp_region(begin, end, threads, f, false);
+  if (first_mode == 3 && pool::now_ns() >= pool::omp_off_until.load(std::memory_order_relaxed))
+    return omp_region(begin, end, threads, f, true);
   std::unique_lock<std::mutex> lock(pool::owner, std::try_to_lock);
   if (!lock.owns_lock()) return f(begin, end);  // another thread's region is running: this one runs here
   const int mode = pool::g_mode.load(std::memory_order_relaxed);
-  if (mode == 1 && pool::backoff_us > 0 && pool::Clock::now() < pool::serial_until) return f(begin, end);
+  if (mode != 2 && pool::backoff_us > 0 && pool::Clock::now() < pool::serial_until) return f(begin, end);
   pool::ensure_workers(at::get_num_threads() - 1);
   // chunks of at least `grain` units, about kChunksPerThread per thread
   const int64_t units = (n + grain - 1) / grain;
@@ -229,7 +266,7 @@ void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
       sched_yield();
     }
   }
-  if (mode != 1) return;
+  if (mode == 2) return;
   const auto t2 = pool::Clock::now();
   if (stalled) {
     pool::g_stalls.fetch_add(1, std::memory_order_relaxed);
@@ -2299,15 +2336,15 @@ torch::Tensor combine(const std::vector<torch::Tensor>& ys, const torch::Tensor&
   return out;
 }
 
-// How `parallel` runs regions: mode 1 the pool, 2 the pool without its back-off, 0 OpenMP regions (the
-// reference); chunks per thread, the workers' spin before sleeping, a region's wait that counts as a stall and the
+// How `parallel` runs regions: mode 3 OpenMP regions that give way to the pool after a stall (the default), 1 the
+// pool, 2 the pool without its back-off, 0 OpenMP regions (the reference); chunks per thread, the workers' spin before sleeping, a region's wait that counts as a stall and the
 // longest back-off, in microseconds; a negative value leaves that one as it is. -> the previous five, then the
 // number of stalls so far.
 std::vector<int64_t> set_parallel(int64_t mode, int64_t chunks_per_thread, int64_t spin_us, int64_t stall_us,
                                   int64_t backoff_max_us) {
   std::vector<int64_t> old{pool::g_mode.load(),     pool::g_chunks_per_thread.load(), pool::g_spin_us.load(),
                            pool::g_stall_us.load(), pool::g_backoff_max_us.load(),    pool::g_stalls.load()};
-  TORCH_CHECK(mode <= 2 && chunks_per_thread <= 1024 && spin_us <= 1000000 && stall_us <= 1000000 &&
+  TORCH_CHECK(mode <= 3 && chunks_per_thread <= 1024 && spin_us <= 1000000 && stall_us <= 1000000 &&
                   backoff_max_us <= 10000000,
               "set_parallel: out of range");
   if (mode >= 0) pool::g_mode.store(static_cast<int>(mode));
