@@ -448,7 +448,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.slice:
         config = real.replace(n_layers=args.layers)
         for mode in args.modes:
-            _need_disk(folder, 2 * estimated_bytes(config, mode))
+            if not (folder / f"stamp-{mode}.json").is_file():  # else kept from an earlier run (--keep)
+                _need_disk(folder, 2 * estimated_bytes(config, mode))
             print(f"{args.layers} layers of the {args.preset} shape, {mode}")
             ours, twin = _files(folder, config, mode, args.seed)
             rows.append(compare(ours, twin, args, repack=True, label=f"{args.layers}L {mode}"))
