@@ -246,3 +246,39 @@ def test_mixtral_eval_command(tiny, task_dir, tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["results.json"]  # no temporary file left
     assert main(["eval", "--checkpoint", str(path), "--tasks", "no_such_task_xyz"]) == 2
     assert "unknown lm-eval tasks ['no_such_task_xyz']" in capsys.readouterr().err
+
+
+def test_mixtral_eval_with_a_lora_adapter_scores_the_adapted_model(tiny, task_dir, tmp_path):
+    """`mixtral eval --lora DIR` scores the model with the adapter on it (applied without merging): the loglikelihoods
+    of the adapter merged into a copy of the model, evaluated in process, and not the base model's."""
+    import_lm_eval()
+    import copy
+    import json
+
+    from mixtral.cli import main
+    from mixtral.eval import lm
+    from mixtral.serve.adapters import merged_reference
+    from mixtral.train.lora import apply_lora, save_adapter
+
+    model, tok, path = tiny
+    adapted = copy.deepcopy(model)
+    torch.manual_seed(12)
+    for p in apply_lora(adapted, 4, 8.0, ("wq", "wv", "w1", "w2")):
+        if p.abs().sum() == 0:  # B: a trained adapter is not zero
+            p.data.normal_(0.0, 0.3)
+    adapter = tmp_path / "adapter"
+    save_adapter(adapted, adapter)
+    out = tmp_path / "results.json"
+    argv = ["eval", "--checkpoint", str(path), "--include-path", str(task_dir), "--tasks", "tiny_mc",
+            "--batch-size", "2", "--lora", str(adapter), "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    got = [lp for lp, _ in responses(json.loads(out.read_text()), "tiny_mc")]
+    merged = merged_reference(model, adapter)
+    want = [
+        lp for lp, _ in responses(lm.evaluate(lm.MixtralLM(merged, tok), ["tiny_mc"], include_path=task_dir), "tiny_mc")
+    ]
+    base = [
+        lp for lp, _ in responses(lm.evaluate(lm.MixtralLM(model, tok), ["tiny_mc"], include_path=task_dir), "tiny_mc")
+    ]
+    assert got == pytest.approx(want, abs=1e-3)
+    assert max(abs(g - b) for g, b in zip(got, base, strict=True)) > 0.05  # the adapter changes the scores
