@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +28,6 @@ TOOL_CALLS = "[TOOL_CALLS]"
 # JSON as Mistral's chat format and Python's json.dumps write it; a fixed layout (no free whitespace) also keeps a
 # model from spending its tokens on blank space.
 _SEPARATORS = (", ", ": ")
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class GrammarError(ValueError):
@@ -60,16 +58,13 @@ def vocabulary(tokenizer: Tokenizer) -> list[bytes]:
     tokens (<s>, </s>, [INST], ...) are empty, which the grammar never allows, except the tool-call marker, which
     is its own text: a grammar's "[TOOL_CALLS]" then matches that one token (or the same text in pieces, in a
     tokenizer that has no such token)."""
-    out = []
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(i)
-        if m := _BYTE_PIECE.fullmatch(piece):
-            out.append(bytes([int(m.group(1), 16)]))
-        elif i in tokenizer.control_ids:
-            out.append(piece.encode() if piece == TOOL_CALLS else b"")
-        else:
-            out.append(piece.replace("\u2581", " ").encode())
-    return out
+    controls = tokenizer.control_ids
+    return [
+        (TOOL_CALLS.encode() if tokenizer.id_to_piece(i) == TOOL_CALLS else b"")
+        if i in controls
+        else tokenizer.token_bytes(i)
+        for i in range(tokenizer.vocab_size)
+    ]
 
 
 class Grammars:

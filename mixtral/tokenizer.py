@@ -3,7 +3,9 @@
 Mistral ships the tokenizer as a sentencepiece ``tokenizer.model``; Hugging Face checkpoints carry the same
 vocabulary as a ``tokenizer.json``; llama.cpp's GGUF files carry its pieces, scores and types in their metadata
 (``tokenizer.ggml.*``), from which the sentencepiece model is rebuilt. All load into one :class:`Tokenizer` whose
-ids are exactly sentencepiece's, which are also mistral-common's, the reference for the chat format.
+ids are exactly sentencepiece's, which are also mistral-common's, the reference for the chat format. Mistral's
+later models use tekken (``tekken.json``, 131072 tokens), read through mistral-common; their chats are encoded by
+mistral-common too, as every version after v1 is.
 
 Chat format v1 (Mixtral 8x7B Instruct), as mistral-common's ``InstructTokenizerV1`` writes it::
 
@@ -211,6 +213,36 @@ class _TokenizerJsonBackend:
         return self._pieces[i]
 
 
+class _TekkenBackend:
+    """Mistral's tekken tokenizer (``tekken.json``: a tiktoken-style byte-level BPE after 1000 special tokens, which
+    Mistral NeMo, Pixtral, Ministral and later models use), read by mistral-common's `Tekkenizer`: its ids exactly.
+    No dummy prefix: "hi" and " hi" are different tokens, and the text is encoded as it is."""
+
+    def __init__(self, path: str) -> None:
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        try:
+            self._tekken = Tekkenizer.from_file(path)
+        except Exception as e:  # mistral-common raises several types for a file it cannot use
+            raise ValueError(f"its tekken vocabulary cannot be read ({type(e).__name__}: {e})") from None
+        self.vocab_size = self._tekken.n_words
+        self.bos_id, self.eos_id = self._tekken.bos_id, self._tekken.eos_id
+        self.control_ids = frozenset(range(self._tekken.num_special_tokens)) - {self._tekken.unk_id}
+        self.version = self._tekken.version.value
+
+    def encode(self, text: str) -> list[int]:
+        return self._tekken.encode(text, bos=False, eos=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tekken.decode([i for i in ids if i not in self.control_ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tekken.id_to_piece(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._tekken.id_to_byte_piece(i)
+
+
 def _parse_merge(merge: Any) -> tuple[str, str]:
     # Older tokenizer.json files write a merge as "a b", newer ones as ["a", "b"].
     a, b = merge.split(" ") if isinstance(merge, str) else merge
@@ -288,6 +320,8 @@ class Tokenizer:
         """Mistral's tokenizer version ("v1", "v2", "v3", "v7"): how chats and tools are encoded. Taken from the
         file name's suffix where it has one (mistral-common's files: ``tokenizer.model.v3``), else from the control
         tokens, which each version added: [TOOL_CALLS] (v2), [IMG] (v3), [SYSTEM_PROMPT] (v7); none of them: v1."""
+        if isinstance(version := getattr(self._backend, "version", None), str):  # a tekken file says its own
+            return version
         if m := re.search(r"\.(v\d+)(m\d+)?$", self._source):
             return m.group(1)
         controls = {self._backend.id_to_piece(i) for i in self.control_ids}
@@ -295,6 +329,11 @@ class Tokenizer:
             if piece in controls:
                 return version
         return "v1"
+
+    @property
+    def is_tekken(self) -> bool:
+        """Whether this is a tekken tokenizer (loaded from a ``tekken.json``)."""
+        return isinstance(self._backend, _TekkenBackend)
 
     @property
     def tool_tokens(self) -> bool:
@@ -329,6 +368,8 @@ class Tokenizer:
 
         try:
             request = ChatCompletionRequest.from_openai(_mistral_ids(messages), tools=list(tools) if tools else None)
+            if messages and messages[-1].get("role") == "assistant" and messages[-1].get("prefix"):
+                request.messages[-1].prefix = True  # an answer to continue (from_openai drops the key)
             return self._mistral().encode_chat_completion(request).tokens
         except (MistralCommonException, ValueError, TypeError, KeyError) as e:  # pydantic's errors are ValueErrors
             raise ValueError(f"mistral-common refuses the conversation: {e}") from None
@@ -366,6 +407,19 @@ class Tokenizer:
         """The raw piece of id ``i``, e.g. "▁the", "<0xE2>" or "<s>"."""
         return self._backend.id_to_piece(self._check_id(i))
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` adds to the text (inside a text, not at its start): "▁" a space, a byte-fallback
+        piece its byte, a control token none."""
+        i = self._check_id(i)
+        if i in self.control_ids:
+            return b""
+        if hasattr(self._backend, "token_bytes"):
+            return self._backend.token_bytes(i)
+        piece = self._backend.id_to_piece(i)
+        if m := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace(_SPACE, " ").encode()
+
     def sentencepiece_model(self) -> bytes:
         """The serialized sentencepiece model (what a GGUF file's tokenizer metadata is written from); only for a
         tokenizer loaded from a sentencepiece model or a GGUF file, a ValueError otherwise."""
@@ -381,7 +435,8 @@ class Tokenizer:
         return i
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Token ids of a conversation in the v1 instruct format, identical to mistral-common's.
+        """Token ids of a conversation in this tokenizer's instruct format, identical to mistral-common's: v1
+        written here, later versions (v2, v3, v7, tekken's) through mistral-common (`encode_openai_chat`).
 
         ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}``; the last one may
         be an assistant message with ``"prefix": True``, an answer for the model to continue (no </s>).
@@ -389,11 +444,20 @@ class Tokenizer:
         system messages and runs of one role are folded. Raises ``ValueError`` naming the offending
         message when the conversation is not one mistral-common accepts.
         """
+        if self.version != "v1":
+            _validate_chat(messages)
+            return self.encode_openai_chat(messages)
         return self._encode_turns(_chat_turns(messages))[0]
 
     def encode_chat_with_mask(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[bool]]:
         """For training: the ids of a conversation that may end with a complete assistant answer, and a
-        mask that is True on assistant tokens (answers and their </s>), the tokens a model learns to say."""
+        mask that is True on assistant tokens (answers and their </s>), the tokens a model learns to say. The v1
+        format only: a ValueError for a tokenizer of a later version."""
+        if self.version != "v1":
+            raise ValueError(
+                f"chat training data is written in the v1 instruct format; {self._source} is a {self.version} "
+                "tokenizer (train on plain text, or with Mixtral's v1 tokenizer.model)"
+            )
         if messages and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant":
             if messages[-1].get("prefix"):
                 raise ValueError(f"message {len(messages) - 1} (assistant): a training answer cannot be a prefix")
@@ -586,7 +650,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
         return _load_bytes(resource.read_bytes(), str(resource))
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in ("tokenizer.model", "tekken.json", "tokenizer.json"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
         return load_tokenizer(None)
@@ -672,6 +736,8 @@ def _load_bytes(data: bytes, source: str) -> Tokenizer:
     if data.lstrip()[:1] == b"{":
         try:
             spec = json.loads(data)
+            if isinstance(spec, dict) and isinstance(spec.get("vocab"), list) and "config" in spec:  # tekken
+                return Tokenizer(_TekkenBackend(source), source)
             backend = _TokenizerJsonBackend(spec)
         except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise ValueError(

@@ -351,3 +351,72 @@ def test_load_invalid_file_names_it(tmp_path: Path, name: str, content: bytes, e
     with pytest.raises(ValueError, match=expected) as info:
         load_tokenizer(path)
     assert str(path) in str(info.value)
+
+
+# ---- tekken (Mistral's later tokenizers): through mistral-common, its ids exactly ----------------------------------
+
+TEKKEN_FILES = ["tekken_240718.json", "tekken_240911.json"]
+
+
+def _tekken(name: str) -> Path:
+    return Path(str(importlib.resources.files("mistral_common").joinpath("data", name)))
+
+
+@pytest.mark.parametrize("name", TEKKEN_FILES)
+def test_tekken_ids_and_text_equal_mistral_commons(name: str) -> None:
+    ours, reference = load_tokenizer(_tekken(name)), MistralTokenizer.from_file(str(_tekken(name)))
+    raw = reference.instruct_tokenizer.tokenizer
+    assert ours.is_tekken and ours.vocab_size == raw.n_words == 131072 and ours.version == "v3"
+    assert (ours.bos_id, ours.eos_id) == (raw.bos_id, raw.eos_id)
+    for text in TEXTS:
+        ids = ours.encode(text, bos=True, eos=True)
+        assert ids == raw.encode(text, bos=True, eos=True), text
+        assert ours.decode(ids) == raw.decode(ids) == text  # controls print nothing, no dummy prefix
+    tools = ours.encode("[TOOL_CALLS]", bos=False)
+    assert raw.get_special_token("[TOOL_CALLS]") not in tools  # special strings in the text stay text
+    assert ours.decode_with_controls([1, raw.get_special_token("[INST]"), *ours.encode("hi", bos=False)]) == "[INST]hi"
+    # each token's bytes, as the grammar compiler sees them: the text is their concatenation
+    ids = ours.encode("Straße 日本 🙂 x", bos=False)
+    assert b"".join(ours.token_bytes(i) for i in ids).decode() == "Straße 日本 🙂 x"
+
+
+def test_tekken_chats_equal_mistral_commons_and_later_versions_use_their_own_format() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    mc_messages = [UserMessage(content="Hi there"), AssistantMessage(content="Hello!")]
+    for path in (
+        _tekken("tekken_240911.json"),
+        Path(str(V1_MODEL)).with_name("mistral_instruct_tokenizer_240323.model.v3"),
+    ):
+        ours, reference = load_tokenizer(path), MistralTokenizer.from_file(str(path))
+        want = [SystemMessage(content="Be brief."), *mc_messages, UserMessage(content="How are you?")]
+        got = ours.encode_chat(messages)
+        assert got == reference.encode_chat_completion(ChatCompletionRequest(messages=want)).tokens
+        assert ours.encode("[INST]", bos=False) != got[1:2]  # [INST] is the control token, not text as in v1
+        prefix = [*messages, {"role": "assistant", "content": "I am", "prefix": True}]
+        want_prefix = [*want, AssistantMessage(content="I am", prefix=True)]
+        got = ours.encode_chat(prefix)
+        assert got == reference.encode_chat_completion(ChatCompletionRequest(messages=want_prefix)).tokens
+        assert got[-1] != ours.eos_id
+        with pytest.raises(ValueError, match="v1 instruct format"):
+            ours.encode_chat_with_mask([*messages, {"role": "assistant", "content": "Fine."}])
+
+
+def test_a_folder_with_tekken_json_loads_it_and_save_model_writes_it(tmp_path: Path) -> None:
+    import mixtral
+
+    shutil.copyfile(_tekken("tekken_240911.json"), tmp_path / "tekken.json")
+    (tmp_path / "tokenizer.json").write_text("{}")  # a transformers file beside it is not read
+    tok = load_tokenizer(tmp_path)
+    assert tok.is_tekken and tok.source == str(tmp_path / "tekken.json")
+    config = mixtral.ModelConfig(**{**vars(mixtral.get_preset("tiny")), "vocab_size": 131072})
+    out = tmp_path / "model"
+    mixtral.save_model(mixtral.Transformer(config), out, tokenizer=tok)
+    assert (out / "tekken.json").read_bytes() == (tmp_path / "tekken.json").read_bytes()
+    assert not (out / "tokenizer.model").exists() and not (out / "tokenizer_config.json").exists()
+    again = mixtral.load_tokenizer(out)
+    assert again.is_tekken and again.encode("hello there") == tok.encode("hello there")

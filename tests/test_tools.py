@@ -74,16 +74,17 @@ def serve(model, tokenizer) -> TestClient:
     return client
 
 
-@pytest.fixture(scope="module", params=["v1", "v3"])
+@pytest.fixture(scope="module", params=["v1", "v3", "tekken"])
 def api(request):
-    """The openai client on the tiny model with the v1 tokenizer (no tool tokens) and with the v3 one."""
+    """The openai client on the tiny model with the v1 tokenizer (no tool tokens), the v3 one and v3 tekken."""
     torch.manual_seed(0)
     if request.param == "v1":
         tokenizer = load_tokenizer()
         config = mixtral.get_preset("tiny")
     else:
-        tokenizer = load_tokenizer(_data("mistral_instruct_tokenizer_240323.model.v3"))
-        config = mixtral.ModelConfig(**{**vars(mixtral.get_preset("tiny")), "vocab_size": 32768})
+        name = "mistral_instruct_tokenizer_240323.model.v3" if request.param == "v3" else "tekken_240911.json"
+        tokenizer = load_tokenizer(_data(name))
+        config = mixtral.ModelConfig(**{**vars(mixtral.get_preset("tiny")), "vocab_size": tokenizer.vocab_size})
     client = serve(mixtral.Transformer(config).eval(), tokenizer)
     yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
     client.__exit__(None, None, None)
@@ -122,7 +123,7 @@ def test_max_tokens_cuts_a_grammar_with_length(api):
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_required_and_named_tool_choice_give_valid_calls(api, choice):
     r = api.chat.completions.create(
-        model="tiny", messages=USER, tools=[WEATHER, TIME], tool_choice=choice, temperature=1.0, max_tokens=150,
+        model="tiny", messages=USER, tools=[WEATHER, TIME], tool_choice=choice, temperature=1.0, max_tokens=300,
         seed=5,
     )  # fmt: skip
     for c in r.choices:

@@ -154,6 +154,9 @@ def write_tokenizer(folder: Path, tokenizer: Tokenizer | None, config: ModelConf
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is None:
         return
+    if tokenizer.is_tekken:  # mistral-common's file, as Mistral ships it (transformers has no tokenizer class for it)
+        shutil.copyfile(tokenizer.source, folder / "tekken.json")
+        return
     try:
         (folder / "tokenizer.model").write_bytes(tokenizer.sentencepiece_model())
     except ValueError:  # loaded from a tokenizer.json: that file, as it is
