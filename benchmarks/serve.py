@@ -4,6 +4,7 @@ generation (`generate_stream`, no HTTP, no scheduler).
 
 For each concurrency C, C clients each send streamed /v1/completions requests back to back (distinct prompts and
 seeds, `--temperature`, a fixed max_tokens) until `--requests` have finished or `--duration` seconds have passed.
+Each level sends prompts that no earlier level sent (a server's prompt cache would otherwise answer them).
 Reported: output tokens/s over the level's wall time, time to first token (TTFT) and inter-token latency (ITL: the
 gaps between a stream's token chunks), medians and p95, and the servers' peak RSS (VmHWM).
 
@@ -274,6 +275,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(machine_line())
+    # each level sends prompts of its own, after two for the warm-up: a prompt that an earlier level sent would be
+    # in the servers' prompt caches (llama-server keeps each slot's last prompt; ours its prefix blocks)
+    per_level = max(args.requests, *args.concurrency)
+    n_prompts = 2 + per_level * len(args.concurrency)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint
         if path is None:
@@ -281,9 +286,8 @@ def main() -> None:
             path = Path(tmp) / args.preset
             config = mixtral.get_preset(args.preset)
             # a context that holds the workload's longest prompt and its answer (rotary positions go anywhere)
-            n = max(args.requests, *args.concurrency)
             tok = mixtral.load_tokenizer()
-            longest = max(len(tok.encode(p)) for p in workload(args.workload, tok, n, args.prompt_tokens))
+            longest = max(len(tok.encode(p)) for p in workload(args.workload, tok, n_prompts, args.prompt_tokens))
             if longest + args.max_tokens > config.max_seq_len:
                 config = replace(config, max_seq_len=-(-(longest + args.max_tokens) // 256) * 256)
             model = mixtral.Transformer(config).to(torch.bfloat16)
@@ -292,7 +296,7 @@ def main() -> None:
         tok = mixtral.load_tokenizer(path)
         config = mixtral.load_model(path).config
         total, active = config.param_counts()
-        prompts = workload(args.workload, tok, max(args.requests, *args.concurrency), args.prompt_tokens)
+        prompts = workload(args.workload, tok, n_prompts, args.prompt_tokens)
         lengths = sorted(len(tok.encode(p)) for p in prompts)
         print(
             f"model: {path.name} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active), "
@@ -330,11 +334,13 @@ def main() -> None:
             for server in servers:
                 server.run(prompts[:2], 1, 4, args.temperature, 0)  # warm up
             rows = []
-            for c in args.concurrency:
+            for level, c in enumerate(args.concurrency):
                 row = {}
+                first = 2 + level * per_level
                 for server in servers if c % 2 else servers[::-1]:  # alternate which goes first
                     n = max(args.requests, c)
-                    results, wall = server.run(prompts[:n], c, args.max_tokens, args.temperature, args.duration)
+                    level_prompts = prompts[first : first + n]
+                    results, wall = server.run(level_prompts, c, args.max_tokens, args.temperature, args.duration)
                     row[server.name] = summary(results, wall)
                 rows.append((c, row))
             rss = {server.name: server.peak_rss() for server in servers}
