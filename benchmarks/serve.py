@@ -18,8 +18,9 @@ prompts alternating: a long prefill arriving while other streams decode).
     .venv/bin/python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint DIR   # a running server
 
 Without --url the script starts `python -m mixtral.serve --max-batch MAX(C)` itself and stops it at the end. With
-`--peer-llama-server`, the weights are exported with `save_gguf` (BF16, or Q4_0 / Q8_0 against `--quantize int4 /
-int8`, quantized by the gguf package from the same bf16 weights) and `llama-server -np MAX(C) -cb` serves them; the
+`--peer-llama-server`, the weights are exported with `save_gguf` (BF16, or Q4_0 with a Q8_0 LM head / Q8_0 against
+`--quantize int4 / int8`, quantized by the gguf package from the same bf16 weights: the same formats as ours, whose
+int4 models keep an int8 head) and `llama-server -np MAX(C) -cb` serves them; the
 two servers run one at a time, level by level, alternating. llama.cpp is a benchmark dependency, never a runtime one
 (docs/performance.md says how to build it). The clients run in this process: on a small machine they take CPU from
 the servers, the same for both.

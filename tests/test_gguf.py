@@ -424,5 +424,7 @@ def test_export_reads_back_with_llama_cpp_names(model, tokens, tmp_path, capsys)
     want = gguf.quants.quantize(theirs.tensors[0].data, Q.Q4_0)  # token_embd
     assert q4["token_embd.weight"].tensor_type == Q.Q4_0 and np.array_equal(q4["token_embd.weight"].data, want)
     assert q4["blk.0.ffn_gate_inp.weight"].tensor_type == Q.F32  # the router stays F32, as llama.cpp keeps it
+    # the LM head one step finer, as llama.cpp's quantizer keeps it (and as our int4 models hold it, in int8)
+    assert q4["output.weight"].tensor_type == Q.Q8_0 and q4["blk.0.attn_q.weight"].tensor_type == Q.Q4_0
     kl, _ = kl_top1(logits(model, tokens), logits(mixtral.load_model(tmp_path / "q.gguf", dtype=torch.float32), tokens))
     assert kl < 0.05

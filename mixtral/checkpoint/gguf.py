@@ -318,8 +318,10 @@ def save_gguf(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer,
     """Write `model` as a GGUF file that llama.cpp reads: names, metadata and tokenizer as its converter writes
     them for Mixtral ("llama" architecture with experts, q/k rows permuted, experts merged). Every matrix in
     `type_name` (f32, f16, bf16, q8_0, q4_0: quantized by the gguf package, llama.cpp's own numbers) but the router
-    and the norms, in F32 as llama.cpp's quantizer keeps them; a quantized model's weights are dequantized first.
-    Written beside `path` and renamed into place."""
+    and the norms, in F32 as llama.cpp's quantizer keeps them, and in q4_0 the LM head (`output.weight`) in Q8_0:
+    llama.cpp's quantizer keeps that one at a higher precision too (Q6_K, which the gguf package cannot write), and
+    our int4 models hold it in int8. A quantized model's weights are dequantized first. Written beside `path` and
+    renamed into place."""
     if type_name not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {type_name!r}; choose one of {', '.join(EXPORT_TYPES)}")
     qtype, file_type = EXPORT_TYPES[type_name]
@@ -328,6 +330,8 @@ def save_gguf(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer,
     kinds = {
         name: Q.F32 if t.dim() == 1 or name.endswith("ffn_gate_inp.weight") else qtype for name, t in tensors.items()
     }
+    if qtype == Q.Q4_0 and "output.weight" in kinds:
+        kinds["output.weight"] = Q.Q8_0
     for name, t in tensors.items():
         block = gguf.GGML_QUANT_SIZES[kinds[name]][0]
         if t.shape[-1] % block:
