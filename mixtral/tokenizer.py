@@ -234,7 +234,7 @@ class _TekkenBackend:
         return self._tekken.encode(text, bos=False, eos=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self._tekken.decode([i for i in ids if i not in self.control_ids])
+        return self._tekken.decode(ids)  # its special tokens (ours are those but <unk>) print nothing
 
     def id_to_piece(self, i: int) -> str:
         return self._tekken.id_to_piece(i)

@@ -46,9 +46,9 @@ namespace {
 // ---- parallel regions ------------------------------------------------------------------------------------------
 // `parallel(begin, end, grain, f)` runs f(b0, b1) over [begin, end) as an OpenMP region while those run on cores of
 // their own (`omp_region`), and on the calling thread and a pool of its own (at::get_num_threads() - 1 workers)
-// while they do not. Why the pool: a region of OpenMP ends in a barrier that waits for every
-// thread of the team to have run its share, so on a machine whose cores are shared with other processes each of the
-// ~50 regions of a decode step waits for the thread the OS descheduled last (docs/kernels.md has the figures). Here
+// while they do not. Why the pool: a region of OpenMP ends in a barrier that waits for every thread of the team to
+// have run its share, so on a machine whose cores are shared with other processes each of the ~50 regions of a
+// decode step waits for the thread the OS descheduled last (docs/kernels.md has the figures). Here
 // the range is cut into about g_chunks_per_thread chunks per thread, every thread, the caller included, claims
 // chunks from one atomic counter, and the region ends when every chunk is done, not when every thread has arrived: a
 // worker that has not started by then finds nothing left and never delays the caller. A worker spins g_spin_us for
@@ -67,14 +67,39 @@ std::atomic<int> g_stall_us{300};
 std::atomic<int> g_backoff_max_us{200000};
 std::atomic<int64_t> g_stalls{0};
 
-// The back-off (the caller's, under `owner`). A region whose caller, done with its own chunks, waited longer than
-// g_stall_us plus the time of those chunks for the workers' last ones waited for a descheduled worker: the cores are
-// shared. The regions then run on the caller alone (the workers go to sleep and leave their cores to the other
-// processes) for backoff_us, doubled at each such wait up to g_backoff_max_us, and the pool is tried again;
-// 256 regions without one reset it. In a quiet machine no region waits that long and nothing changes.
 using Clock = std::chrono::steady_clock;
-Clock::time_point serial_until{};
-int64_t backoff_us = 0, clean_regions = 0;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+// A back-off after stalls. A region whose calling thread, done with its own share, waited longer than g_stall_us
+// plus the time of that share waited for a thread the OS descheduled: the cores are shared. The back-off is then on
+// for 1 ms, doubled at each such wait up to g_backoff_max_us; 256 regions without one reset it. In a quiet machine
+// no region waits that long and nothing changes. Atomics: mode 3's OpenMP regions may run on several threads at once.
+struct Backoff {
+  std::atomic<int64_t> until_ns{0}, us{0}, clean{0};
+
+  bool on(int64_t now) const { return us.load(std::memory_order_relaxed) > 0 && now < until_ns.load(); }
+
+  void record(bool stalled, int64_t now) {
+    if (stalled) {
+      g_stalls.fetch_add(1, std::memory_order_relaxed);
+      const int64_t next = std::min<int64_t>(std::max<int64_t>(2 * us.load(), 1000), g_backoff_max_us.load());
+      us.store(next);
+      until_ns.store(now + 1000 * next);
+      clean.store(0);
+    } else if (clean.fetch_add(1, std::memory_order_relaxed) + 1 >= 256) {
+      us.store(0);
+    }
+  }
+};
+
+// The pool's (its caller's, under `owner`): while on, the regions run on the caller alone (the workers go to sleep and
+// leave their cores to the other processes), then the pool is tried again.
+Backoff serial;
+// Mode 3's: while on, regions go to the pool instead of OpenMP (see `omp_region`).
+Backoff omp_off;
 
 using Call = void (*)(const void*, int64_t, int64_t);
 
@@ -176,15 +201,6 @@ void ensure_workers(int64_t n) {
   n_workers = n;
 }
 
-// Mode 3's state: OpenMP regions give way to the pool until `omp_off_until` (steady clock, ns) after a region
-// waited for a descheduled thread; the pause doubles at each such wait (1 ms to g_backoff_max_us) and 256 regions
-// without one reset it. Atomics: regions of several threads may run at once.
-std::atomic<int64_t> omp_off_until{0}, omp_backoff_us{0}, omp_clean{0};
-
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
-}
-
 }  // namespace pool
 
 // One OpenMP region, one static range per thread. Why OpenMP at all, beside the pool: ATen's own parallel ops run on
@@ -206,16 +222,7 @@ void omp_region(int64_t begin, int64_t end, int64_t threads, const F& f, bool ti
   }
   if (!timed) return;
   const int64_t t2 = pool::now_ns(), wait_ns = t2 - t0 - own_ns;
-  if (wait_ns > own_ns + 1000 * int64_t{pool::g_stall_us.load(std::memory_order_relaxed)}) {
-    pool::g_stalls.fetch_add(1, std::memory_order_relaxed);
-    const int64_t backoff = std::min<int64_t>(std::max<int64_t>(2 * pool::omp_backoff_us.load(), 1000),
-                                              pool::g_backoff_max_us.load(std::memory_order_relaxed));
-    pool::omp_backoff_us.store(backoff);
-    pool::omp_off_until.store(t2 + 1000 * backoff);
-    pool::omp_clean.store(0);
-  } else if (pool::omp_clean.fetch_add(1, std::memory_order_relaxed) + 1 >= 256) {
-    pool::omp_backoff_us.store(0);
-  }
+  pool::omp_off.record(wait_ns > own_ns + 1000 * int64_t{pool::g_stall_us.load(std::memory_order_relaxed)}, t2);
 }
 
 template <class F>
@@ -226,12 +233,11 @@ void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (threads <= 1 || omp_in_parallel() || pool::in_region) return f(begin, end);
   const int first_mode = pool::g_mode.load(std::memory_order_relaxed);
   if (first_mode == 0) return omp_region(begin, end, threads, f, false);
-  if (first_mode == 3 && pool::now_ns() >= pool::omp_off_until.load(std::memory_order_relaxed))
-    return omp_region(begin, end, threads, f, true);
+  if (first_mode == 3 && !pool::omp_off.on(pool::now_ns())) return omp_region(begin, end, threads, f, true);
   std::unique_lock<std::mutex> lock(pool::owner, std::try_to_lock);
   if (!lock.owns_lock()) return f(begin, end);  // another thread's region is running: this one runs here
   const int mode = pool::g_mode.load(std::memory_order_relaxed);
-  if (mode != 2 && pool::backoff_us > 0 && pool::Clock::now() < pool::serial_until) return f(begin, end);
+  if (mode != 2 && pool::serial.on(pool::now_ns())) return f(begin, end);
   pool::ensure_workers(at::get_num_threads() - 1);
   // chunks of at least `grain` units, about kChunksPerThread per thread
   const int64_t units = (n + grain - 1) / grain;
@@ -266,16 +272,7 @@ void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
       sched_yield();
     }
   }
-  if (mode == 2) return;
-  const auto t2 = pool::Clock::now();
-  if (stalled) {
-    pool::g_stalls.fetch_add(1, std::memory_order_relaxed);
-    pool::backoff_us = std::min<int64_t>(std::max<int64_t>(2 * pool::backoff_us, 1000), pool::g_backoff_max_us.load());
-    pool::serial_until = t2 + std::chrono::microseconds(pool::backoff_us);
-    pool::clean_regions = 0;
-  } else if (++pool::clean_regions >= 256) {
-    pool::backoff_us = 0;
-  }
+  if (mode != 2) pool::serial.record(stalled, pool::now_ns());
 }
 
 constexpr int64_t kRows = 8;           // rows per block of work handed to a thread (bf16, int8)
@@ -2337,9 +2334,9 @@ torch::Tensor combine(const std::vector<torch::Tensor>& ys, const torch::Tensor&
 }
 
 // How `parallel` runs regions: mode 3 OpenMP regions that give way to the pool after a stall (the default), 1 the
-// pool, 2 the pool without its back-off, 0 OpenMP regions (the reference); chunks per thread, the workers' spin before sleeping, a region's wait that counts as a stall and the
-// longest back-off, in microseconds; a negative value leaves that one as it is. -> the previous five, then the
-// number of stalls so far.
+// pool, 2 the pool without its back-off, 0 OpenMP regions (the reference); chunks per thread, the workers' spin
+// before sleeping, a region's wait that counts as a stall and the longest back-off, in microseconds; a negative value
+// leaves that one as it is. -> the previous five, then the number of stalls so far.
 std::vector<int64_t> set_parallel(int64_t mode, int64_t chunks_per_thread, int64_t spin_us, int64_t stall_us,
                                   int64_t backoff_max_us) {
   std::vector<int64_t> old{pool::g_mode.load(),     pool::g_chunks_per_thread.load(), pool::g_spin_us.load(),
