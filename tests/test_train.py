@@ -64,6 +64,26 @@ def test_balancing_loss_equals_transformers():
     assert torch.allclose(load_balancing_loss(noisy, E, K, mask), ours_m, atol=1e-6)
 
 
+def test_balancing_loss_per_layer_sees_skews_that_offset():
+    # Two layers that each send every token to one expert, a different one: pooled over the layers the
+    # first choices look even (two experts of two), per layer each layer is wholly skewed.
+    N, E = 64, 2
+    skewed = torch.tensor([4.0, 0.0]).repeat(N, 1)
+    layers = (skewed, skewed.flip(-1))
+    assert torch.allclose(load_balancing_loss(layers, E, 1), torch.tensor(1.0))  # its value at balance
+    per_layer = load_balancing_loss(layers, E, 1, per_layer=True)
+    assert per_layer > 1.9  # near its worst, E = 2
+    alone = [load_balancing_loss([r], E, 1) for r in layers]
+    assert torch.allclose(per_layer, (alone[0] + alone[1]) / 2)
+    mask = torch.ones(4, N // 4, dtype=torch.long)
+    mask[0, :5] = 0
+    masked = [load_balancing_loss([r], E, 1, mask) for r in layers]
+    assert torch.allclose(load_balancing_loss(layers, E, 1, mask, per_layer=True), (masked[0] + masked[1]) / 2)
+    # at balance both are top_k
+    even = (torch.zeros(N, E),) * 2
+    assert torch.allclose(load_balancing_loss(even, E, 1, per_layer=True), torch.tensor(1.0))
+
+
 def test_a_few_steps_reduce_the_loss(corpus, tmp_path):
     trainer = Trainer(config(corpus, tmp_path, steps=25), progress=False)
     first = trainer.evaluate()["eval_loss"]

@@ -38,6 +38,8 @@ HELP = {
     "aux_loss_coef": "coefficient of the load-balancing loss (Mixtral: 0.02)",
     "first_choice_aux_coef": "coefficient of a second balancing loss over the first choices alone (top-1): the "
     "top-k loss can sit at its minimum while one expert takes most first choices (0: off)",
+    "balance_per_layer": "average the balancing losses over layers, each from its own layer's routing (default: "
+    "pooled over layers, as transformers computes it, where one layer's skew can offset another's)",
     "z_loss_coef": "coefficient of the router z-loss (0: off)",
     "router_jitter": "multiply router inputs by U(1-j, 1+j) noise while training (0: off)",
     "dtype": "float32, or bfloat16 autocast (master weights stay float32)",

@@ -17,6 +17,7 @@ def load_balancing_loss(
     top_k: int,
     mask: torch.Tensor | None = None,
     pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_layer: bool = False,
 ) -> torch.Tensor:
     """Switch-Transformer balancing loss, pooled over layers, as `transformers` computes it for Mixtral:
 
@@ -30,7 +31,13 @@ def load_balancing_loss(
     `pool` (data-parallel training) sums a tensor over the ranks, differentiably (e.g.
     `parallel.sum_over_group`): f and P are then those of every rank's tokens together, as one process
     holding the whole batch computes them; the loss is the same on every rank.
+
+    `per_layer`: the mean over layers of each layer's own loss instead (also top_k at balance). Pooled,
+    one layer's skew toward an expert can be offset by another layer's skew away from it.
     """
+    if per_layer:
+        losses = [load_balancing_loss([r], n_experts, top_k, mask, pool) for r in router_logits]
+        return torch.stack(losses).mean()
     logits_NE = torch.cat([r.float() for r in router_logits], dim=0)
     probs_NE = torch.softmax(logits_NE, dim=-1)
     chosen_NK = torch.topk(probs_NE, top_k, dim=-1).indices

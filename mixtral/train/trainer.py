@@ -94,6 +94,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.02
     first_choice_aux_coef: float = 0.0
+    balance_per_layer: bool = False
     z_loss_coef: float = 0.0
     router_jitter: float = 0.0
     dtype: str = "float32"  # "bfloat16": autocast; master weights stay float32
@@ -363,8 +364,12 @@ class Trainer:
             router = self.model.router_logits
             if self.ep == 1:
                 ce = cross_entropy(logits, targets, mask)
-                aux = load_balancing_loss(router, mc.n_experts, mc.top_k)
-                aux1 = load_balancing_loss(router, mc.n_experts, 1) if cfg.first_choice_aux_coef else torch.zeros(())
+                aux = load_balancing_loss(router, mc.n_experts, mc.top_k, per_layer=cfg.balance_per_layer)
+                aux1 = (
+                    load_balancing_loss(router, mc.n_experts, 1, per_layer=cfg.balance_per_layer)
+                    if cfg.first_choice_aux_coef
+                    else torch.zeros(())
+                )
                 z = router_z_loss(router) if cfg.z_loss_coef else torch.zeros(())
             else:
                 ce, aux, aux1, z = self._global_losses(logits, targets, mask, router)
@@ -418,9 +423,10 @@ class Trainer:
         count = mask.sum().float()
         # The ranks' target counts differ when chat masks do: weight each rank's mean by its count.
         ce = self._pool(cross_entropy(logits, targets, mask) * count) / self._pool(count.clone()).clamp(min=1)
-        aux = load_balancing_loss(router, mc.n_experts, mc.top_k, pool=self._pool)
+        per_layer = self.cfg.balance_per_layer
+        aux = load_balancing_loss(router, mc.n_experts, mc.top_k, pool=self._pool, per_layer=per_layer)
         aux1 = (
-            load_balancing_loss(router, mc.n_experts, 1, pool=self._pool)
+            load_balancing_loss(router, mc.n_experts, 1, pool=self._pool, per_layer=per_layer)
             if self.cfg.first_choice_aux_coef
             else torch.zeros(())
         )
