@@ -30,6 +30,7 @@ from mixtral.kernels.ops import (
     attention_mask,
     experts_decode,
     grouped_by_expert,
+    int4_product_reference,
     linear,
     swiglu,
 )
@@ -43,6 +44,14 @@ needs_kernels = pytest.mark.skipif(cpu_kernels.ops() is None, reason=f"CPU kerne
 
 def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return (y.float() - ref).abs().max().item()
+
+
+def _avx2_int4_swiglu(x: torch.Tensor, w1, w2, w3) -> torch.Tensor:
+    """One int4 SwiGLU expert as AVX2's kernels round: each product on x in int8 per group
+    (`int4_product_reference`), bf16 at w1 x, w3 x, silu, their product and the result."""
+    a, b = (int4_product_reference(x, w).to(torch.bfloat16) for w in (w1, w3))
+    h = torch.nn.functional.silu(a) * b
+    return int4_product_reference(h, w2).to(torch.bfloat16)
 
 
 @needs_kernels
@@ -223,8 +232,12 @@ def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
     exact = h @ dq[1].float().T
     if cpu_kernels.isa() == "avx512":
         assert (y != bf16).float().mean().item() <= 0.02
-    torch.testing.assert_close(y, bf16, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
-    assert _max_err(y, exact) <= 1.5 * _max_err(bf16, exact) + 1e-3
+        torch.testing.assert_close(y, bf16, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+        assert _max_err(y, exact) <= 1.5 * _max_err(bf16, exact) + 1e-3
+    else:  # AVX2: x and h in int8 per group; as close to that rounding's reference as bf16's kernel to exact
+        ref = _avx2_int4_swiglu(x, *ws)
+        torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+        assert _max_err(y, ref.float()) <= 1.5 * _max_err(bf16, exact) + 1e-3
     with pytest.raises(RuntimeError, match="do not fit"):
         ops.swiglu_int4(x, *(w.blocks for w in ws), group // 2 + 1)
 
@@ -244,7 +257,9 @@ def test_quantized_gemms_of_a_few_rows_equal_gemm_on_the_dequantized_weight(M, N
     y4, ref4 = ops.gemm_int4(x, q4.blocks, 64), ops.gemm(x, q4.dequantize())
     exact4 = x.float() @ q4.dequantize().float().T
     torch.testing.assert_close(y4, ref4, rtol=2e-2, atol=2e-2 * exact4.abs().max().item())
-    assert _max_err(y4, exact4) <= 1.5 * _max_err(ref4, exact4) + 1e-3
+    if cpu_kernels.isa() == "avx2":  # x in int8 per group: the error is that rounding's (see the AVX2 tests)
+        exact4 = int4_product_reference(x, q4).float()
+    assert _max_err(y4, exact4) <= 1.5 * _max_err(ref4, x.float() @ q4.dequantize().float().T) + 1e-3
     # QuantizedWeight's matmul takes them for FUSED_MIN_ROWS to FUSED_ROWS rows without gradients
     calls = []
     for name in ("gemm_int8", "gemm_int4"):
@@ -549,6 +564,11 @@ def test_quantized_experts_equal_the_reference_on_dequantized_weights(mode, grou
         with cpu_kernels.disabled():
             plain = experts_decode(x, Experts(w1, w2, w3), Routing(weights, idx))  # torch's int8 / int4 kernel
         ref = experts_reference(x, Experts(w1, w2, w3), Routing(weights, idx))  # dequantized weights
+    if mode == "int4" and cpu_kernels.isa() == "avx2":  # x and h in int8 per group: against that rounding
+        wt = weights[0].tolist()
+        ref = sum(wt[j] * _avx2_int4_swiglu(x, w1[e], w2[e], w3[e]).float() for j, e in enumerate(idx[0].tolist()))
+        torch.testing.assert_close(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        return
     torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
     # the reference runs on weights dequantized to bf16 (int4 values rounded), the kernels on exact ones
     assert _max_err(fast, ref.float()) <= 1.5 * _max_err(plain, ref.float()) + 1e-2
@@ -570,7 +590,11 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
     ref = torch._weight_int4pack_mm_for_cpu(x[None], packed, group, sz)[0]
     w = qw.dequantize(torch.float32)
     exact = w @ x.float()
-    fixed_err = (w.abs() @ torch.ones(shape[1])) * x.float().abs().max() * 2**-14
+    if cpu_kernels.isa() == "avx2":  # x in int8 per group: each column off by at most t_g / 2
+        t_g = x.float().view(-1, group).abs().amax(-1) / 127
+        fixed_err = (w.abs().view(shape[0], -1, group).sum(-1) * t_g / 2).sum(-1)
+    else:  # x in fixed point with 14 bits below its largest element
+        fixed_err = (w.abs() @ torch.ones(shape[1])) * x.float().abs().max() * 2**-14
     assert ((y.float() - exact).abs() <= (exact.abs() + fixed_err) * 2**-8 + fixed_err + 1e-3).all()
     assert _max_err(y, exact) <= 1.5 * _max_err(ref, exact) + fixed_err.max() + 1e-3
     with torch.no_grad():  # and through the quantized weight's own call
@@ -601,6 +625,30 @@ def test_quantized_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(mode, rows):
     torch.testing.assert_close(y, aten, rtol=2e-2, atol=2e-2 * aten.abs().max().item())
     with pytest.raises(RuntimeError, match="x must be"):
         gemv(X[None])
+
+
+@needs_kernels
+@pytest.mark.skipif(cpu_kernels.isa() != "avx2", reason="AVX2's int4 kernels take x in int8 per group")
+@pytest.mark.parametrize(("N", "K", "group"), [(3584, 1024, 64), (1024, 3584, 32), (128, 512, 128), (64, 4096, 256)])
+def test_avx2_int4_kernels_equal_their_reference(N, K, group):
+    # ops.int4_product_reference rounds x as the kernels do and sums exactly: the kernels differ by their float32
+    # sums and the bf16 rounding of the result, at one row (the GEMV) and at several (the rows' kernel).
+    torch.manual_seed(12)
+    qw = QuantizedWeight.from_float(torch.randn(N, K, dtype=torch.bfloat16), "int4", group)
+    X = torch.randn(4, K, dtype=torch.bfloat16)
+    X[1, ::37] *= 300  # outliers: their groups take a coarser step
+    X[2, :group] = 0.0  # a group of zeros
+    X[3] *= 1e-30
+    ops = cpu_kernels.ops()
+    ref = int4_product_reference(X, qw)
+    terms = X.double().abs() @ qw.dequantize(torch.float32).double().abs().T
+    for y in (ops.gemv_int4(qw.blocks, X, group), ops.gemm_int4(X, qw.blocks, group)):
+        err = (y.double() - ref).abs()
+        assert (err <= ref.abs() * 2**-8 + terms * 2**-18).all(), (err / (ref.abs() * 2**-8 + terms * 2**-18)).max()
+    # inf or NaN in x: NaN in every row, as float32 arithmetic on it would give NaN or inf
+    bad = X[0].clone()
+    bad[group + 3] = float("inf")
+    assert ops.gemv_int4(qw.blocks, bad, group).isnan().all()
 
 
 @needs_kernels

@@ -10,7 +10,7 @@
 // oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 and int4
 // weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`; on
 // AVX2 the GEMV's integer sums for several rows at once, `block_rows_i4`, `tile_i8`); int8 and int4 weight-only GEMV
-// with integer dot products (`Fixed`, `dot_i8`, `dot_blocks_i4`);
+// with integer dot products (`Fixed`, `dot_i8`, `Int4Input`, `dot_blocks_i4`);
 // one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
 // has the PyTorch path beside it as the reference (tests/test_cpu_kernels.py).
@@ -18,6 +18,8 @@
 // Numerics follow the eager PyTorch path: products accumulate in float32 and each linear's output is
 // rounded to bf16 once; the expert block rounds where `moe.swiglu` does (w1 x, w3 x, silu, the product,
 // w2 h) and weights and sums the k experts in float32, rounded once at the end.
+// One exception: on AVX2 the int4 kernels take x in int8 per group of columns, as llama.cpp's Q4_0 x Q8_0 does
+// (`Int4Input`; docs/kernels.md says why).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -38,6 +40,7 @@
 #include <thread>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -304,7 +307,8 @@ inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 //     lower half masked off (bf16 products are exact in float32, so acc + a b + c d with two FMAs is
 //     `vdpbf16ps` up to denormals, which it flushes). Lanes past the end of a row are read with a scalar copy.
 // The integer dot products of the quantized GEMVs (`Fixed`, `dot_i8`, `dot_blocks_i4`) have a version per set:
-// `vpdpbusd` on AVX-512; on AVX2 `vpmaddwd` on x as one int16 per element (exact: see `Fixed`).
+// `vpdpbusd` on AVX-512; on AVX2 `vpmaddwd` on x as one int16 per element (exact: see `Fixed`) for int8 weights,
+// and for int4 `vpmaddubsw` on x in int8 per group of columns (see `Int4Input`: not exact, as llama.cpp's Q4_0).
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define MIXTRAL_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -986,6 +990,20 @@ struct Int4Group {
 };
 
 #if MIXTRAL_AVX512
+// x for an int4 product on AVX-512: in fixed point (`Fixed`), with its sum over each group of columns.
+struct Int4Input {
+  Fixed fixed;
+  std::vector<float> sums;
+  Int4Input() = default;
+  Int4Input(const uint16_t* x, int64_t K, int64_t group) : fixed(x, K), sums(K / group, 0.0f) {
+    for (int64_t g = 0; g < K / group; ++g) {  // groups are multiples of 16 columns (`check_int4`)
+      V16 s = v_zero();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) s = s + v_from_bf16(x + k);
+      sums[g] = v_sum(s);
+    }
+  }
+};
+
 struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x 32 bytes; `hi` byte 16 + i
   __m512i lo, hi;
   GatherIndex() {
@@ -1001,11 +1019,12 @@ struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x
 };
 
 // y[64 b .. 64 b + 64) for each block b of bs[0..R) of an int4 matrix P of K columns, the blocks group by group in
-// turn (R sequential streams); x_sum[g] the sum of x over group g.
+// turn (R sequential streams).
 template <int R>
-void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, const int64_t* bs,
-                   float* y) {
+void dot_blocks_i4(const uint8_t* P, const Int4Input& in, int64_t K, int64_t group, const int64_t* bs, float* y) {
   static const GatherIndex index;
+  const Fixed& x = in.fixed;
+  const float* x_sum = in.sums.data();
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 step = _mm512_set1_ps(static_cast<float>(x.step)), eight = _mm512_set1_ps(8.0f);
   const int8_t *hi = x.hi.data(), *lo = x.lo.data();
@@ -1050,84 +1069,133 @@ void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + bs[i] * kInt4Rows + 16 * v, out[i][v]);
 }
 #else  // AVX2
-// The 8 int32 vectors a[j] whose lane m is row 4m + j (j < 4) or 32 + 4m + j - 4 (j >= 4), as rows 0-7, 8-15, ...,
-// 56-63 (a 4 x 8 transpose of each half).
-inline void rows_in_order(const __m256i (&a)[8], __m256i (&rows)[8]) {
-  for (int h = 0; h < 2; ++h) {
-    const __m256i* s = a + 4 * h;
-    const __m256i t0 = _mm256_unpacklo_epi32(s[0], s[1]), t1 = _mm256_unpacklo_epi32(s[2], s[3]);
-    const __m256i t2 = _mm256_unpackhi_epi32(s[0], s[1]), t3 = _mm256_unpackhi_epi32(s[2], s[3]);
-    // rows 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31 (of this half)
-    const __m256i u0 = _mm256_unpacklo_epi64(t0, t1), u1 = _mm256_unpackhi_epi64(t0, t1);
-    const __m256i u2 = _mm256_unpacklo_epi64(t2, t3), u3 = _mm256_unpackhi_epi64(t2, t3);
-    rows[4 * h] = _mm256_permute2x128_si256(u0, u1, 0x20);
-    rows[4 * h + 1] = _mm256_permute2x128_si256(u2, u3, 0x20);
-    rows[4 * h + 2] = _mm256_permute2x128_si256(u0, u1, 0x31);
-    rows[4 * h + 3] = _mm256_permute2x128_si256(u2, u3, 0x31);
+// x for an int4 product on AVX2: in int8 per group of the weights' columns, for `vpmaddubsw` (unsigned bytes, the
+// nibbles, times signed bytes: 16 pairs of products per instruction, where `vpmaddwd` on an int16 x takes 8, and
+// the nibbles need one split fewer). For group g, t_g = max |x_k| / 127 and q_k = round(x_k / t_g) (in double
+// precision, ties to even), so x_k = t_g q_k up to t_g / 2; then
+//   y = sum_g t_g (scale_g sum_{k in g} w_k q_k + (zero_g - 8 scale_g) sum_{k in g} q_k),
+// the inner sums exact in integers. This is the rounding llama.cpp's Q4_0 x Q8_0 product makes (its blocks: 32
+// columns); `ops.int4_product_reference` computes the same.
+struct Int4Input {
+  std::vector<int8_t> q;    // [K]
+  std::vector<float> step;  // [K / group]: t_g (0 for a group of zeros, NaN for one that holds inf or NaN)
+  std::vector<float> sum;   // [K / group]: t_g sum_{k in g} q_k
+  Int4Input() = default;
+  Int4Input(const uint16_t* x, int64_t K, int64_t group) : q(K, 0), step(K / group, 0.0f), sum(K / group, 0.0f) {
+    const __m256i magnitude = _mm256_set1_epi16(0x7fff);
+    for (int64_t g = 0; g < K / group; ++g) {  // groups are multiples of 16 columns (`check_int4`)
+      const uint16_t* xg = x + g * group;
+      // The largest |x| from the bits: a bf16's magnitude orders as its low 15 bits do; 0x7f80 and up is inf or NaN.
+      __m256i top16 = _mm256_setzero_si256();
+      for (int64_t k = 0; k < group; k += 16)
+        top16 = _mm256_max_epu16(
+            top16, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k)), magnitude));
+      alignas(32) uint16_t lanes[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), top16);
+      const uint16_t top_bits = *std::max_element(lanes, lanes + 16);
+      if (top_bits >= 0x7f80) {  // the group's products are NaN (float32 arithmetic would give NaN or inf)
+        step[g] = sum[g] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      if (top_bits == 0) continue;
+      const double top = bf16_to_float(top_bits);
+      const __m256d inv = _mm256_set1_pd(127.0 / top);  // |x| inv <= 127 (rounded up at most to 127 + 2^-45)
+      __m128i total = _mm_setzero_si128();
+      for (int64_t k = 0; k < group; k += 16) {
+        __m128i part[4];  // 4 int32 each, rounded to nearest, ties to even (the default rounding mode)
+        for (int j = 0; j < 4; ++j) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(xg + k + 4 * j));
+          const __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(b), 16));
+          part[j] = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(f), inv));
+          total = _mm_add_epi32(total, part[j]);
+        }
+        const __m128i lo = _mm_packs_epi32(part[0], part[1]), hi = _mm_packs_epi32(part[2], part[3]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + g * group + k), _mm_packs_epi16(lo, hi));
+      }
+      alignas(16) int32_t t[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), total);
+      step[g] = static_cast<float>(top / 127.0);
+      sum[g] = step[g] * static_cast<float>(t[0] + t[1] + t[2] + t[3]);  // |sum q| <= 127 group: exact in float32
+    }
   }
-}
+};
 
-// As above with AVX2: for 2 columns k, k + 1 of the block (A, B: 32 bytes each), C's dword m holds bytes 4m, 4m + 1
-// of A then of B, D's bytes 4m + 2, 4m + 3; a mask gives rows' two nibbles as an int16 pair (row 4m: C's low
-// nibbles, 4m + 1: C >> 8's; rows 32 + 4m, 32 + 4m + 1: the high nibbles of the same, left in place, so 16 times
-// the weight: one shift fewer each, the sums divided by 16 at the end, exactly), and `vpmaddwd` multiplies them
-// with x's (v_k, v_k+1), summing into int32 (exact: |sum| <= 16 * 15 * 2^14 * group < 2^31 for groups up to 512).
-// Then the same float32 arithmetic per row as AVX-512.
-// The 8 vectors of columns k, k + 1 of a block's group (`columns` as `Int4Group` gives them), in the order of
-// `rows_in_order`; q[4..8) are 16 times the weights (the high nibbles left in place).
-inline void split_pair_i4(const uint8_t* columns, int64_t k, __m256i (&q)[8]) {
-  const __m256i low = _mm256_set1_epi32(0x000F000F), high = _mm256_set1_epi32(0x00F000F0);
+// For columns k, k + 1 of a block's group (`columns` as `Int4Group` gives them; A, B: 32 bytes each), the 4
+// vectors whose 16-bit lanes hold one row's two weights as bytes, as `vpmaddubsw` takes them: the bytes of A and B
+// interleaved (per 128-bit half: bytes 0-7 in the low half, 16-23 in the high one, then 8-15 and 24-31), the low
+// nibbles for rows 0-31 and the high ones, shifted down, for rows 32-63. So the lanes of q[0] are rows 0-7 | 16-23,
+// q[1] 8-15 | 24-31, q[2] 32-39 | 48-55, q[3] 40-47 | 56-63.
+inline void split_pair_i4(const uint8_t* columns, int64_t k, __m256i (&q)[4]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + k * 32));
   const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + k * 32 + 32));
-  const __m256i C = _mm256_blend_epi16(A, _mm256_slli_epi32(B, 16), 0xAA);
-  const __m256i D = _mm256_blend_epi16(_mm256_srli_epi32(A, 16), B, 0xAA);
-  const __m256i C8 = _mm256_srli_epi32(C, 8), D8 = _mm256_srli_epi32(D, 8);
-  const __m256i parts[4] = {C, C8, D, D8};
-  for (int j = 0; j < 4; ++j) {
-    q[j] = _mm256_and_si256(parts[j], low);
-    q[4 + j] = _mm256_and_si256(parts[j], high);
+  const __m256i lo = _mm256_unpacklo_epi8(A, B), hi = _mm256_unpackhi_epi8(A, B);
+  q[0] = _mm256_and_si256(lo, nibble);
+  q[1] = _mm256_and_si256(hi, nibble);
+  q[2] = _mm256_and_si256(_mm256_srli_epi16(lo, 4), nibble);
+  q[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 4), nibble);
+}
+
+// Columns summed in int16 lanes before they are widened: 16 columns of |w q| <= 15 * 127 stay below 2^15.
+constexpr int64_t kInt16Columns = 16;
+
+// The first of the 8 rows of each int32 vector `widen_i4` adds into.
+constexpr int kSplitRows[8] = {0, 16, 8, 24, 32, 48, 40, 56};
+
+// d[2v], d[2v + 1] += the int16 lanes of acc[v] (the rows of `split_pair_i4`'s q[v]) as int32: rows
+// kSplitRows[2v] .. + 8 and kSplitRows[2v + 1] .. + 8.
+inline void widen_i4(const __m256i (&acc)[4], __m256i (&d)[8]) {
+  for (int v = 0; v < 4; ++v) {
+    d[2 * v] = _mm256_add_epi32(d[2 * v], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[v])));
+    d[2 * v + 1] = _mm256_add_epi32(d[2 * v + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[v], 1)));
   }
 }
 
-// out[0..64) += one group's part of a row's products from the int32 sums d of its 8 split vectors (divided here
-// by 16 where `split_pair_i4` left them 16 times the weights: exact), with the group's (scale, zero) pairs.
-inline void finish_group_i4(__m256i (&d)[8], const uint16_t* pairs, double step, float x_sum, float* out) {
+// out[0..64) += one group's part of a row's products from its integer sums d (as `widen_i4` leaves them; |d| <=
+// 15 * 127 * group, exact in float32 for groups up to 8192), with the group's (scale, zero) pairs and x's t_g and
+// t_g sum q.
+inline void finish_group_i4(const __m256i (&d)[8], const uint16_t* pairs, float step, float x_sum, float* out) {
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m256 st = _mm256_set1_ps(static_cast<float>(step)), eight = _mm256_set1_ps(8.0f);
-  const __m256 xs = _mm256_set1_ps(x_sum);
-  for (int j = 4; j < 8; ++j) d[j] = _mm256_srai_epi32(d[j], 4);
-  __m256i sums[8];
-  rows_in_order(d, sums);
+  const __m256 st = _mm256_set1_ps(step), eight = _mm256_set1_ps(8.0f), xs = _mm256_set1_ps(x_sum);
   for (int j = 0; j < 8; ++j) {  // 8 rows' (scale, zero) pairs: as dwords, scale in the low half
-    const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16 * j));
+    const int r = kSplitRows[j];
+    const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 2 * r));
     const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
     const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, top));
-    const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[j]), st);
-    __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_loadu_ps(out + 8 * j));
+    const __m256 dj = _mm256_mul_ps(_mm256_cvtepi32_ps(d[j]), st);
+    __m256 o = _mm256_fmadd_ps(dj, scale, _mm256_loadu_ps(out + r));
     o = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), xs, o);
-    _mm256_storeu_ps(out + 8 * j, o);
+    _mm256_storeu_ps(out + r, o);
   }
+}
+
+// x's bytes k, k + 1 in every 16-bit lane.
+inline __m256i int8_pair(const int8_t* q) {
+  int16_t pair;
+  std::memcpy(&pair, q, 2);
+  return _mm256_set1_epi16(pair);
 }
 
 template <int R>
-void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, const int64_t* bs,
-                   float* y) {
-  const int16_t* v = x.v.data();
+void dot_blocks_i4(const uint8_t* P, const Int4Input& x, int64_t K, int64_t group, const int64_t* bs, float* y) {
   alignas(32) float out[R][kInt4Rows] = {};
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
     for (int i = 0; i < R; ++i) {
       const Int4Group at(P, K, group, bs[i], g);
       __m256i d[8];
       for (auto& a : d) a = _mm256_setzero_si256();
-      for (int64_t k = g0; k < g0 + group; k += 2) {
-        __m256i q[8];
-        split_pair_i4(at.columns, k, q);
-        int32_t pair;
-        std::memcpy(&pair, v + k, 4);
-        const __m256i xv = _mm256_set1_epi32(pair);
-        for (int j = 0; j < 8; ++j) d[j] = _mm256_add_epi32(d[j], _mm256_madd_epi16(q[j], xv));
+      for (int64_t c = g0; c < g0 + group; c += kInt16Columns) {
+        __m256i acc[4];
+        for (auto& a : acc) a = _mm256_setzero_si256();
+        for (int64_t k = c; k < c + kInt16Columns; k += 2) {
+          __m256i q[4];
+          split_pair_i4(at.columns, k, q);
+          const __m256i xv = int8_pair(x.q.data() + k);
+          for (int v = 0; v < 4; ++v) acc[v] = _mm256_add_epi16(acc[v], _mm256_maddubs_epi16(q[v], xv));
+        }
+        widen_i4(acc, d);
       }
-      finish_group_i4(d, at.pairs, x.step, x_sum[g], out[i]);
+      finish_group_i4(d, at.pairs, x.step[g], x.sum[g], out[i]);
     }
   }
   for (int i = 0; i < R; ++i) std::memcpy(y + bs[i] * kInt4Rows, out[i], sizeof out[i]);
@@ -1138,14 +1206,13 @@ void dot_blocks_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t
 // sequential streams per thread, as `dot_rows`): int4 decode 1.053x one block at a time (A/B of kernel builds in one
 // process, 514 rounds of 48 steps; 1.033x in the rounds whose bandwidth probe read below 36 GB/s, 1.058x above
 // 42). With the scales in a tensor of their own (four streams), reading two blocks at once had run 0.81x.
-void dot_rows_i4(const uint8_t* P, const Fixed& x, const float* x_sum, int64_t K, int64_t group, float* y, int64_t r0,
-                 int64_t r1) {
+void dot_rows_i4(const uint8_t* P, const Int4Input& x, int64_t K, int64_t group, float* y, int64_t r0, int64_t r1) {
   const int64_t b0 = r0 / kInt4Rows, b1 = r1 / kInt4Rows, part = (b1 - b0) / 2;
   for (int64_t b = b0; b < b0 + part; ++b) {
     const int64_t bs[2] = {b, b + part};
-    dot_blocks_i4<2>(P, x, x_sum, K, group, bs, y);
+    dot_blocks_i4<2>(P, x, K, group, bs, y);
   }
-  for (int64_t b = b0 + 2 * part; b < b1; ++b) dot_blocks_i4<1>(P, x, x_sum, K, group, &b, y);
+  for (int64_t b = b0 + 2 * part; b < b1; ++b) dot_blocks_i4<1>(P, x, K, group, &b, y);
 }
 
 // An int4 matrix for the prefill kernels (the layout above).
@@ -1279,21 +1346,14 @@ struct Weights {
   int64_t block() const { return format == Format::kInt4 ? kInt4Rows : kRows; }  // rows a thread takes at once
 };
 
-// x for a product: bf16 as given; for int8 and int4 weights also in fixed point (and, for int4, its group sums).
+// x for a product: bf16 as given; for int8 weights also in fixed point, for int4 as `Int4Input`.
 struct Vector {
   const uint16_t* bf16;
   Fixed fixed;
-  std::vector<float> group_sums;
+  Int4Input int4;
   Vector(const uint16_t* x, int64_t K, Format format, int64_t group = 0) : bf16(x) {
-    if (format != Format::kBF16) fixed = Fixed(x, K);
-    if (format == Format::kInt4) {
-      group_sums.assign(K / group, 0.0f);  // groups are multiples of 16 columns (`check_int4`)
-      for (int64_t g = 0; g < K / group; ++g) {
-        V16 s = v_zero();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 16) s = s + v_from_bf16(x + k);
-        group_sums[g] = v_sum(s);
-      }
-    }
+    if (format == Format::kInt8) fixed = Fixed(x, K);
+    if (format == Format::kInt4) int4 = Int4Input(x, K, group);
   }
 };
 
@@ -1307,7 +1367,7 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
       dot_rows_i8(static_cast<const int8_t*>(W.data), W.scale, x.fixed, y, r0, r1, W.K);
       break;
     case Format::kInt4:
-      dot_rows_i4(static_cast<const uint8_t*>(W.data), x.fixed, x.group_sums.data(), W.K, W.group, y, r0, r1);
+      dot_rows_i4(static_cast<const uint8_t*>(W.data), x.int4, W.K, W.group, y, r0, r1);
       break;
   }
 }
@@ -1316,58 +1376,47 @@ void dot_any(const Weights& W, const Vector& x, float* y, int64_t r0, int64_t r1
 // int4 products of a few rows on AVX2 (an expert's tokens in a prefill), with the GEMV's integer dot products: AVX2
 // has no bf16 dot product, so bf16 tiles of dequantized weights (the AVX-512 path above) cost a conversion per use,
 // and row by row the GEMV reads the whole matrix from memory once per row. Here each group of a block has its
-// nibbles split once into the int16 pairs `vpmaddwd` takes (`split_group_i4`: group * 128 bytes, in L1), which then
-// serve every row of X, 3 rows and 32 block rows per pass (12 accumulators and 3 broadcasts of x in the 16
-// registers). The integer sums and the float32 steps per group are the GEMV's (`dot_blocks_i4`), so each row of the
-// result is bit for bit `gemv_int4`'s, at every M.
+// nibbles split once into the bytes `vpmaddubsw` takes (`split_group_i4`: group * 64 bytes, in L1), which then
+// serve every row of X, 3 rows at a time (12 int16 accumulators and 3 broadcasts of x in the 16 registers). The
+// integer sums and the float32 arithmetic per group are the GEMV's (`dot_blocks_i4`), so each row of the result is
+// bit for bit `gemv_int4`'s, at every M.
 
-// Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it (`split_pair_i4`): for column pair n,
-// q[8 n + j] is its vector j.
+// Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it: for column pair n, q[4 n + v] is
+// `split_pair_i4`'s q[v].
 void split_group_i4(const Int4Group& at, int64_t g0, int64_t group, __m256i* q) {
-  for (int64_t k = g0; k < g0 + group; k += 2, q += 8) {
-    __m256i parts[8];
+  for (int64_t k = g0; k < g0 + group; k += 2, q += 4) {
+    __m256i parts[4];
     split_pair_i4(at.columns, k, parts);
-    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(q + j, parts[j]);
+    for (int v = 0; v < 4; ++v) _mm256_storeu_si256(q + v, parts[v]);
   }
-}
-
-// d[i][j0 .. j0 + 4) = the int32 sums of vectors j0 .. j0 + 3 of a split group (`pairs` column pairs) with the
-// fixed point of x[i] (from the group's first column) for NR rows.
-template <int NR>
-inline void madd_group_i4(const __m256i* q, int64_t pairs, const int16_t* const* x, int j0, __m256i (*d)[8]) {
-  __m256i acc[NR][4];
-  for (int i = 0; i < NR; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
-  for (int64_t n = 0; n < pairs; ++n, q += 8) {
-    __m256i xv[NR];
-    for (int i = 0; i < NR; ++i) {
-      int32_t pair;
-      std::memcpy(&pair, x[i] + 2 * n, 4);
-      xv[i] = _mm256_set1_epi32(pair);
-    }
-    for (int j = 0; j < 4; ++j) {
-      const __m256i w = _mm256_loadu_si256(q + j0 + j);
-      for (int i = 0; i < NR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w, xv[i]));
-    }
-  }
-  for (int i = 0; i < NR; ++i)
-    for (int j = 0; j < 4; ++j) d[i][j0 + j] = acc[i][j];
 }
 
 template <int NR>
 void tile_group_i4(const __m256i* q, const Int4Group& at, int64_t g, int64_t g0, int64_t group, const Vector* xs,
                    float* out) {
-  const int16_t* x[NR];
-  for (int i = 0; i < NR; ++i) x[i] = xs[i].fixed.v.data() + g0;
   __m256i d[NR][8];
-  madd_group_i4<NR>(q, group / 2, x, 0, d);
-  madd_group_i4<NR>(q, group / 2, x, 4, d);
   for (int i = 0; i < NR; ++i)
-    finish_group_i4(d[i], at.pairs, xs[i].fixed.step, xs[i].group_sums[g], out + i * kInt4Rows);
+    for (auto& a : d[i]) a = _mm256_setzero_si256();
+  for (int64_t c = 0; c < group; c += kInt16Columns) {
+    __m256i acc[NR][4];
+    for (int i = 0; i < NR; ++i)
+      for (auto& a : acc[i]) a = _mm256_setzero_si256();
+    for (int64_t k = c; k < c + kInt16Columns; k += 2) {
+      __m256i xv[NR];
+      for (int i = 0; i < NR; ++i) xv[i] = int8_pair(xs[i].int4.q.data() + g0 + k);
+      for (int v = 0; v < 4; ++v) {
+        const __m256i w = _mm256_loadu_si256(q + 2 * k + v);
+        for (int i = 0; i < NR; ++i) acc[i][v] = _mm256_add_epi16(acc[i][v], _mm256_maddubs_epi16(w, xv[i]));
+      }
+    }
+    for (int i = 0; i < NR; ++i) widen_i4(acc[i], d[i]);
+  }
+  for (int i = 0; i < NR; ++i)
+    finish_group_i4(d[i], at.pairs, xs[i].int4.step[g], xs[i].int4.sum[g], out + i * kInt4Rows);
 }
 
-// y [M, 64] (zeroed by the caller) = block b of W times every row of X, given as fixed-point `Vector`s; q a buffer
-// of group * 4 vectors.
+// y [M, 64] (zeroed by the caller) = block b of W times every row of X, given as `Vector`s; q a buffer of
+// group * 2 vectors.
 void block_rows_i4(const Int4Matrix& W, int64_t b, const std::vector<Vector>& xs, __m256i* q, float* y) {
   const int64_t M = static_cast<int64_t>(xs.size());
   for (int64_t g = 0, g0 = 0; g0 < W.K; ++g, g0 += W.group) {
@@ -1380,7 +1429,7 @@ void block_rows_i4(const Int4Matrix& W, int64_t b, const std::vector<Vector>& xs
   }
 }
 
-// The rows of X [M, K] as the GEMV of `format` takes x (fixed point; int4: and its group sums).
+// The rows of X [M, K] as the GEMV of `format` takes x (fixed point; int4: `Int4Input`).
 std::vector<Vector> fixed_rows(const uint16_t* X, int64_t M, int64_t K, Format format, int64_t group = 0) {
   std::vector<Vector> xs;
   xs.reserve(M);
@@ -1392,7 +1441,7 @@ std::vector<Vector> fixed_rows(const uint16_t* X, int64_t M, int64_t K, Format f
 void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
   const std::vector<Vector> xs = fixed_rows(X, M, W.K, Format::kInt4, W.group);
   parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> q(W.group * 16);  // group * 4 vectors
+    std::vector<int64_t> q(W.group * 8);  // group * 2 vectors
     std::vector<float> y(M * kInt4Rows);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(y.begin(), y.end(), 0.0f);
@@ -1408,7 +1457,7 @@ void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Ma
   const int64_t F = W1.N;
   const std::vector<Vector> xs = fixed_rows(X, M, W1.K, Format::kInt4, W1.group);
   parallel(0, F / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> q(W1.group * 16);
+    std::vector<int64_t> q(W1.group * 8);
     std::vector<float> y1(M * kInt4Rows), y3(M * kInt4Rows);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(y1.begin(), y1.end(), 0.0f);
@@ -1891,8 +1940,8 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
 }
 
 // The same with int4 weights (blocks as `dot_blocks_i4` reads them): the expert QuantizedView.dequantize's weights
-// would give, up to the order of the float32 sums (AVX-512, see `dequant_block_i4`), or up to the GEMV's fixed point
-// of x and unrounded weights (AVX2, see `block_rows_i4`).
+// would give, up to the order of the float32 sums (AVX-512, see `dequant_block_i4`), or as the GEMV computes it, on
+// unrounded weights and x in int8 per group (AVX2, see `block_rows_i4`, `Int4Input`).
 torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& b1, const torch::Tensor& b2,
                           const torch::Tensor& b3, int64_t group) {
   check_weight(x, "x", 2);
@@ -1967,7 +2016,7 @@ torch::Tensor gemv_int8(const torch::Tensor& Q, const torch::Tensor& scale, cons
 
 // int4 weight-only: the int4 matrix `blocks` [N / 64, K / group, group * 32 + 256] (see `dot_blocks_i4`) times x
 // [K] -> [N] bf16, the function torch._weight_int4pack_mm_for_cpu computes on the same numbers (x in fixed point,
-// see `Fixed`); x [M, K] -> [M, N] (see `gemv_rows`).
+// see `Fixed`; on AVX2 x in int8 per group, see `Int4Input`); x [M, K] -> [M, N] (see `gemv_rows`).
 torch::Tensor gemv_int4(const torch::Tensor& blocks, const torch::Tensor& x, int64_t group) {
   check_int4(blocks, 3, group);  // (not `matrix`: it would take weights of another format)
   const auto [N, K] = int4_shape(blocks, group);

@@ -7,7 +7,9 @@ tests compare each fast path with its reference; docs/kernels.md says why each k
 The model (`model.py`) and the MoE block (`moe.py`) call these functions and nothing else of the runtime.
 
 A CPU kernel runs only without gradients (training takes the PyTorch paths, which autograd knows) and only
-where it computes the same function: the same products, summed in float32 and rounded once.
+where it computes the same function: the same products, summed in float32 and rounded once. One exception, as
+llama.cpp's Q4_0 makes it: on AVX2 the int4 kernels take x in int8 per group of columns
+(`int4_product_reference`), which doubles their arithmetic rate where it bounded the GEMV below the bandwidth.
 
 Shape legend: B batch, T query tokens, S key tokens, H query heads, G key/value heads, d head dim,
 D model dim, E experts, F expert hidden dim, K experts per token, N output channels, P (token, expert) pairs.
@@ -28,7 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu
-from .weights import QuantizedView, QuantizedWeight, aten_scales_zeros, dequantized, int4_parts, pack_int4, unpack_int4
+from .weights import (
+    QuantizedView,
+    QuantizedWeight,
+    aten_scales_zeros,
+    dequantized,
+    int4_parts,
+    pack_int4,
+    rows_groups,
+    unpack_int4,
+)
 
 Weight = torch.Tensor | QuantizedWeight | QuantizedView
 
@@ -128,6 +139,26 @@ def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
         packed, sz = _aten_int4(w)
         y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, w.group_size, sz)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def int4_product_reference(x: torch.Tensor, w: QuantizedView | QuantizedWeight) -> torch.Tensor:
+    """x [..., K] @ w.T for int4 weights [N, K] as the AVX2 kernels compute it, in float64: the weights exact,
+    x rounded to int8 per group of the weights' columns, t_g = max |x_k| / 127 (rounded to float32), x_k taken
+    as t_g round(x_k * (127 / max |x_k|)) (the product in float64, ties to even). The kernels agree up to their
+    float32 sums and the bf16 rounding of the result; a group holding inf or NaN makes its rows NaN there."""
+    view = w.view_all() if isinstance(w, QuantizedWeight) else w
+    packed, sz = int4_parts(view.tensors[0], view.group_size, view.dtype)
+    q = unpack_int4(packed).double()  # [N, K]
+    N, K = q.shape
+    G = K // view.group_size
+    sz = rows_groups(sz.double())  # [N, G, 2]
+    w_NK = ((q.view(N, G, -1) - 8.0) * sz[..., 0:1] + sz[..., 1:2]).view(N, K)
+    x_g = x.double().reshape(*x.shape[:-1], G, view.group_size)
+    top = x_g.abs().amax(-1, keepdim=True)
+    inv = torch.full_like(top, 127.0) / top  # a true division, as the kernels' (`127.0 / top` is 127 * (1 / top))
+    xq = torch.round(x_g * torch.where(top > 0, inv, 0.0))
+    step = (top / 127.0).float().double()
+    return (xq * step).reshape(x.shape) @ w_NK.T
 
 
 def _aten_int4(w: QuantizedView) -> tuple[torch.Tensor, torch.Tensor]:
