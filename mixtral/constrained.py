@@ -4,7 +4,9 @@ sequence's logits at each step, with xgrammar (an optional extra: `pip install m
 - `Grammars`: one per tokenizer; compiles grammars against its vocabulary (each token's bytes);
 - `Grammar`: a compiled grammar; `start()` gives a fresh `Constraint` for one sequence;
 - `Constraint`: `mask(logits_V)` sets every token the grammar does not allow next to -inf (EOS only once the
-  grammar is complete), `accept(token)` moves it on.
+  grammar is complete), `accept(token)` moves it on;
+- `mask_rows(logits_BV, constraints)`: the same for the rows of a batch, the masks of all constrained rows in one
+  call of xgrammar's batched matcher and applied in one call (the server's path).
 
 The mask is xgrammar's bitmask (one bit per token, 32 to an int32) applied by its CPU kernel; `apply_bitmask`
 is the plain PyTorch reference beside it, and a test checks that they agree.
@@ -21,7 +23,7 @@ import torch
 
 from .tokenizer import Tokenizer
 
-__all__ = ["Constraint", "Grammar", "GrammarError", "Grammars", "apply_bitmask", "available"]
+__all__ = ["Constraint", "Grammar", "GrammarError", "Grammars", "apply_bitmask", "available", "mask_rows"]
 
 # Tool calls as Mistral's tokenizers write them: the marker, then a JSON list of {"name", "arguments"}.
 TOOL_CALLS = "[TOOL_CALLS]"
@@ -202,11 +204,41 @@ class Constraint:
 
 def apply_bitmask(logits_V: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """The reference: `logits_V` with each token whose bit (token i: bit i % 32 of word i // 32) is 0 at -inf, and
-    the tokens past the bitmask's 32 * words too. Returns a new tensor."""
+    the tokens past the bitmask's 32 * words too. Rows [..., V] take bitmasks [..., words]. Returns a new tensor."""
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, None] >> bits) & 1).bool().flatten()
+    allowed = ((bitmask[..., None] >> bits) & 1).bool().flatten(-2)
     V = logits_V.shape[-1]
-    keep = torch.zeros(V, dtype=torch.bool, device=logits_V.device)
-    n = min(V, allowed.numel())
-    keep[:n] = allowed[:n]
+    keep = torch.zeros(*allowed.shape[:-1], V, dtype=torch.bool, device=logits_V.device)
+    n = min(V, allowed.shape[-1])
+    keep[..., :n] = allowed[..., :n]
     return logits_V.masked_fill(~keep, float("-inf"))
+
+
+@functools.cache
+def _batch_matcher() -> Any:
+    return _xgrammar().BatchGrammarMatcher()
+
+
+def mask_rows(logits_BV: torch.Tensor, constraints: list[Constraint | None]) -> torch.Tensor:
+    """A float32 copy of `logits_BV` in which each row with a constraint has the tokens its grammar does not allow
+    next at -inf (rows without one are copied as they are): `Constraint.mask` of each row, with the masks of all
+    constrained rows filled by one call of xgrammar's batched matcher (its threads) and applied by one call."""
+    if logits_BV.shape[0] != len(constraints):
+        raise ValueError(f"{logits_BV.shape[0]} rows of logits for {len(constraints)} constraints")
+    out = logits_BV.float().clone()
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return out
+    vocab = {constraints[i].vocab_size for i in rows}
+    if len(vocab) != 1 or out.shape[-1] < min(vocab):
+        raise ValueError(f"{out.shape[-1]} logits for grammars of {sorted(vocab)} tokens")
+    xgr = _xgrammar()
+    vocab_size = vocab.pop()
+    bitmask = xgr.allocate_token_bitmask(len(constraints), vocab_size)  # row i: logits row i's (`indices`)
+    _batch_matcher().batch_fill_next_token_bitmask([constraints[i]._matcher for i in rows], bitmask, indices=rows)
+    if out.device.type == "cpu":
+        xgr.apply_token_bitmask_inplace(out, bitmask, vocab_size=vocab_size, indices=rows)
+        return out
+    index = torch.tensor(rows, device=out.device)
+    out[index] = apply_bitmask(out[index], bitmask[rows].to(out.device))
+    return out

@@ -437,11 +437,12 @@ class SequenceState:
         """The position of the newest token: the one to feed to the model next."""
         return len(self.history) - 1
 
-    def allowed(self, logits_V: torch.Tensor) -> torch.Tensor:
+    def allowed(self, logits_V: torch.Tensor, masked: bool = False) -> torch.Tensor:
         """`logits_V` with the tokens that would end the sequence (EOS, stop_token_ids) at -inf while fewer than
         `min_tokens` have been generated, and those the sequence's grammar does not allow next at -inf (a copy then;
-        else `logits_V` itself): what to sample from."""
-        if self.constraint is not None:
+        else `logits_V` itself): what to sample from. `masked`: the grammar's mask is applied already
+        (`constrained.mask_rows`, a batch's rows at once)."""
+        if self.constraint is not None and not masked:
             logits_V = self.constraint.mask(logits_V).to(logits_V.dtype)
         if self.n_out >= self.params.min_tokens or not self._enders:
             return logits_V

@@ -23,7 +23,7 @@ from mixtral.tokenizer import load_tokenizer
 
 xgrammar = pytest.importorskip("xgrammar", reason="constrained decoding needs the 'constrained' extra (xgrammar)")
 
-from mixtral.constrained import Grammars, apply_bitmask  # noqa: E402
+from mixtral.constrained import Grammars, apply_bitmask, mask_rows  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -263,16 +263,40 @@ def test_mask_kernel_agrees_with_the_reference():
     grammar = Grammars(tokenizer, 32003).schema(SCHEMA)  # 3 logits past the tokenizer's: never allowed
     constraint = grammar.start()
     torch.manual_seed(0)
-    for token_text in ['{"colour": "', "red", '", "count": ', "4"]:
+    for _ in range(4):
         logits = torch.randn(32003)
         fast = constraint.mask(logits)
         ref = apply_bitmask(logits.float(), constraint.bitmask())
         assert torch.equal(fast, ref)
         assert torch.isinf(fast[-3:]).all() and torch.isfinite(fast).sum() > 0
-        for _t in tokenizer.encode(token_text, bos=False)[token_text[0] != "{" :]:
-            pass
         allowed = torch.isfinite(fast).nonzero()[:, 0].tolist()
         constraint.accept(allowed[0])
+
+
+def test_batched_masks_equal_the_masks_row_by_row():
+    # the server's path (`mask_rows`: one batched fill, one apply) against `Constraint.mask` of each row, on rows in
+    # different grammars and states, one row without a grammar, over several steps
+    tokenizer = load_tokenizer()
+    grammars = Grammars(tokenizer, 32003)
+    made = [grammars.schema(SCHEMA), grammars.json_object(), None, grammars.schema({"enum": ["yes", "no"]})]
+    batch = [g.start() if g else None for g in made]
+    alone = [g.start() if g else None for g in made]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        logits = torch.randn(len(made), 32003, generator=generator).to(torch.bfloat16)
+        fast = mask_rows(logits, batch)
+        for i, c in enumerate(alone):
+            assert torch.equal(fast[i], c.mask(logits[i]) if c else logits[i].float()), i
+        for i, (b, c) in enumerate(zip(batch, alone, strict=True)):
+            if b is None:
+                continue
+            token = int(torch.isfinite(fast[i]).nonzero()[:, 0][-1])
+            b.accept(token)
+            c.accept(token)
+            if b.finished:  # a finished sequence leaves the batch
+                batch[i] = alone[i] = None
+    with pytest.raises(ValueError, match="3 rows of logits for 4 constraints"):
+        mask_rows(torch.zeros(3, 32003), batch)
 
 
 def test_eos_only_when_the_grammar_is_complete():

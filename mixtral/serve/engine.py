@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache, PagedKVCache
-from ..constrained import Constraint
+from ..constrained import Constraint, mask_rows
 from ..generate import Event, SequenceState, prepare_kernels
 from ..model import Transformer
 from ..sampling import SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
@@ -584,8 +584,12 @@ class Engine:
         tokens: list[int | None] = [None] * len(fresh)
         if fresh:
             try:
+                rows = torch.stack([s.logits for s in fresh])
+                constraints = [s.constraint for s in fresh]
+                if any(c is not None for c in constraints):  # every row's grammar mask in one batched call
+                    rows = mask_rows(rows, constraints).to(rows.dtype)
                 tokens = sample_batch(
-                    torch.stack([s.allowed(s.logits) for s in fresh]),
+                    torch.stack([s.allowed(row, masked=True) for s, row in zip(fresh, rows, strict=True)]),
                     [s.params for s in fresh],
                     [s.history for s in fresh],
                     [s.generator for s in fresh],
