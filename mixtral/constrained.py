@@ -23,10 +23,25 @@ import torch
 
 from .tokenizer import Tokenizer
 
-__all__ = ["Constraint", "Grammar", "GrammarError", "Grammars", "apply_bitmask", "available", "mask_rows"]
+__all__ = [
+    "Constraint",
+    "Grammar",
+    "GrammarError",
+    "Grammars",
+    "apply_bitmask",
+    "available",
+    "call_format",
+    "mask_rows",
+]
 
-# Tool calls as Mistral's tokenizers write them: the marker, then a JSON list of {"name", "arguments"}.
+# Tool calls as Mistral's tokenizers write them: up to v7, the marker, then a JSON list of {"name", "arguments"};
+# from v11 on, each call is the marker, the name, [ARGS] and the arguments' JSON object (v11 may put [CALL_ID] and
+# an id before [ARGS]).
 TOOL_CALLS = "[TOOL_CALLS]"
+ARGS = "[ARGS]"
+CALL_ID = "[CALL_ID]"
+_TEXT_CONTROLS = (TOOL_CALLS, ARGS, CALL_ID)  # control tokens that a grammar matches as their own text
+MAX_CALLS = 16  # calls in one answer of tool_choice auto, v11's format
 # JSON as Mistral's chat format and Python's json.dumps write it; a fixed layout (no free whitespace) also keeps a
 # model from spending its tokens on blank space.
 _SEPARATORS = (", ", ": ")
@@ -57,16 +72,22 @@ def _xgrammar() -> Any:
 
 def vocabulary(tokenizer: Tokenizer) -> list[bytes]:
     """Each token's bytes as it adds them to the text: "▁" is a space, a byte-fallback piece its byte. Control
-    tokens (<s>, </s>, [INST], ...) are empty, which the grammar never allows, except the tool-call marker, which
-    is its own text: a grammar's "[TOOL_CALLS]" then matches that one token (or the same text in pieces, in a
-    tokenizer that has no such token)."""
+    tokens (<s>, </s>, [INST], ...) are empty, which the grammar never allows, except those of tool calls
+    ([TOOL_CALLS], [ARGS], [CALL_ID]), each its own text: a grammar's "[TOOL_CALLS]" then matches that one token
+    (or the same text in pieces, in a tokenizer that has no such token)."""
     controls = tokenizer.control_ids
-    return [
-        (TOOL_CALLS.encode() if tokenizer.id_to_piece(i) == TOOL_CALLS else b"")
-        if i in controls
-        else tokenizer.token_bytes(i)
-        for i in range(tokenizer.vocab_size)
-    ]
+
+    def control(i: int) -> bytes:
+        piece = tokenizer.id_to_piece(i)
+        return piece.encode() if piece in _TEXT_CONTROLS else b""
+
+    return [control(i) if i in controls else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+
+
+def call_format(tokenizer: Tokenizer) -> str:
+    """How `tokenizer`'s version writes tool calls: "list" (v2-v7: the marker and a JSON list; v1 as text too) or
+    "args" (v11 on: the marker, the name, [ARGS] and the arguments, for each call)."""
+    return "args" if int(tokenizer.version.lstrip("v")) >= 11 else "list"
 
 
 class Grammars:
@@ -81,6 +102,7 @@ class Grammars:
         )
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.json_schema = functools.lru_cache(maxsize=64)(self._json_schema)
+        self.call_format = call_format(tokenizer)
 
     def _json_schema(self, schema_text: str) -> Grammar:
         xgr = _xgrammar()
@@ -106,11 +128,16 @@ class Grammars:
         parallel: bool = True,
         text: Mapping[str, Any] | None = None,
     ) -> Grammar:
-        """Tool calls as Mistral's models write them: "[TOOL_CALLS]" and a JSON list of one or more
-        {"name": NAME, "arguments": {...}}, each valid under its tool's parameters schema. `required`: the output is
-        that alone; else (tool_choice auto) it is free text, in which "[TOOL_CALLS]" starts a call that the grammar
-        then checks, and after which only EOS may come; or, with `text` (a JSON schema: response_format), either the
-        calls or one JSON value valid under `text`. `parallel` False: one call at most."""
+        """Tool calls as Mistral's models write them (`call_format`): "[TOOL_CALLS]" and a JSON list of one or more
+        {"name": NAME, "arguments": {...}}, or from v11 on "[TOOL_CALLS]NAME[ARGS]{...}" once per call; the arguments
+        valid under each tool's parameters schema. `required`: the output is the calls alone; else (tool_choice
+        auto) it is free text, in which "[TOOL_CALLS]" starts the calls that the grammar then checks, and after which
+        only EOS may come; or, with `text` (a JSON schema: response_format), either the calls or one JSON value valid
+        under `text`. `parallel` False: one call at most."""
+        if self.call_format == "args":
+            return self._structural(
+                json.dumps({"type": "structural_tag", "format": self._args_calls(tools, required, parallel, text)})
+            )
         # as EBNF: a structural tag's own json_schema content would allow any whitespace
         content = {"type": "grammar", "grammar": self._ebnf(calls_schema(tools, parallel), "the tools' parameters")}
         # "[TOOL_CALLS] [{...": the space that Mistral's format (one sentencepiece sentence after the marker) has
@@ -118,11 +145,33 @@ class Grammars:
         if required:
             fmt: dict[str, Any] = tag
         elif text is not None:
-            answer = {"type": "grammar", "grammar": self._ebnf(text, "the response_format schema")}
-            fmt = {"type": "or", "elements": [tag, answer]}
+            fmt = {"type": "or", "elements": [tag, self._answer(text)]}
         else:
             fmt = {"type": "triggered_tags", "triggers": [TOOL_CALLS], "tags": [tag], "stop_after_first": True}
         return self._structural(json.dumps({"type": "structural_tag", "format": fmt}))
+
+    def _answer(self, text: Mapping[str, Any]) -> dict[str, Any]:
+        return {"type": "grammar", "grammar": self._ebnf(text, "the response_format schema")}
+
+    def _args_calls(
+        self, tools: list[Mapping[str, Any]], required: bool, parallel: bool, text: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """`tool_calls` in v11's format: each call a tag "[TOOL_CALLS]NAME[ARGS]" + its arguments. tool_choice
+        auto: free text until the first marker, whose tag then holds the further calls (a tag's content must be of
+        bounded length where its end is empty: MAX_CALLS calls in all)."""
+        tags = []
+        for t in tools:
+            schema = t.get("parameters") or {"type": "object"}
+            args = {"type": "grammar", "grammar": self._ebnf(schema, f"the parameters of {t['name']!r}")}
+            tags.append({"type": "tag", "begin": TOOL_CALLS + t["name"] + ARGS, "content": args, "end": ""})
+        one = tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
+        if required or text is not None:
+            calls = {"type": "plus", "content": one} if parallel else one
+            return calls if required else {"type": "or", "elements": [calls, self._answer(text)]}
+        if parallel:
+            more = {"type": "repeat", "min": 0, "max": MAX_CALLS - 1, "content": one}
+            tags = [{**tag, "content": {"type": "sequence", "elements": [tag["content"], more]}} for tag in tags]
+        return {"type": "triggered_tags", "triggers": [TOOL_CALLS], "tags": tags, "stop_after_first": True}
 
     def _ebnf(self, schema: Mapping[str, Any], what: str) -> str:
         xgr = _xgrammar()

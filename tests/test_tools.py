@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 import mixtral
 from mixtral.serve import Engine, create_app
-from mixtral.serve.tools import ToolOutput, scan_calls
+from mixtral.serve.tools import ToolOutput, scan_args_calls, scan_calls
 from mixtral.tokenizer import load_tokenizer
 
 xgrammar = pytest.importorskip("xgrammar", reason="constrained decoding needs the 'constrained' extra (xgrammar)")
@@ -74,16 +74,41 @@ def serve(model, tokenizer) -> TestClient:
     return client
 
 
-@pytest.fixture(scope="module", params=["v1", "v3", "tekken"])
-def api(request):
-    """The openai client on the tiny model with the v1 tokenizer (no tool tokens), the v3 one and v3 tekken."""
+def tekken_v13(folder: Path) -> Path:
+    """A tekken file of version v13 (v11's call format: [TOOL_CALLS]NAME[ARGS]{...}): mistral-common's v3 tekken
+    with the version changed and its special tokens listed, [ARGS] and [CALL_ID] among them (mistral-common ships
+    no tokenizer file of v11 or later)."""
+    data = json.loads(Path(_data("tekken_240911.json")).read_text())
+    named = [
+        "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+        "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]", "[ARGS]", "[CALL_ID]",
+    ]  # fmt: skip
+    n = data["config"]["default_num_special_tokens"]
+    names = named + [f"<SPECIAL_{i}>" for i in range(len(named), n)]
+    data["special_tokens"] = [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(names)]
+    data["config"]["version"] = "v13"
+    path = folder / "tekken.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module", params=["v1", "v3", "tekken", "tekken-v13"])
+def api(request, tmp_path_factory):
+    """The openai client on the tiny model with the v1 tokenizer (no tool tokens), the v3 one, v3 tekken and a v13
+    tekken (v11's call format)."""
     torch.manual_seed(0)
     if request.param == "v1":
         tokenizer = load_tokenizer()
         config = mixtral.get_preset("tiny")
     else:
-        name = "mistral_instruct_tokenizer_240323.model.v3" if request.param == "v3" else "tekken_240911.json"
-        tokenizer = load_tokenizer(_data(name))
+        if request.param == "tekken-v13":
+            path = tekken_v13(tmp_path_factory.mktemp("v13"))
+        else:
+            path = _data(
+                "mistral_instruct_tokenizer_240323.model.v3" if request.param == "v3" else "tekken_240911.json"
+            )
+        tokenizer = load_tokenizer(path)
         config = mixtral.ModelConfig(**{**vars(mixtral.get_preset("tiny")), "vocab_size": tokenizer.vocab_size})
     client = serve(mixtral.Transformer(config).eval(), tokenizer)
     yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
@@ -193,7 +218,7 @@ def test_tool_choice_none_and_auto_answer_in_text(api):
 def test_streamed_tool_call_deltas_are_openais(api):
     stream = api.chat.completions.create(
         model="tiny", messages=USER, tools=[WEATHER], tool_choice="required", temperature=1.0, max_tokens=60,
-        seed=2, stream=True,
+        seed=2, stream=True, parallel_tool_calls=False,  # one call, whose deltas are checked below
     )  # fmt: skip
     deltas, finish = [], None
     for chunk in stream:
@@ -345,6 +370,58 @@ def test_v3_chat_with_tools_encodes_to_mistral_commons_ids():
     )
     assert ours.encode_openai_chat(messages, [WEATHER, TIME]) == theirs
     assert ours.id_to_piece(theirs[1]) == "[INST]"
+
+
+def test_v13_chat_with_tools_encodes_to_mistral_commons_ids_and_its_calls_parse(tmp_path):
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    path = tekken_v13(tmp_path)
+    call = {
+        "id": "abcDEF123",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "22 C"},
+        {"role": "user", "content": "And in Lima?"},
+    ]
+    ours = load_tokenizer(path)
+    assert ours.version == "v13" and ours.tool_tokens
+    theirs = MistralTokenizer.from_file(str(path)).encode_chat_completion(
+        ChatCompletionRequest.from_openai(messages, tools=[WEATHER, TIME])
+    )
+    assert ours.encode_openai_chat(messages, [WEATHER, TIME]) == theirs.tokens
+    # the assistant's call as the model writes it, decoded with its control tokens, is what the grammar takes
+    text = ours.decode_with_controls(theirs.tokens)
+    written = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+    assert written in text
+    tools = [{"name": t["function"]["name"], "parameters": t["function"]["parameters"]} for t in (WEATHER, TIME)]
+    grammars = Grammars(ours, ours.vocab_size)
+    for required, parallel, output, ok in [
+        (True, True, '[TOOL_CALLS]get_weather[ARGS]{"city": "Lima", "days": 2}[TOOL_CALLS]get_time[ARGS]{}', True),
+        (True, False, '[TOOL_CALLS]get_weather[ARGS]{"city": "Lima", "days": 2}[TOOL_CALLS]get_time[ARGS]{}', False),
+        (True, True, '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 2}', False),  # not in the enum
+        (True, True, "Sunny", False),
+        (False, True, 'Let me look. [TOOL_CALLS]get_time[ARGS]{}', True),
+        (False, True, 'Let me look. [TOOL_CALLS]get_time[ARGS]{} and more', False),  # only calls after the marker
+        (False, True, "Sunny", True),
+    ]:  # fmt: skip
+        matcher = grammars.tool_calls(tools, required=required, parallel=parallel).start()._matcher
+        assert (matcher.accept_string(output) and matcher.is_completed()) == ok, (required, parallel, output)
+    out = ToolOutput("auto", "args")
+    streamed = []
+    text = 'Let me look. [TOOL_CALLS]get_weather[ARGS]{"city": "Lima", "days": 2}[TOOL_CALLS]get_time[ARGS]{}'
+    for n in range(len(text) + 1):
+        streamed += out.deltas(text[:n], final=n == len(text))[1]
+    content, calls = out.message(text)
+    assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Lima", "days": 2}
+    assert "".join(d["function"]["arguments"] for d in streamed if d["index"] == 0) == '{"city": "Lima", "days": 2}'
+    assert scan_args_calls("get_weather[CALL_ID]abcDEF123[ARGS]{") == [("get_weather", "{", False)]
+    assert out.message("[TOOL_CALLS]get_time[ARGS]{") == ("[TOOL_CALLS]get_time[ARGS]{", None)  # cut: text as is
 
 
 def test_version_from_the_files_control_tokens(tmp_path):

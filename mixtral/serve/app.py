@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..constrained import Grammars
+from ..constrained import Grammars, call_format
 from ..generate import Event
 from ..sampling import TokenLogprob
 from .engine import SHUTDOWN_MESSAGE, UNAVAILABLE, Engine, QueueFull, Request, Unavailable
@@ -341,7 +341,8 @@ async def _frames(engine: Engine, request: Request, job: Job, events: AsyncItera
 
     offsets = [0] * len(request)  # characters sent so far, per choice (completions' text_offset)
     started = [False] * len(request)  # whether a choice's first event has come
-    outputs = [ToolOutput(job.tool_mode) for _ in range(len(request))] if job.tool_mode else None
+    layout = call_format(tokenizer)
+    outputs = [ToolOutput(job.tool_mode, layout) for _ in range(len(request))] if job.tool_mode else None
     tokens: list[list[int]] = [[] for _ in range(len(request))]
     n_tokens = 0
     if chat:
@@ -406,7 +407,8 @@ async def _collect(
             logprobs = chat_logprobs(tokenizer, lps[i]) if job.top_logprobs is not None else None
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if job.tool_mode is not None:
-                content, calls = ToolOutput(job.tool_mode).message(tokenizer.decode_with_controls(tokens[i]))
+                output = ToolOutput(job.tool_mode, call_format(tokenizer))
+                content, calls = output.message(tokenizer.decode_with_controls(tokens[i]))
                 message = {"role": "assistant", "content": content}
                 if calls:
                     message["tool_calls"] = calls

@@ -1,5 +1,6 @@
-"""Tool calls out of generated text: "[TOOL_CALLS]" and a JSON list of {"name", "arguments"} (Mistral's format, which
-the grammar of constrained.py enforces), turned into OpenAI's `tool_calls`, whole or as stream deltas.
+"""Tool calls out of generated text: "[TOOL_CALLS]" and a JSON list of {"name", "arguments"}, or from v11 on
+"[TOOL_CALLS]NAME[ARGS]{...}" per call (Mistral's formats, which the grammars of constrained.py enforce), turned into
+OpenAI's `tool_calls`, whole or as stream deltas.
 
 `ToolOutput` is fed the output's text (control tokens written as their pieces) after each token, and says what is
 new: content (the text before the marker; held back while it could still be the start of the marker) and, per
@@ -13,7 +14,7 @@ import secrets
 import string
 from typing import Any
 
-from ..constrained import TOOL_CALLS
+from ..constrained import ARGS, CALL_ID, TOOL_CALLS
 
 _ID_CHARS = string.ascii_letters + string.digits
 
@@ -89,12 +90,33 @@ def scan_calls(s: str) -> list[tuple[str | None, str, bool]]:
     return calls
 
 
+def scan_args_calls(s: str) -> list[tuple[str | None, str, bool]]:
+    """As `scan_calls`, for v11's layout: the text after the first marker, 'NAME[ARGS]{...}' for each call, the
+    calls joined by the marker (v11 may write '[CALL_ID]ID' before '[ARGS]'; the id is not kept)."""
+    calls: list[tuple[str | None, str, bool]] = []
+    for part in s.split(TOOL_CALLS):
+        at = part.find(ARGS)
+        if at < 0:
+            calls.append((None, "", False))
+            break
+        name = part[:at].split(CALL_ID)[0]
+        args = part[at + len(ARGS) :]
+        brace = args.find("{")
+        end = _value_end(args, brace) if brace >= 0 else -1
+        calls.append((name, "" if brace < 0 else args[brace:end] if end >= 0 else args[brace:], end >= 0))
+        if end < 0:
+            break
+    return calls
+
+
 class ToolOutput:
     """One choice's output while tools are offered. `mode` "required": the whole output is the calls (the grammar
-    starts with the marker); "auto": text, possibly followed by the marker and calls."""
+    starts with the marker); "auto": text, possibly followed by the marker and calls. `call_format` "list" (up to
+    v7) or "args" (v11 on), as `constrained.call_format` says of the tokenizer."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, call_format: str = "list") -> None:
         self.mode = mode
+        self.scan = scan_args_calls if call_format == "args" else scan_calls
         self.sent_content = 0  # characters of content sent
         self.ids: list[str] = []  # the calls' ids, as they are first sent
         self.sent_args: list[int] = []  # characters of each call's arguments sent
@@ -122,7 +144,7 @@ class ToolOutput:
         new_content = content[self.sent_content :]
         self.sent_content = max(self.sent_content, len(content))
         out: list[dict[str, Any]] = []
-        for k, (name, args, _) in enumerate(scan_calls(calls_text or "")):
+        for k, (name, args, _) in enumerate(self.scan(calls_text or "")):
             if name is None:
                 break
             if k == len(self.ids):
@@ -143,7 +165,13 @@ class ToolOutput:
         if calls_text is None:
             return text, None
         try:
-            calls = json.loads(calls_text)
+            if self.scan is scan_calls:
+                calls = json.loads(calls_text)
+            else:
+                found = self.scan(calls_text)
+                if not all(done for _, _, done in found):
+                    return text, None
+                calls = [{"name": name, "arguments": json.loads(args)} for name, args, _ in found]
         except ValueError:
             return text, None
         tool_calls = []
