@@ -226,7 +226,7 @@ def results_markdown(sizes: list[str], infos: dict, routing: dict, prefix: str) 
 
     text += "\n### Router balance: the busiest expert's share of first choices per layer\n\n"
     text += f"Target: at most {FAIR_LIMIT:g}x a fair share in every layer (for 8 experts: 25%).\n\n"
-    text += "| run | aux / z-loss / jitter | held-out code (spread sample), per layer "
+    text += "| run | aux / first-choice aux / z-loss / jitter | held-out code (spread sample), per layer "
     text += "| last training batch, per layer | target met |\n"
     text += "|---|---|---|---|---|\n"
     for size in sizes:
@@ -240,7 +240,8 @@ def results_markdown(sizes: list[str], infos: dict, routing: dict, prefix: str) 
         E = cfg.model_config().n_experts
         ok = "" if held_max is None else ("yes" if max(held_max) <= FAIR_LIMIT / E else "no")
         text += (
-            f"| {i['name']} | {cfg.aux_loss_coef:g} / {cfg.z_loss_coef:g} / {cfg.router_jitter:g} | "
+            f"| {i['name']} | {cfg.aux_loss_coef:g} / {cfg.first_choice_aux_coef:g} / {cfg.z_loss_coef:g} / "
+            f"{cfg.router_jitter:g}{' (per layer)' if cfg.balance_per_layer else ''} | "
             + (", ".join(pct(x) for x in held_max) if held_max else "")
             + " | "
             + (", ".join(pct(x) for x in train_max) if train_max else "")
