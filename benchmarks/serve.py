@@ -13,13 +13,13 @@ Workloads (`--workload`): `plain` (prompts of about `--prompt-tokens` tokens, ea
 prompts alternating: a long prefill arriving while other streams decode).
 
     .venv/bin/python benchmarks/serve.py [--preset tiny] [--concurrency 1 8 32] [--threads 2]
-    .venv/bin/python benchmarks/serve.py --preset bench-791m --peer-llama-server PATH/llama-server [--quantize int4]
+    .venv/bin/python benchmarks/serve.py --preset bench-791m --peer-llama-server PATH/llama-server [--formats bf16 int4]
     .venv/bin/python benchmarks/serve.py --checkpoint DIR      # a checkpoint of your own
     .venv/bin/python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint DIR   # a running server
 
 Without --url the script starts `python -m mixtral.serve --max-batch MAX(C)` itself and stops it at the end. With
 `--peer-llama-server`, the weights are exported with `save_gguf` (BF16, or Q4_0 with a Q8_0 LM head / Q8_0 against
-`--quantize int4 / int8`, quantized by the gguf package from the same bf16 weights: the same formats as ours, whose
+`--formats int4 / int8`, quantized by the gguf package from the same bf16 weights: the same formats as ours, whose
 int4 models keep an int8 head) and `llama-server -np MAX(C) -cb` serves them; the
 two servers run one at a time, level by level, alternating. llama.cpp is a benchmark dependency, never a runtime one
 (docs/performance.md says how to build it). The clients run in this process: on a small machine they take CPU from
@@ -262,7 +262,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     parser.add_argument("--prompt-tokens", type=int, default=100, help="prompt tokens of plain requests (about)")
     parser.add_argument("--workload", choices=["plain", "shared-prefix", "mixed"], default="plain")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="serve ours quantized (the peer: Q8_0 / Q4_0)")
+    parser.add_argument(
+        "--formats",
+        "--quantize",
+        nargs="+",
+        choices=["bf16", "int8", "int4"],
+        default=["bf16"],
+        help="weight formats of ours, one after the other in this run (the peer: BF16 / Q8_0 / Q4_0)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of both servers")
     parser.add_argument("--peer-llama-server", type=Path, metavar="PATH", help="llama.cpp's llama-server binary")
     parser.add_argument(
@@ -271,6 +278,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.url and not args.checkpoint:
         parser.error("--url needs the --checkpoint it serves (for the peer)")
+    if args.url and len(args.formats) > 1:
+        parser.error("--url benchmarks the one format the running server serves: give one --formats")
     if args.peer_llama_server and not args.peer_llama_server.is_file():
         parser.error(f"--peer-llama-server {args.peer_llama_server}: no such file")
 
@@ -301,55 +310,69 @@ def main() -> None:
         lengths = sorted(len(tok.encode(p)) for p in prompts)
         print(
             f"model: {path.name} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active), "
-            f"{args.quantize or 'bf16'}; workload {args.workload} (prompts of {lengths[0]}-{lengths[-1]} tokens); "
+            f"{' then '.join(args.formats)}; workload {args.workload} (prompts of {lengths[0]}-{lengths[-1]} tokens); "
             f"{args.max_tokens} tokens per request, temperature {args.temperature}; {args.threads} thread(s); "
             f"prefix caching {'off' if args.no_prefix_caching else 'on'}"
         )
-        servers: list[Server] = []
-        try:
-            if args.url:
-                servers.append(Server("mixtral serve", args.url, args.model))
-            else:
-                servers.append(
-                    start_server(
-                        path,
-                        max(args.concurrency),
-                        args.threads,
-                        args.quantize,
-                        Path(tmp) / "s.log",
-                        ["--no-prefix-caching"] if args.no_prefix_caching else [],
-                    )
-                )
-            peers = None
-            if args.peer_llama_server:
-                gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(args.quantize, "bf16")
-                gguf = Path(tmp) / f"model-{gguf_type}.gguf"
+        tables = []
+        for fmt in args.formats:
+            quantize = None if fmt == "bf16" else fmt
+            tables.append(run_format(args, path, tok, prompts, lengths, per_level, quantize, Path(tmp)))
+            print(f"\n{fmt}:\n{tables[-1]}", flush=True)
+    if len(tables) > 1:
+        print()
+        for fmt, text in zip(args.formats, tables, strict=True):
+            print(f"{fmt}:\n{text}\n")
+
+
+def run_format(
+    args: argparse.Namespace,
+    path: Path,
+    tok,
+    prompts: list[str],
+    lengths: list[int],
+    per_level: int,
+    quantize: str | None,
+    tmp: Path,
+) -> str:
+    """Every level against ours served in `quantize` (None: bf16) and the peer in the matching format; the table."""
+    servers: list[Server] = []
+    try:
+        if args.url:
+            servers.append(Server("mixtral serve", args.url, args.model))
+        else:
+            extra = ["--no-prefix-caching"] if args.no_prefix_caching else []
+            servers.append(start_server(path, max(args.concurrency), args.threads, quantize, tmp / "s.log", extra))
+        peers = None
+        if args.peer_llama_server:
+            gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(quantize, "bf16")
+            gguf = tmp / f"model-{gguf_type}.gguf"
+            if not gguf.exists():
                 save_gguf(mixtral.load_model(path, dtype=torch.bfloat16), gguf, tok, gguf_type)
-                ctx = lengths[-1] + args.max_tokens + 16
-                log = Path(tmp) / "llama.log"
-                servers.append(
-                    start_llama_server(args.peer_llama_server, gguf, max(args.concurrency), ctx, args.threads, log)
-                )
-            else:
-                peers = {c: offline_tokens_per_second(path, c, args.max_tokens) for c in args.concurrency}
-            for server in servers:
-                server.run(prompts[:2], 1, 4, args.temperature, 0)  # warm up
-            rows = []
-            for level, c in enumerate(args.concurrency):
-                row = {}
-                first = 2 + level * per_level
-                for server in servers if c % 2 else servers[::-1]:  # alternate which goes first
-                    n = max(args.requests, c)
-                    level_prompts = prompts[first : first + n]
-                    results, wall = server.run(level_prompts, c, args.max_tokens, args.temperature, args.duration)
-                    row[server.name] = summary(results, wall)
-                rows.append((c, row))
-            rss = {server.name: server.peak_rss() for server in servers}
-        finally:
-            for server in servers:
-                server.stop()
-    print()
-    print(table(rows, [s.name for s in servers], peers, rss))
+            ctx = lengths[-1] + args.max_tokens + 16
+            log = tmp / "llama.log"
+            servers.append(
+                start_llama_server(args.peer_llama_server, gguf, max(args.concurrency), ctx, args.threads, log)
+            )
+        else:
+            peers = {c: offline_tokens_per_second(path, c, args.max_tokens) for c in args.concurrency}
+        for server in servers:
+            server.run(prompts[:2], 1, 4, args.temperature, 0)  # warm up
+        rows = []
+        for level, c in enumerate(args.concurrency):
+            row = {}
+            first = 2 + level * per_level
+            for server in servers if c % 2 else servers[::-1]:  # alternate which goes first
+                n = max(args.requests, c)
+                level_prompts = prompts[first : first + n]
+                results, wall = server.run(level_prompts, c, args.max_tokens, args.temperature, args.duration)
+                row[server.name] = summary(results, wall)
+            rows.append((c, row))
+        rss = {server.name: server.peak_rss() for server in servers}
+    finally:
+        for server in servers:
+            server.stop()
+    return table(rows, [s.name for s in servers], peers, rss)
 
 
 def summary(results: list[Result], wall: float) -> dict:
