@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
+from torch import nn
 
 import mixtral
-from mixtral.kernels.ops import Experts, Routing, experts_decode, linear
+from mixtral.kernels.ops import Experts, Routing, experts_decode, linear, project
 from mixtral.kernels.ops import experts as experts_grouped
 from mixtral.moe import experts_reference, route
 
@@ -55,6 +56,33 @@ def test_single_row_projection_equals_f_linear(dtype):
     x = torch.randn(1, 64, requires_grad=True)
     linear(x, w.float()).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_projection_with_hooks_runs_them_as_calling_the_module_does(dtype):
+    """`project` on a hooked nn.Linear: the kernel's product, then its forward hooks in order (a hook returning
+    None keeps the output); hooks it cannot run itself (keyword arguments, pre-hooks) make it call the module."""
+    torch.manual_seed(0)
+    m = nn.Linear(64, 96, bias=False).to(dtype)
+    x = torch.randn(1, 3, 64, dtype=dtype)
+    seen = []
+    m.register_forward_hook(lambda mod, args, out: out * 2)
+    m.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+    m.register_forward_hook(lambda mod, args, out: out + args[0][..., :1])
+    for rows in (1, 3):
+        seen.clear()
+        with torch.no_grad():
+            got, ref = project(m, x[:, :rows]), m(x[:, :rows])
+        assert torch.allclose(got.float(), ref.float(), rtol=tol(dtype), atol=tol(dtype) * ref.abs().max().item())
+        assert len(seen) == 2  # the second hook ran once per call, each time on the first one's output
+        assert torch.allclose(
+            seen[0].float(), seen[1].float(), rtol=tol(dtype), atol=tol(dtype) * ref.abs().max().item()
+        )
+    m.register_forward_hook(lambda mod, args, kwargs, out: out - 1, with_kwargs=True)
+    m.register_forward_pre_hook(lambda mod, args: (args[0] * 0,))
+    with torch.no_grad():
+        assert torch.equal(project(m, x), m(x))  # called: the pre-hook zeroes x
+        assert torch.all(project(m, x)[..., 1:] == -1)
 
 
 def tiny(dtype=torch.float32) -> mixtral.Transformer:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import cpu
-from .ops import int4_group, kernel_tensors, rope_inv_freq
+from .ops import global_hooks, int4_group, kernel_tensors, rope_inv_freq
 
 
 class Step:
@@ -34,7 +34,7 @@ class Step:
     def usable(self) -> bool:
         """Whether the step may run now: derived arguments, no forward hooks on the modules it covers (nor any
         registered for every module), no MoE whose dispatch is replaced, on its reference path or jittering."""
-        if self.args is None or _global_hooks():
+        if self.args is None or global_hooks():
             return False
         if any(m._forward_hooks or m._forward_pre_hooks for m in self.watched):
             return False
@@ -130,9 +130,3 @@ def _stack(per_layer: list[tuple]) -> tuple | None:
     router = [moe[0] for _, _, moe, _ in per_layer]
     experts = [[t for _, _, moe, _ in per_layer for t in moe[i]] for i in (1, 2, 3)]  # w1, w2, w3
     return norms, eps, attn, (router, *experts, top_k), group
-
-
-def _global_hooks() -> bool:
-    """Whether forward hooks registered for every module are set (the step would skip them)."""
-    m = nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)

@@ -204,14 +204,27 @@ def _aten_int4pack_is_ours() -> bool:
 
 
 def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A projection module applied to x: a plain nn.Linear (or a quantized weight) through `linear`; a module with
-    hooks (such as tensor parallelism's all-reduce) by calling it, so that its hooks run."""
-    if not (m._forward_hooks or m._forward_pre_hooks):
-        if type(m) is nn.Linear:
-            return linear(x, m.weight)
-        if isinstance(m, QuantizedWeight):
-            return linear(x, m)
+    """A projection module applied to x: a plain nn.Linear (or a quantized weight) through `linear`, then its forward
+    hooks (tensor parallelism's all-reduce, a served LoRA adapter's delta) in order, as calling it would run them,
+    each replacing the output where it returns one. Anything else (pre-hooks, hooks taking keyword arguments or
+    always called, global hooks, another module) is called."""
+    if type(m) is nn.Linear or isinstance(m, QuantizedWeight):
+        plain = not (m._forward_pre_hooks or m._forward_hooks_with_kwargs or m._forward_hooks_always_called)
+        if plain and not global_hooks():
+            out = linear(x, m.weight if type(m) is nn.Linear else m)
+            for hook in m._forward_hooks.values():
+                result = hook(m, (x,), out)
+                if result is not None:
+                    out = result
+            return out
     return m(x)
+
+
+def global_hooks() -> bool:
+    """Whether forward hooks registered for every module are set (code that skips calling a module would skip
+    them)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def qkv_one_row(wq: nn.Module, wk: nn.Module, wv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

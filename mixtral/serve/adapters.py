@@ -4,14 +4,16 @@ none, in one forward pass (the batched LoRA of Punica and S-LoRA).
 An adapted weight W computes, for a row whose adapter is a, y = x W^T + s_a (x A_a^T) B_a^T. Every adapted weight
 holds a stack of all the adapters' A and B (scale folded into B, ranks padded with zeros to the largest, zeros where
 an adapter leaves that weight alone) with one slot more, all zeros, for rows without an adapter: their delta is 0.
-A step gathers each row's A and B from the stack and runs two batched matmuls (bmm), whatever the mix of adapters.
+An attention projection's step gathers each row's A and B from the stack and runs two batched matmuls (bmm), whatever
+the mix of adapters (where every row has the same adapter, its A and B are used as they are, without a gather).
 
-- Attention projections: a forward hook on the projection adds the delta to its output (`ops.project` calls a
-  module with hooks, so the base weight runs as it is: plain or quantized).
+- Attention projections: a forward hook on the projection adds the delta to its output (`ops.project` runs the
+  base weight through its kernel, plain or quantized, then the module's forward hooks).
 - Experts: the adapter changes the inside of the SwiGLU (silu(w1 x) * (w3 x) before w2), so a layer whose experts
-  are adapted replaces its dispatch (`MoE.dispatch_hook`): tokens without an adapter take the usual path; the others
-  run their (token, expert) pairs expert by expert on the base weights, each pair's delta from its own adapter's
-  A[e] and B[e] (gathered per pair, bmm), and are summed with their router weights in float32.
+  are adapted replaces its dispatch (`MoE.dispatch_hook`) while a row of the step has an adapter: all the step's
+  (token, expert) pairs, sorted by expert and adapter, run on the base weights once per used expert, with each
+  (expert, adapter)'s delta from its A[e] and B[e] on its rows (none for rows without an adapter), and are summed
+  with their router weights in float32.
 
 The hooks are there only while a row of the step has an adapter (`select`): a batch of base rows runs the base
 model's own path (the fused one-token step, CUDA graphs). `merged_reference` is the plain path the batched one is
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -73,6 +76,7 @@ class AdapterBank:
         self.expert_layers = sorted({int(t.split(".")[1]) for t in targets if ".moe." in t})
         self._slots: torch.Tensor | None = None  # [B] the adapter slot of each row of the next step
         self._chosen: set[int] = set()
+        self._uniform: int | None = None  # the slot of every row where they all have the same one
         self._handles: list[RemovableHandle | _Restore] = []
 
     @classmethod
@@ -98,13 +102,14 @@ class AdapterBank:
         chosen = {s for s in slots if s is not None}
         if not chosen:
             self._remove_hooks()
-            self._slots, self._chosen = None, set()
+            self._slots, self._chosen, self._uniform = None, set(), None
             return
         for s in chosen:
             if not 0 <= s < self.none:
                 raise ValueError(f"adapter slot {s} is out of range: there are {self.none} adapters")
         device = next(iter(self.stacks.values()))[0].device
         self._slots = torch.tensor([self.none if s is None else s for s in slots], dtype=torch.long, device=device)
+        self._uniform = slots[0] if len(set(slots)) == 1 else None
         self._chosen = chosen
         if not self._handles:
             self._add_hooks()
@@ -140,9 +145,14 @@ class AdapterBank:
             return out
         x = args[0]
         x_BTI = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]: the model's projections take [B, T, in]
-        slots = self._row_slots(x_BTI.shape[0])
         A_all, B_all = self.stacks[name]
-        return out + lora_delta(x_BTI, A_all[slots], B_all[slots]).to(out.dtype).view(out.shape)
+        if self._uniform is not None:  # one adapter for all rows: its A and B as they are, no gather
+            A, B = A_all[self._uniform], B_all[self._uniform]
+            delta = (x_BTI.float() @ A.T) @ B.T
+        else:
+            slots = self._row_slots(x_BTI.shape[0])
+            delta = lora_delta(x_BTI, A_all[slots], B_all[slots])
+        return out + delta.to(out.dtype).view(out.shape)
 
     def _experts(
         self,
@@ -160,18 +170,8 @@ class AdapterBank:
         if T % B:
             raise ValueError(f"{B} adapter slots were selected for a step of {T} tokens")
         slot_T = self._slots.repeat_interleave(T // B)  # a [B, T] batch's tokens, row after row
-        adapted = slot_T != self.none
-        out_TD = torch.empty_like(x_TD)
-        base = (~adapted).nonzero()[:, 0]
-        if len(base):
-            out_TD[base] = local(x_TD[base], experts, Routing(routing.weights_TK[base], routing.idx_TK[base]))
-        tok = adapted.nonzero()[:, 0]
-        if len(tok):
-            sub = Routing(routing.weights_TK[tok], routing.idx_TK[tok])
-            stacks = [self.stacks.get(n) for n in names]
-            hidden = self.model.config.hidden_dim
-            out_TD[tok] = experts_lora(x_TD[tok], experts, sub, slot_T[tok], hidden, *stacks)
-        return out_TD
+        # every token in one pass over the experts' weights: base rows take the zero slot (their delta is 0)
+        return experts_lora(x_TD, experts, routing, slot_T, *(self.stacks.get(n) for n in names))
 
 
 class _Restore:
@@ -195,43 +195,46 @@ def experts_lora(
     experts: Experts,
     routing: Routing,
     slot_T: torch.Tensor,
-    hidden: int,
     w1: tuple[torch.Tensor, torch.Tensor] | None,
     w2: tuple[torch.Tensor, torch.Tensor] | None,
     w3: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Each token's chosen experts (`hidden` units) with its own adapter's deltas on w1, w2, w3 (stacks
-    [N+1, E, R, in] / [N+1, E, out, R], or None where no adapter touches that weight), scaled by the router
-    weights and summed in float32 -> [T, D]. The base weights run expert by expert over the pairs that chose each
-    (plain or quantized, through `ops.linear`); each pair's delta comes from its slot's A[e], B[e] (gathered, bmm)."""
+    """Each token's chosen experts with its own adapter's deltas on w1, w2, w3 (stacks [N+1, E, R, in] /
+    [N+1, E, out, R], the last slot all zeros, or None where no adapter touches that weight), scaled by the router
+    weights and summed in float32 -> [T, D]. The (token, expert) pairs are sorted by expert, then by slot: the base
+    weights run once per used expert on its contiguous rows (plain or quantized, through `ops.linear`), and the
+    delta once per (expert, adapter) on its rows, from that adapter's A[e] and B[e] as they are (no gather); rows
+    without an adapter add none."""
     weights_TK, idx_TK = routing
-    T, K = idx_TK.shape
-    tok_P = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-    e_P, w_P, slot_P = idx_TK.reshape(-1), weights_TK.reshape(-1), slot_T[tok_P]
+    K = idx_TK.shape[1]
+    slots = next(stack for stack in (w1, w2, w3) if stack is not None)[0].shape[0]
+    key_P = idx_TK.reshape(-1) * slots + slot_T.repeat_interleave(K)  # expert-major, then slot
+    order = torch.argsort(key_P, stable=True)
+    tok_P = order // K
+    counts = torch.bincount(key_P, minlength=experts.n * slots).tolist()  # slice bounds, on the host
+    ends = list(itertools.accumulate(counts))
+    runs = [(k // slots, k % slots, end - n, end) for k, (n, end) in enumerate(zip(counts, ends, strict=True)) if n]
+    spans: dict[int, slice] = {}  # expert -> its pairs
+    for e, _, start, end in runs:
+        spans[e] = slice(spans[e].start if e in spans else start, end)
     x_PD = x_TD[tok_P]
 
-    def delta(stack: tuple[torch.Tensor, torch.Tensor] | None, h_PI: torch.Tensor) -> torch.Tensor | None:
+    def project(h_PI: torch.Tensor, w: int, stack: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """h through each pair's expert weight w (0: w1, 1: w2, 2: w3) plus its adapter's delta."""
+        y = torch.cat([ops.linear(h_PI[rows], experts[e][w]) for e, rows in spans.items()])
         if stack is None:
-            return None
+            return y
         A_all, B_all = stack
-        return lora_delta(h_PI[:, None], A_all[slot_P, e_P], B_all[slot_P, e_P])[:, 0]
+        y = y.float()
+        for e, slot, start, end in runs:
+            if slot != slots - 1:
+                y[start:end] += (h_PI[start:end].float() @ A_all[slot, e].T) @ B_all[slot, e].T
+        return y.to(h_PI.dtype)
 
-    def plus(base: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
-        return base if d is None else (base.float() + d).to(base.dtype)
-
-    def each_expert(h_PI: torch.Tensor, weight: Callable[[int], object], n_out: int) -> torch.Tensor:
-        y = h_PI.new_empty((h_PI.shape[0], n_out))
-        for e in torch.unique(e_P).tolist():
-            sel = (e_P == e).nonzero()[:, 0]
-            y[sel] = ops.linear(h_PI[sel], weight(e))
-        return y
-
-    h1 = plus(each_expert(x_PD, lambda e: experts[e][0], hidden), delta(w1, x_PD))
-    h3 = plus(each_expert(x_PD, lambda e: experts[e][2], hidden), delta(w3, x_PD))
-    g_PF = F.silu(h1) * h3
-    y_PD = plus(each_expert(g_PF, lambda e: experts[e][1], x_TD.shape[1]), delta(w2, g_PF))
+    g_PF = F.silu(project(x_PD, 0, w1)) * project(x_PD, 2, w3)
+    y_PD = project(g_PF, 1, w2)
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    out_TD.index_add_(0, tok_P, y_PD.float() * w_P[:, None])
+    out_TD.index_add_(0, tok_P, y_PD.float() * weights_TK.reshape(-1)[order, None])
     return out_TD.to(x_TD.dtype)
 
 
