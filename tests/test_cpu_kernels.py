@@ -604,20 +604,36 @@ def test_int4_gemv_equals_torch_int4pack_mm(shape, group, outliers):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("mode", "rows"), [("int8", 2), ("int8", 5), ("int4", 2), ("int4", 5), ("int4", 11)])
-def test_quantized_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(mode, rows):
-    # Fewer rows than FUSED_MIN_ROWS take the GEMV row by row (faster than ATen's kernels there): the same numbers
-    # as one row at a time, close to ATen's
+@pytest.mark.parametrize(
+    ("mode", "rows", "group"),
+    [
+        ("int8", 2, 0),
+        ("int8", 5, 0),
+        ("int4", 2, 64),
+        ("int4", 5, 64),
+        ("int4", 11, 64),
+        ("int4", 3, 32),
+        ("int4", 4, 128),
+    ],
+)
+def test_quantized_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(mode, rows, group):
+    # Fewer rows than FUSED_MIN_ROWS take the GEMV (faster than ATen's kernels there; AVX-512's int4 GEMV reads the
+    # matrix once for all rows): the same numbers as one row at a time, close to ATen's
     torch.manual_seed(7)
-    qw = QuantizedWeight.from_float(torch.randn(192, 256, dtype=torch.bfloat16), mode, 64)
+    qw = QuantizedWeight.from_float(torch.randn(192, 256, dtype=torch.bfloat16), mode, group or 64)
     X = torch.randn(rows, 256, dtype=torch.bfloat16)
+    X[0, ::50] *= 500  # outliers in one row only: each row has its own fixed point
     ops = cpu_kernels.ops()
 
     def gemv(x):
-        return ops.gemv_int8(qw.q, qw.scale, x) if mode == "int8" else ops.gemv_int4(qw.blocks, x, 64)
+        return ops.gemv_int8(qw.q, qw.scale, x) if mode == "int8" else ops.gemv_int4(qw.blocks, x, group)
 
     y = gemv(X)
     assert torch.equal(y, torch.stack([gemv(x) for x in X]))
+    bad = X.clone()
+    bad[-1, 7] = float("nan")  # NaN in one row: that row NaN, the others as before
+    y_bad = gemv(bad)
+    assert y_bad[-1].isnan().all() and torch.equal(y_bad[:-1], y[:-1])
     with torch.no_grad():
         assert torch.equal(linear(X[None], qw), y[None])
         with cpu_kernels.disabled():

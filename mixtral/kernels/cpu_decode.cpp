@@ -1221,6 +1221,102 @@ struct Int4Matrix {
   int64_t N, K, group;
 };
 
+#if MIXTRAL_AVX512
+// The int4 GEMV of a few rows at once on AVX-512 (a decode step of several sequences, an expert's few tokens): row by
+// row the GEMV reads the whole matrix from memory once per row. Here each group of a block has its nibbles split
+// once into the bytes `vpdpbusd` takes (`split_group_i4`: group * 64 bytes, in L1), which then serve every row of X,
+// 2 at a time (16 int32 accumulators). The integer sums and the float32 arithmetic per group are the GEMV's
+// (`dot_blocks_i4`), in its order, so each row of the result is bit for bit `gemv_int4`'s, at every M.
+
+// Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it: 4 columns of the 64 rows in q[4 (k - g0)
+// / 4 + v], rows 16 v .. 16 v + 15.
+void split_group_i4(const Int4Group& at, int64_t g0, int64_t group, __m512i* q) {
+  static const GatherIndex index;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t k = g0; k < g0 + group; k += 4, q += 4) {
+    const __m512i A = _mm512_loadu_si512(at.columns + k * 32), B = _mm512_loadu_si512(at.columns + k * 32 + 64);
+    const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
+    _mm512_storeu_si512(q + 0, _mm512_and_si512(r0, nibble));
+    _mm512_storeu_si512(q + 1, _mm512_and_si512(r1, nibble));
+    _mm512_storeu_si512(q + 2, _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble));
+    _mm512_storeu_si512(q + 3, _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble));
+  }
+}
+
+// out[i][0..64) += group g of a block (split in q, (scale, zero) pairs in `pairs`) times x_i, for NR rows.
+template <int NR>
+void tile_group_i4(const __m512i* q, const uint16_t* pairs, int64_t g, int64_t g0, int64_t group,
+                   const Int4Input* const* xs, float* const* out) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  __m512i dh[NR][4], dl[NR][4];
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < 4; ++v) dh[i][v] = dl[i][v] = _mm512_setzero_si512();
+  for (int64_t k = g0; k < g0 + group; k += 4, q += 4) {
+    __m512i xh[NR], xl[NR];
+    for (int i = 0; i < NR; ++i) {
+      int32_t h4, l4;
+      std::memcpy(&h4, xs[i]->fixed.hi.data() + k, 4);
+      std::memcpy(&l4, xs[i]->fixed.lo.data() + k, 4);
+      xh[i] = _mm512_set1_epi32(h4);
+      xl[i] = _mm512_set1_epi32(l4);
+    }
+    for (int v = 0; v < 4; ++v) {
+      const __m512i w = _mm512_loadu_si512(q + v);
+      for (int i = 0; i < NR; ++i) {
+        dh[i][v] = _mm512_dpbusd_epi32(dh[i][v], w, xh[i]);
+        dl[i][v] = _mm512_dpbusd_epi32(dl[i][v], w, xl[i]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    const __m512 step = _mm512_set1_ps(static_cast<float>(xs[i]->fixed.step)), x_sum = _mm512_set1_ps(xs[i]->sums[g]);
+    for (int v = 0; v < 4; ++v) {  // as `dot_blocks_i4` finishes a group
+      const __m512i pair = _mm512_loadu_si512(pairs + 16 * v * 2);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
+      const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(dh[i][v], 7), dl[i][v]);
+      const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), step);
+      __m512 acc = _mm512_loadu_ps(out[i] + 16 * v);
+      acc = _mm512_fmadd_ps(d, scale, acc);
+      acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), x_sum, acc);
+      _mm512_storeu_ps(out[i] + 16 * v, acc);
+    }
+  }
+}
+
+// Y [M, N] = X [M, K] W^T, W int4, each row as `gemv_int4` computes it; the 64-row blocks split over the threads.
+void gemv_rows_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
+  std::vector<Int4Input> xs;
+  xs.reserve(M);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * W.K, W.K, W.group);
+  parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<__m512i> q(W.group);  // group / 4 steps of 4 vectors
+    std::vector<float> y(M * kInt4Rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(y.begin(), y.end(), 0.0f);
+      for (int64_t g = 0, g0 = 0; g0 < W.K; ++g, g0 += W.group) {
+        const Int4Group at(W.P, W.K, W.group, b, g);
+        split_group_i4(at, g0, W.group, q.data());
+        int64_t i = 0;
+        for (; i + 2 <= M; i += 2) {
+          const Int4Input* x2[2] = {&xs[i], &xs[i + 1]};
+          float* o2[2] = {y.data() + i * kInt4Rows, y.data() + (i + 1) * kInt4Rows};
+          tile_group_i4<2>(q.data(), at.pairs, g, g0, W.group, x2, o2);
+        }
+        if (i < M) {
+          const Int4Input* x1[1] = {&xs[i]};
+          float* o1[1] = {y.data() + i * kInt4Rows};
+          tile_group_i4<1>(q.data(), at.pairs, g, g0, W.group, x1, o1);
+        }
+      }
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t r = 0; r < kInt4Rows; ++r) Y[i * W.N + b * kInt4Rows + r] = float_to_bf16(y[i * kInt4Rows + r]);
+    }
+  });
+}
+#endif
+
 // int4 products of a few rows on AVX-512 (an expert's tokens in a prefill; AVX2's are below, after `Vector`). Block
 // b of 64 rows is dequantized once into a bf16 buffer of column pairs, buf[k / 2][64][2] (QuantizedView.dequantize's
 // values: (q - 8) * scale + zero in float32, rounded to bf16 once), which then serves every 6 rows of X: each
@@ -2002,6 +2098,13 @@ torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* na
   TORCH_CHECK(x.size(-1) == W.K, name, ": weights of ", W.K, " columns and x ", x.sizes());
   const int64_t M = x.dim() == 1 ? 1 : x.size(0);
   auto out = x.dim() == 1 ? torch::empty({W.N}, x.options()) : torch::empty({M, W.N}, x.options());
+#if MIXTRAL_AVX512
+  if (W.format == Format::kInt4 && M > 1) {  // the matrix read once for all rows, each row as below
+    gemv_rows_i4(bf16_data(x), M, Int4Matrix{static_cast<const uint8_t*>(W.data), W.N, W.K, W.group},
+                 bf16_out(out));
+    return out;
+  }
+#endif
   for (int64_t i = 0; i < M; ++i)
     project({W}, Vector(bf16_data(x) + i * W.K, W.K, W.format, W.group), bf16_out(out) + i * W.N);
   return out;

@@ -60,7 +60,7 @@ FUSED_ROWS = (
     else {"bf16": sys.maxsize, "int8": sys.maxsize, "int4": sys.maxsize}
 )
 
-# ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
+# ... and from this many rows on for quantized weights: below, our GEMV of each row (`gemv_rows` in the kernels) is
 # faster than dequantizing blocks. AVX2's kernels of a few rows do not dequantize: they compute the GEMV's integer
 # sums for all rows at once (each row bit for bit the GEMV's), at least as fast from 2 rows.
 FUSED_MIN_ROWS = {"int8": 6, "int4": 12} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
@@ -111,7 +111,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] with a quantized kernel (activations in the scales' dtype).
 
-    Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products, row by row;
+    Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products (each row's
+    numbers as alone; int8 row by row, int4 on AVX-512 reading the matrix once for all rows);
     FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16 tiles of the weights dequantized a block at a time
     (int8: bit for bit `dequantize()` then `gemm`), except on AVX2: the GEMV's integer sums for all rows at once.
     Elsewhere ATen's int8 / int4 kernels, or (int8, many rows) the dense GEMM on the weight dequantized for this
