@@ -217,9 +217,9 @@ def test_fused_int8_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
     ("M", "D", "F", "group"), [(2, 64, 128, 64), (7, 128, 192, 32), (13, 1024, 3584, 64), (40, 256, 128, 128)]
 )
 def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, F, group):
-    # AVX-512: each 64-row block dequantized as QuantizedView.dequantize does, then bf16 products summed in float32
-    # in another order (outer products): equal up to that order's rounding, no further from exact float32. AVX2: the
-    # GEMV's integer sums on weights never rounded to bf16 (see the test below): as close to exact.
+    # The GEMV's integer sums on weights never rounded to bf16 (see the test below), x in fixed point: AVX-512's 15
+    # bits, as close to exact float32 as the bf16 kernel on the dequantized weights; AVX2's int8 per group, as close
+    # to that rounding's reference.
     torch.manual_seed(8)
     x = torch.randn(M, D, dtype=torch.bfloat16)
     shapes = ((F, D), (D, F), (F, D))
@@ -231,7 +231,6 @@ def test_fused_int4_swiglu_equals_the_bf16_one_on_the_dequantized_weights(M, D, 
     h = torch.nn.functional.silu(x.float() @ dq[0].float().T) * (x.float() @ dq[2].float().T)
     exact = h @ dq[1].float().T
     if cpu_kernels.isa() == "avx512":
-        assert (y != bf16).float().mean().item() <= 0.02
         torch.testing.assert_close(y, bf16, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
         assert _max_err(y, exact) <= 1.5 * _max_err(bf16, exact) + 1e-3
     else:  # AVX2: x and h in int8 per group; as close to that rounding's reference as bf16's kernel to exact
@@ -937,13 +936,12 @@ def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_one():
 
 
 @needs_kernels
-@pytest.mark.skipif(cpu_kernels.isa() != "avx2", reason="AVX2's int4 kernel of a few rows (AVX-512 dequantizes)")
 @pytest.mark.parametrize(
     ("M", "N", "K", "group"), [(2, 64, 128, 32), (3, 128, 256, 64), (8, 256, 512, 128), (13, 64, 192, 32)]
 )
-def test_avx2_int4_kernels_of_a_few_rows_equal_the_gemv_row_by_row(M, N, K, group):
+def test_int4_kernels_of_a_few_rows_equal_the_gemv_row_by_row(M, N, K, group):
     # The integer sums of the GEMV, with the nibbles split once for all rows: bit for bit, at any number of rows
-    # (tiles of 3 rows and the 1 or 2 left over), and through the fused expert too.
+    # (tiles of 3 rows on AVX2, 2 on AVX-512, and the rows left over), and through the fused expert too.
     torch.manual_seed(10)
     x = torch.randn(M, K, dtype=torch.bfloat16)
     x[0, :5] = 0.0

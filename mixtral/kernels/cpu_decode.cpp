@@ -7,9 +7,9 @@
 // sequential stream with `vdpbf16ps` (bf16 pairs multiplied and added into float32).
 //
 // What is here: bf16 GEMV (`dot_rows`) and a bf16 GEMM for a few rows (`gemm_tile`, a handful of tokens: where
-// oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 and int4
-// weights dequantized a block at a time (`Int8Rows`, `dequant_block_i4` and the outer-product `pair_tile`; on
-// AVX2 the GEMV's integer sums for several rows at once, `block_rows_i4`, `tile_i8`); int8 and int4 weight-only GEMV
+// oneDNN is slow); one expert on a few rows in one call (`gate_up`, `swiglu`: a prefill), also on int8 weights
+// dequantized a block at a time (`Int8Rows`; on AVX2 the GEMV's integer sums for several rows at once, `tile_i8`)
+// and on int4 weights with the GEMV's integer sums for several rows at once (`block_rows_i4`); int8 and int4 GEMV
 // with integer dot products (`Fixed`, `dot_i8`, `Int4Input`, `dot_blocks_i4`);
 // one token's chosen experts in one call (`experts_row`); attention of one query row (`attend_heads`); and a whole
 // decoder layer for one token (`decode_layer`), which saves the dispatch of ~40 small PyTorch ops per layer. Each
@@ -1285,126 +1285,43 @@ void tile_group_i4(const __m512i* q, const uint16_t* pairs, int64_t g, int64_t g
   }
 }
 
-// Y [M, N] = X [M, K] W^T, W int4, each row as `gemv_int4` computes it; the 64-row blocks split over the threads.
-void gemv_rows_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
+// y [M, 64] (zeroed by the caller) = block b of W times every row of X, given as `Int4Input`s; q a buffer of
+// group vectors.
+void block_rows_i4(const Int4Matrix& W, int64_t b, const std::vector<Int4Input>& xs, __m512i* q, float* y) {
+  const int64_t M = static_cast<int64_t>(xs.size());
+  for (int64_t g = 0, g0 = 0; g0 < W.K; ++g, g0 += W.group) {
+    const Int4Group at(W.P, W.K, W.group, b, g);
+    split_group_i4(at, g0, W.group, q);
+    int64_t i = 0;
+    for (; i + 2 <= M; i += 2) {
+      const Int4Input* x2[2] = {&xs[i], &xs[i + 1]};
+      float* o2[2] = {y + i * kInt4Rows, y + (i + 1) * kInt4Rows};
+      tile_group_i4<2>(q, at.pairs, g, g0, W.group, x2, o2);
+    }
+    if (i < M) {
+      const Int4Input* x1[1] = {&xs[i]};
+      float* o1[1] = {y + i * kInt4Rows};
+      tile_group_i4<1>(q, at.pairs, g, g0, W.group, x1, o1);
+    }
+  }
+}
+
+std::vector<Int4Input> int4_rows(const uint16_t* X, int64_t M, int64_t K, int64_t group) {
   std::vector<Int4Input> xs;
   xs.reserve(M);
-  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * W.K, W.K, W.group);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K, group);
+  return xs;
+}
+
+// Y [M, N] = X W^T, W int4, each row as `gemv_int4` computes it; the 64-row blocks split over the threads.
+void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
+  const std::vector<Int4Input> xs = int4_rows(X, M, W.K, W.group);
   parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<__m512i> q(W.group);  // group / 4 steps of 4 vectors
+    std::vector<__m512i> q(W.group);
     std::vector<float> y(M * kInt4Rows);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(y.begin(), y.end(), 0.0f);
-      for (int64_t g = 0, g0 = 0; g0 < W.K; ++g, g0 += W.group) {
-        const Int4Group at(W.P, W.K, W.group, b, g);
-        split_group_i4(at, g0, W.group, q.data());
-        int64_t i = 0;
-        for (; i + 2 <= M; i += 2) {
-          const Int4Input* x2[2] = {&xs[i], &xs[i + 1]};
-          float* o2[2] = {y.data() + i * kInt4Rows, y.data() + (i + 1) * kInt4Rows};
-          tile_group_i4<2>(q.data(), at.pairs, g, g0, W.group, x2, o2);
-        }
-        if (i < M) {
-          const Int4Input* x1[1] = {&xs[i]};
-          float* o1[1] = {y.data() + i * kInt4Rows};
-          tile_group_i4<1>(q.data(), at.pairs, g, g0, W.group, x1, o1);
-        }
-      }
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t r = 0; r < kInt4Rows; ++r) Y[i * W.N + b * kInt4Rows + r] = float_to_bf16(y[i * kInt4Rows + r]);
-    }
-  });
-}
-#endif
-
-// int4 products of a few rows on AVX-512 (an expert's tokens in a prefill; AVX2's are below, after `Vector`). Block
-// b of 64 rows is dequantized once into a bf16 buffer of column pairs, buf[k / 2][64][2] (QuantizedView.dequantize's
-// values: (q - 8) * scale + zero in float32, rounded to bf16 once), which then serves every 6 rows of X: each
-// `vdpbf16ps` multiplies a broadcast pair of x by a pair of columns of 16 rows (an outer product: no sums to reduce
-// across lanes at the end). The dequant work, ~90 instructions per 256 weights, is shared by all of X's rows.
-#if MIXTRAL_AVX512
-void dequant_block_i4(const uint8_t* P, int64_t K, int64_t group, int64_t b, uint16_t* buf) {
-  static const GatherIndex index;
-  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
-  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m512 eight = _mm512_set1_ps(8.0f);
-  uint32_t* out = reinterpret_cast<uint32_t*>(buf);
-  for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
-    const Int4Group at(P, K, group, b, g);
-    const uint8_t* p = at.columns;
-    __m512 scale[4], zero[4];
-    for (int v = 0; v < 4; ++v) {
-      const __m512i pair = _mm512_loadu_si512(at.pairs + 16 * v * 2);
-      scale[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      zero[v] = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
-    }
-    for (int64_t k = g0; k < g0 + group; k += 4) {
-      const __m512i A = _mm512_loadu_si512(p + k * 32), B = _mm512_loadu_si512(p + k * 32 + 64);
-      const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
-      const __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),
-                            _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),
-                            _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};
-      for (int v = 0; v < 4; ++v) {  // q[v]: byte 4i + c = row 16 v + i, column k + c
-        __m512i bits[4];
-        for (int c = 0; c < 4; ++c) {
-          const __m512i qc = _mm512_and_si512(_mm512_srli_epi32(q[v], 8 * c), byte);
-          const __m512 d = _mm512_sub_ps(_mm512_cvtepi32_ps(qc), eight);
-          bits[c] = round16_bits(_mm512_fmadd_ps(d, scale[v], zero[v]));  // (d * scale is exact: one rounding)
-        }
-        for (int c = 0; c < 4; c += 2)  // columns k + c, k + c + 1 of 16 rows: a bf16 pair per row
-          _mm512_storeu_si512(out + ((k + c) / 2 * kInt4Rows + 16 * v),
-                              _mm512_or_si512(_mm512_srli_epi32(bits[c], 16), bits[c + 1]));
-      }
-    }
-  }
-}
-
-// y[i][r] = dot(X[i, :], block row r) in float32 for MR rows of X [., K] and the 64 rows of a dequantized block.
-template <int MR>
-void pair_tile(const uint16_t* X, int64_t K, const uint16_t* buf, float* y) {
-  constexpr int kParts = 4;  // 16-row parts of the block per pass over buf (registers)
-  for (int v0 = 0; v0 < 4; v0 += kParts) {
-    V16 acc[MR][kParts];
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < kParts; ++v) acc[i][v] = v_zero();
-    const uint16_t* w = buf + 32 * v0;  // 16 rows' pairs: 32 bf16
-    for (int64_t k = 0; k < K; k += 2, w += 2 * kInt4Rows) {
-      Bf16x32 wv[kParts];
-      for (int v = 0; v < kParts; ++v) wv[v] = bf16x32(w + 32 * v);
-      for (int i = 0; i < MR; ++i) {
-        const Bf16x32 xb = bf16_pair(X + i * K + k);
-        for (int v = 0; v < kParts; ++v) acc[i][v] = dp(acc[i][v], wv[v], xb);
-      }
-    }
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < kParts; ++v) v_store(y + i * kInt4Rows + 16 * (v0 + v), acc[i][v]);
-  }
-}
-
-// y [M, 64] for all M rows of X and one dequantized block.
-void pair_rows(const uint16_t* X, int64_t M, int64_t K, const uint16_t* buf, float* y) {
-  int64_t i = 0;
-  for (; i + kTileRows <= M; i += kTileRows) pair_tile<kTileRows>(X + i * K, K, buf, y + i * kInt4Rows);
-  const uint16_t* x = X + i * K;
-  float* yi = y + i * kInt4Rows;
-  switch (M - i) {
-    case 5: pair_tile<5>(x, K, buf, yi); break;
-    case 4: pair_tile<4>(x, K, buf, yi); break;
-    case 3: pair_tile<3>(x, K, buf, yi); break;
-    case 2: pair_tile<2>(x, K, buf, yi); break;
-    case 1: pair_tile<1>(x, K, buf, yi); break;
-    default: break;
-  }
-}
-
-// Y [M, N] = X W^T rounded to bf16 once, W int4; the 64-row blocks split over the threads.
-void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
-  parallel(0, W.N / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint16_t> buf(kInt4Rows * W.K);
-    std::vector<float> y(M * kInt4Rows);
-    for (int64_t b = b0; b < b1; ++b) {
-      dequant_block_i4(W.P, W.K, W.group, b, buf.data());
-      pair_rows(X, M, W.K, buf.data(), y.data());
+      block_rows_i4(W, b, xs, q.data(), y.data());
       for (int64_t i = 0; i < M; ++i)
         for (int64_t r = 0; r < kInt4Rows; ++r) Y[i * W.N + b * kInt4Rows + r] = float_to_bf16(y[i * kInt4Rows + r]);
     }
@@ -1414,14 +1331,15 @@ void gemm_i4(const uint16_t* X, int64_t M, const Int4Matrix& W, uint16_t* Y) {
 // H = silu(X W1^T) * (X W3^T) with W1, W3 int4 (as `gate_up`), 64 features at a time.
 void gate_up_i4(const uint16_t* X, int64_t M, const Int4Matrix& W1, const Int4Matrix& W3, uint16_t* H) {
   const int64_t F = W1.N;
+  const std::vector<Int4Input> xs = int4_rows(X, M, W1.K, W1.group);
   parallel(0, F / kInt4Rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint16_t> buf(kInt4Rows * W1.K);
+    std::vector<__m512i> q(W1.group);
     std::vector<float> y1(M * kInt4Rows), y3(M * kInt4Rows);
     for (int64_t b = b0; b < b1; ++b) {
-      dequant_block_i4(W1.P, W1.K, W1.group, b, buf.data());
-      pair_rows(X, M, W1.K, buf.data(), y1.data());
-      dequant_block_i4(W3.P, W3.K, W3.group, b, buf.data());
-      pair_rows(X, M, W3.K, buf.data(), y3.data());
+      std::fill(y1.begin(), y1.end(), 0.0f);
+      std::fill(y3.begin(), y3.end(), 0.0f);
+      block_rows_i4(W1, b, xs, q.data(), y1.data());
+      block_rows_i4(W3, b, xs, q.data(), y3.data());
       for (int64_t i = 0; i < M; ++i)
         for (int64_t c = 0; c < kInt4Rows; c += 16)
           silu_mul16(y1.data() + i * kInt4Rows + c, y3.data() + i * kInt4Rows + c, H + i * F + b * kInt4Rows + c);
@@ -2035,9 +1953,8 @@ torch::Tensor swiglu_int8(const torch::Tensor& x, const torch::Tensor& q1, const
 #endif
 }
 
-// The same with int4 weights (blocks as `dot_blocks_i4` reads them): the expert QuantizedView.dequantize's weights
-// would give, up to the order of the float32 sums (AVX-512, see `dequant_block_i4`), or as the GEMV computes it, on
-// unrounded weights and x in int8 per group (AVX2, see `block_rows_i4`, `Int4Input`).
+// The same with int4 weights (blocks as `dot_blocks_i4` reads them): each product as the GEMV computes it, on
+// unrounded weights and x in fixed point (`Int4Input`: 15 bits on AVX-512, int8 per group on AVX2; `block_rows_i4`).
 torch::Tensor swiglu_int4(const torch::Tensor& x, const torch::Tensor& b1, const torch::Tensor& b2,
                           const torch::Tensor& b3, int64_t group) {
   check_weight(x, "x", 2);
@@ -2074,8 +1991,7 @@ torch::Tensor gemm_int8(const torch::Tensor& x, const torch::Tensor& q, const to
   return out;
 }
 
-// The same for int4 weights, up to the order of the float32 sums (AVX-512, see `dequant_block_i4`); on AVX2 each row
-// bit for bit `gemv_int4`'s (see `block_rows_i4`).
+// The same for int4 weights: each row bit for bit `gemv_int4`'s (see `block_rows_i4`).
 torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int64_t group) {
   check_weight(x, "x", 2);
   check_int4(blocks, 3, group);
@@ -2088,10 +2004,9 @@ torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int
   return out;
 }
 
-// W x for x [K] -> [N], or for x [M, K] -> [M, N] one row after another, each reading W again: a few rows still
-// beat ATen's weight-only kernels, which convert every weight to float32 (a [3584, 1024] matrix from memory, our time
-// / ATen's: int8 0.42x at one row, 0.63x at 2, 0.70x at 3, 0.80x at 4, 0.55x at 5, and 0.91x `gemm_int8` at 5; int4
-// 0.53x at one row, 0.86x at 2, 0.98x at 4, 0.99x at 8 and as fast as `gemm_int4` at 11).
+// W x for x [K] -> [N], or for x [M, K] -> [M, N]: int8 one row after another, each reading W again (a few rows
+// still beat ATen's weight-only kernels, which convert every weight to float32); int4 on AVX-512 reading W once for
+// all rows (`gemm_i4`), each row as alone.
 torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, name, ": x must be [K] or [M, K], got ", x.sizes());
   check_weight(x, "x", x.dim());
@@ -2100,8 +2015,7 @@ torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* na
   auto out = x.dim() == 1 ? torch::empty({W.N}, x.options()) : torch::empty({M, W.N}, x.options());
 #if MIXTRAL_AVX512
   if (W.format == Format::kInt4 && M > 1) {  // the matrix read once for all rows, each row as below
-    gemv_rows_i4(bf16_data(x), M, Int4Matrix{static_cast<const uint8_t*>(W.data), W.N, W.K, W.group},
-                 bf16_out(out));
+    gemm_i4(bf16_data(x), M, Int4Matrix{static_cast<const uint8_t*>(W.data), W.N, W.K, W.group}, bf16_out(out));
     return out;
   }
 #endif

@@ -60,10 +60,11 @@ FUSED_ROWS = (
     else {"bf16": sys.maxsize, "int8": sys.maxsize, "int4": sys.maxsize}
 )
 
-# ... and from this many rows on for quantized weights: below, our GEMV of each row (`gemv_rows` in the kernels) is
-# faster than dequantizing blocks. AVX2's kernels of a few rows do not dequantize: they compute the GEMV's integer
-# sums for all rows at once (each row bit for bit the GEMV's), at least as fast from 2 rows.
-FUSED_MIN_ROWS = {"int8": 6, "int4": 12} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
+# ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
+# faster than AVX-512's int8 kernel of several rows, which dequantizes blocks. The int4 kernels of several rows (and
+# AVX2's int8 ones) do not dequantize: they compute the GEMV's integer sums for all rows at once (each row bit for bit
+# the GEMV's), faster from 2 rows.
+FUSED_MIN_ROWS = {"int8": 6, "int4": 2} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
 
 # From this many rows on (a prefill, compute-bound) an int8 matmul outside our kernels dequantizes the weight (one
 # cheap pass) and runs the bf16 GEMM: ATen's int8 kernel multiplies at about a third of its speed.
@@ -111,10 +112,9 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] with a quantized kernel (activations in the scales' dtype).
 
-    Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products (each row's
-    numbers as alone; int8 row by row, int4 on AVX-512 reading the matrix once for all rows);
-    FUSED_MIN_ROWS to FUSED_ROWS rows (a prefill) multiply bf16 tiles of the weights dequantized a block at a time
-    (int8: bit for bit `dequantize()` then `gemm`), except on AVX2: the GEMV's integer sums for all rows at once.
+    Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products, row by row;
+    FUSED_MIN_ROWS to FUSED_ROWS rows: int4 (and int8 on AVX2) the GEMV's integer sums for all rows at once, int8 on
+    AVX-512 bf16 tiles of the weights dequantized a block at a time (bit for bit `dequantize()` then `gemm`).
     Elsewhere ATen's int8 / int4 kernels, or (int8, many rows) the dense GEMM on the weight dequantized for this
     call."""
     x2 = x.reshape(-1, x.shape[-1])
