@@ -643,6 +643,17 @@ def test_quantized_gemv_of_a_few_rows_is_the_one_row_gemv_of_each(mode, rows, gr
 
 
 @needs_kernels
+@pytest.mark.parametrize("K", [96, 4128])
+def test_int8_gemv_of_a_few_rows_with_columns_past_the_last_128(K):
+    # the tail of the columns (64 at a time, masked) in the kernel that reads the matrix once for all rows
+    torch.manual_seed(13)
+    qw = QuantizedWeight.from_float(torch.randn(40, K, dtype=torch.bfloat16), "int8")
+    X = torch.randn(7, K, dtype=torch.bfloat16)
+    ops = cpu_kernels.ops()
+    assert torch.equal(ops.gemv_int8(qw.q, qw.scale, X), torch.stack([ops.gemv_int8(qw.q, qw.scale, x) for x in X]))
+
+
+@needs_kernels
 @pytest.mark.skipif(cpu_kernels.isa() != "avx2", reason="AVX2's int4 kernels take x in int8 per group")
 @pytest.mark.parametrize(("N", "K", "group"), [(3584, 1024, 64), (1024, 3584, 32), (128, 512, 128), (64, 4096, 256)])
 def test_avx2_int4_kernels_equal_their_reference(N, K, group):

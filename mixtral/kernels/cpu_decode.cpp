@@ -936,6 +936,72 @@ void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* 
   }
 }
 
+#if MIXTRAL_AVX512
+// sum_k q[k] * (128 hi_i[k] + lo_i[k]) for one row of K int8 weights and MX rows of x at once: each 64 weights read
+// once for all of them. The same exact integers as `dot_i8`.
+template <int MX>
+void dot_i8_rows(const int8_t* q, const Fixed* const* xs, int64_t K, int64_t* out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q + 128 as an unsigned byte
+  __m512i h[MX][2], l[MX][2];
+  for (int i = 0; i < MX; ++i) h[i][0] = h[i][1] = l[i][0] = l[i][1] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(q + k), flip);
+    const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(q + k + 64), flip);
+    for (int i = 0; i < MX; ++i) {
+      const int8_t *hi = xs[i]->hi.data(), *lo = xs[i]->lo.data();
+      h[i][0] = _mm512_dpbusd_epi32(h[i][0], u0, _mm512_loadu_si512(hi + k));
+      l[i][0] = _mm512_dpbusd_epi32(l[i][0], u0, _mm512_loadu_si512(lo + k));
+      h[i][1] = _mm512_dpbusd_epi32(h[i][1], u1, _mm512_loadu_si512(hi + k + 64));
+      l[i][1] = _mm512_dpbusd_epi32(l[i][1], u1, _mm512_loadu_si512(lo + k + 64));
+    }
+  }
+  for (; k < K; k += 64) {  // x's padding is zero, so the weights past K (read as 0 + 128) add nothing
+    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k), flip);
+    for (int i = 0; i < MX; ++i) {
+      h[i][0] = _mm512_dpbusd_epi32(h[i][0], u, _mm512_loadu_si512(xs[i]->hi.data() + k));
+      l[i][0] = _mm512_dpbusd_epi32(l[i][0], u, _mm512_loadu_si512(xs[i]->lo.data() + k));
+    }
+  }
+  for (int i = 0; i < MX; ++i) {
+    const int64_t dh = _mm512_reduce_add_epi32(_mm512_add_epi32(h[i][0], h[i][1])) - 128 * xs[i]->hi_sum;
+    const int64_t dl = _mm512_reduce_add_epi32(_mm512_add_epi32(l[i][0], l[i][1])) - 128 * xs[i]->lo_sum;
+    out[i] = 128 * dh + dl;
+  }
+}
+
+// Y [M, N] = X [M, K] Q^T * scale, each row as `gemv_int8` computes it (`dot_rows_i8`'s integers and rounding), the
+// matrix read once for all rows (4 at a time); the rows of Q split over the threads.
+void gemv_rows_i8(const uint16_t* X, int64_t M, const int8_t* Q, const uint16_t* scale, int64_t N, int64_t K,
+                  uint16_t* Y) {
+  std::vector<Fixed> xs;
+  xs.reserve(M);
+  for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K);
+  parallel(0, N, kRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* q = Q + r * K;
+      const double s = bf16_to_float(scale[r]);
+      int64_t d[4];
+      for (int64_t i = 0; i < M;) {
+        const Fixed* x4[4] = {&xs[i], i + 1 < M ? &xs[i + 1] : nullptr, i + 2 < M ? &xs[i + 2] : nullptr,
+                              i + 3 < M ? &xs[i + 3] : nullptr};
+        const int64_t n = std::min<int64_t>(4, M - i);
+        switch (n) {
+          case 4: dot_i8_rows<4>(q, x4, K, d); break;
+          case 3: dot_i8_rows<3>(q, x4, K, d); break;
+          case 2: dot_i8_rows<2>(q, x4, K, d); break;
+          default: dot_i8_rows<1>(q, x4, K, d); break;
+        }
+        for (int64_t j = 0; j < n; ++j)  // as `dot_rows_i8` puts it, then rounded to bf16 once
+          Y[(i + j) * N + r] = float_to_bf16(static_cast<float>(static_cast<double>(d[j]) * xs[i + j].step * s));
+        i += n;
+      }
+    }
+  });
+}
+#endif
+
 #if MIXTRAL_AVX512  // (AVX2: `gemm_i8`, below)
 // Rows of an int8 matrix Q [N, K] with bf16 scales [N] (weight-only), dequantized n at a time into `buf` as
 // QuantizedView.dequantize does (q * scale rounded to bf16 once), for `gemm_rows` and `gate_up`: a prefill reads
@@ -2004,9 +2070,8 @@ torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int
   return out;
 }
 
-// W x for x [K] -> [N], or for x [M, K] -> [M, N]: int8 one row after another, each reading W again (a few rows
-// still beat ATen's weight-only kernels, which convert every weight to float32); int4 on AVX-512 reading W once for
-// all rows (`gemm_i4`), each row as alone.
+// W x for x [K] -> [N], or for x [M, K] -> [M, N]: on AVX-512 int8 and int4 read W once for all rows
+// (`gemv_rows_i8`, `gemm_i4`), each row's result as alone; otherwise one row after another, each reading W again.
 torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, name, ": x must be [K] or [M, K], got ", x.sizes());
   check_weight(x, "x", x.dim());
@@ -2014,6 +2079,10 @@ torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* na
   const int64_t M = x.dim() == 1 ? 1 : x.size(0);
   auto out = x.dim() == 1 ? torch::empty({W.N}, x.options()) : torch::empty({M, W.N}, x.options());
 #if MIXTRAL_AVX512
+  if (W.format == Format::kInt8 && M > 1) {  // the matrix read once for all rows, each row as below
+    gemv_rows_i8(bf16_data(x), M, static_cast<const int8_t*>(W.data), W.scale, W.N, W.K, bf16_out(out));
+    return out;
+  }
   if (W.format == Format::kInt4 && M > 1) {  // the matrix read once for all rows, each row as below
     gemm_i4(bf16_data(x), M, Int4Matrix{static_cast<const uint8_t*>(W.data), W.N, W.K, W.group}, bf16_out(out));
     return out;

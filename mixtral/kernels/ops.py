@@ -60,11 +60,11 @@ FUSED_ROWS = (
     else {"bf16": sys.maxsize, "int8": sys.maxsize, "int4": sys.maxsize}
 )
 
-# ... and from this many rows on for quantized weights: below, our GEMV row by row (`gemv_rows` in the kernels) is
-# faster than AVX-512's int8 kernel of several rows, which dequantizes blocks. The int4 kernels of several rows (and
-# AVX2's int8 ones) do not dequantize: they compute the GEMV's integer sums for all rows at once (each row bit for bit
-# the GEMV's), faster from 2 rows.
-FUSED_MIN_ROWS = {"int8": 6, "int4": 2} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
+# ... and from this many rows on for quantized weights: below, our GEMV of several rows (`gemv_rows` in the kernels:
+# the matrix read once, each row's integer sums as alone) is faster than AVX-512's int8 kernel of several rows, which
+# dequantizes blocks for bf16 tiles (even with it at ~32 rows on an Intel Xeon, behind from 64). The int4 kernels of
+# several rows (and AVX2's int8 ones) do not dequantize: they compute the GEMV's integer sums too, from 2 rows.
+FUSED_MIN_ROWS = {"int8": 24, "int4": 2} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
 
 # From this many rows on (a prefill, compute-bound) an int8 matmul outside our kernels dequantizes the weight (one
 # cheap pass) and runs the bf16 GEMM: ATen's int8 kernel multiplies at about a third of its speed.
@@ -112,7 +112,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] with a quantized kernel (activations in the scales' dtype).
 
-    Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products, row by row;
+    Our kernels, for the same function: below FUSED_MIN_ROWS rows the GEMV with integer dot products (each row's
+    sums as alone, the matrix read once);
     FUSED_MIN_ROWS to FUSED_ROWS rows: int4 (and int8 on AVX2) the GEMV's integer sums for all rows at once, int8 on
     AVX-512 bf16 tiles of the weights dequantized a block at a time (bit for bit `dequantize()` then `gemm`).
     Elsewhere ATen's int8 / int4 kernels, or (int8, many rows) the dense GEMM on the weight dequantized for this
