@@ -152,8 +152,8 @@ def test_an_impossible_layout_ends_every_rank_with_one_line(ckpt, tmp_path):  # 
     cmd = [*TORCHRUN, "-m", "mixtral.serve", "--checkpoint", str(ckpt), "--port", "0", "--ep", "3"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    lines = [line for line in out.stderr.splitlines() if line.startswith("mixtral serve: error:")]
-    assert len(lines) == 2, out.stderr[-2000:]  # one per rank, before anything loads
-    assert all("cannot split n_experts=8 over ep=3 ranks" in line for line in lines)
+    # one per rank, before anything loads (the two ranks write to one pipe at once: their lines may interleave)
+    assert out.stderr.count("mixtral serve: error:") == 2, out.stderr[-2000:]
+    assert out.stderr.count("cannot split n_experts=8 over ep=3 ranks") == 2, out.stderr[-2000:]
     # torchrun prints its own traceback on a failed worker; the workers print none.
     assert not re.search(r'File ".*/mixtral/(serve/|cli\.py|parallel\.py|checkpoint\.py)', out.stderr)
