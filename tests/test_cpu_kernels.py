@@ -959,7 +959,7 @@ def test_int4_kernels_of_a_few_rows_equal_the_gemv_row_by_row(M, N, K, group):
     x[-1] *= 1e-30  # a row in fixed point with another step
     q = QuantizedWeight.from_float(torch.randn(N, K, dtype=torch.bfloat16), "int4", group)
     ops = cpu_kernels.ops()
-    assert torch.equal(ops.gemm_int4(x, q.blocks, group), ops.gemv_int4(q.blocks, x, group))
+    assert torch.equal(ops.gemm_int4(x, q.blocks, group), torch.stack([ops.gemv_int4(q.blocks, r, group) for r in x]))
     w1, w3 = (QuantizedWeight.from_float(torch.randn(N, K, dtype=torch.bfloat16), "int4", group) for _ in range(2))
     w2 = QuantizedWeight.from_float(torch.randn(K, N, dtype=torch.bfloat16), "int4", group)
     h = ops.gemm_int4(x, w1.blocks, group), ops.gemm_int4(x, w3.blocks, group)
@@ -979,7 +979,7 @@ def test_avx2_int8_kernels_of_a_few_rows_equal_the_gemv_row_by_row(M, N, K):
     x[-1] *= 1e-30
     q = QuantizedWeight.from_float(torch.randn(N, K, dtype=torch.bfloat16), "int8")
     ops = cpu_kernels.ops()
-    assert torch.equal(ops.gemm_int8(x, q.q, q.scale), ops.gemv_int8(q.q, q.scale, x))
+    assert torch.equal(ops.gemm_int8(x, q.q, q.scale), torch.stack([ops.gemv_int8(q.q, q.scale, r) for r in x]))
     F = 64
     w1, w3 = (QuantizedWeight.from_float(torch.randn(F, K, dtype=torch.bfloat16), "int8") for _ in range(2))
     w2 = QuantizedWeight.from_float(torch.randn(K, F, dtype=torch.bfloat16), "int8")

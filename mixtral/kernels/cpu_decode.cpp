@@ -796,38 +796,53 @@ struct Fixed {
   }
 };
 
-// sum_k q[i][k] * (128 hi[k] + lo[k]) for R rows of K int8 weights at once (R streams from memory), in the
-// integers of x's fixed point: exact, so the same for any R.
-template <int R>
-__attribute__((always_inline)) inline void dot_i8(const int8_t* const* q, const Fixed& x, int64_t K, int64_t* out) {
+// sum_k q_j[k] * (128 hi_i[k] + lo_i[k]) for R rows of K int8 weights (R streams from memory) and MX rows of x, each
+// 64 weights read once for all of x's rows (out[j * MX + i]), in the integers of x's fixed point: exact, so the same
+// for any R and MX.
+template <int R, int MX>
+__attribute__((always_inline)) inline void dot_i8_tile(const int8_t* const* q, const Fixed* const* xs, int64_t K,
+                                                       int64_t* out) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q + 128 as an unsigned byte
-  __m512i h[R][2], l[R][2];
-  for (int i = 0; i < R; ++i) h[i][0] = h[i][1] = l[i][0] = l[i][1] = _mm512_setzero_si512();
-  const int8_t *hi = x.hi.data(), *lo = x.lo.data();
+  __m512i h[R][MX][2], l[R][MX][2];
+  for (int j = 0; j < R; ++j)
+    for (int i = 0; i < MX; ++i) h[j][i][0] = h[j][i][1] = l[j][i][0] = l[j][i][1] = _mm512_setzero_si512();
   int64_t k = 0;
   for (; k + 128 <= K; k += 128)
-    for (int i = 0; i < R; ++i) {
-      const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(q[i] + k), flip);
-      const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(q[i] + k + 64), flip);
-      h[i][0] = _mm512_dpbusd_epi32(h[i][0], u0, _mm512_loadu_si512(hi + k));
-      l[i][0] = _mm512_dpbusd_epi32(l[i][0], u0, _mm512_loadu_si512(lo + k));
-      h[i][1] = _mm512_dpbusd_epi32(h[i][1], u1, _mm512_loadu_si512(hi + k + 64));
-      l[i][1] = _mm512_dpbusd_epi32(l[i][1], u1, _mm512_loadu_si512(lo + k + 64));
+    for (int j = 0; j < R; ++j) {
+      const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(q[j] + k), flip);
+      const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(q[j] + k + 64), flip);
+      for (int i = 0; i < MX; ++i) {
+        const int8_t *hi = xs[i]->hi.data(), *lo = xs[i]->lo.data();
+        h[j][i][0] = _mm512_dpbusd_epi32(h[j][i][0], u0, _mm512_loadu_si512(hi + k));
+        l[j][i][0] = _mm512_dpbusd_epi32(l[j][i][0], u0, _mm512_loadu_si512(lo + k));
+        h[j][i][1] = _mm512_dpbusd_epi32(h[j][i][1], u1, _mm512_loadu_si512(hi + k + 64));
+        l[j][i][1] = _mm512_dpbusd_epi32(l[j][i][1], u1, _mm512_loadu_si512(lo + k + 64));
+      }
     }
   for (; k < K; k += 64) {  // x's padding is zero, so the weights past K (read as 0 + 128) add nothing
     const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
-    for (int i = 0; i < R; ++i) {
-      const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q[i] + k), flip);
-      h[i][0] = _mm512_dpbusd_epi32(h[i][0], u, _mm512_loadu_si512(hi + k));
-      l[i][0] = _mm512_dpbusd_epi32(l[i][0], u, _mm512_loadu_si512(lo + k));
+    for (int j = 0; j < R; ++j) {
+      const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q[j] + k), flip);
+      for (int i = 0; i < MX; ++i) {
+        h[j][i][0] = _mm512_dpbusd_epi32(h[j][i][0], u, _mm512_loadu_si512(xs[i]->hi.data() + k));
+        l[j][i][0] = _mm512_dpbusd_epi32(l[j][i][0], u, _mm512_loadu_si512(xs[i]->lo.data() + k));
+      }
     }
   }
   // |sum| <= 255 * 128 * K: int32 holds it for K up to ~65k
-  for (int i = 0; i < R; ++i) {
-    const int64_t dh = _mm512_reduce_add_epi32(_mm512_add_epi32(h[i][0], h[i][1])) - 128 * x.hi_sum;
-    const int64_t dl = _mm512_reduce_add_epi32(_mm512_add_epi32(l[i][0], l[i][1])) - 128 * x.lo_sum;
-    out[i] = 128 * dh + dl;
-  }
+  for (int j = 0; j < R; ++j)
+    for (int i = 0; i < MX; ++i) {
+      const int64_t dh = _mm512_reduce_add_epi32(_mm512_add_epi32(h[j][i][0], h[j][i][1])) - 128 * xs[i]->hi_sum;
+      const int64_t dl = _mm512_reduce_add_epi32(_mm512_add_epi32(l[j][i][0], l[j][i][1])) - 128 * xs[i]->lo_sum;
+      out[j * MX + i] = 128 * dh + dl;
+    }
+}
+
+// The same for one row of x (the GEMV).
+template <int R>
+__attribute__((always_inline)) inline void dot_i8(const int8_t* const* q, const Fixed& x, int64_t K, int64_t* out) {
+  const Fixed* xs[1] = {&x};
+  dot_i8_tile<R, 1>(q, xs, K, out);
 }
 #else  // AVX2
 // On AVX2 x's fixed point is kept as one int16 per element, v = 128 hi + lo (|v| < 2^14: see above), and each row's
@@ -937,65 +952,29 @@ void dot_rows_i8(const int8_t* Q, const uint16_t* scale, const Fixed& x, float* 
 }
 
 #if MIXTRAL_AVX512
-// sum_k q[k] * (128 hi_i[k] + lo_i[k]) for one row of K int8 weights and MX rows of x at once: each 64 weights read
-// once for all of them. The same exact integers as `dot_i8`.
-template <int MX>
-void dot_i8_rows(const int8_t* q, const Fixed* const* xs, int64_t K, int64_t* out) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q + 128 as an unsigned byte
-  __m512i h[MX][2], l[MX][2];
-  for (int i = 0; i < MX; ++i) h[i][0] = h[i][1] = l[i][0] = l[i][1] = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 128 <= K; k += 128) {
-    const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(q + k), flip);
-    const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(q + k + 64), flip);
-    for (int i = 0; i < MX; ++i) {
-      const int8_t *hi = xs[i]->hi.data(), *lo = xs[i]->lo.data();
-      h[i][0] = _mm512_dpbusd_epi32(h[i][0], u0, _mm512_loadu_si512(hi + k));
-      l[i][0] = _mm512_dpbusd_epi32(l[i][0], u0, _mm512_loadu_si512(lo + k));
-      h[i][1] = _mm512_dpbusd_epi32(h[i][1], u1, _mm512_loadu_si512(hi + k + 64));
-      l[i][1] = _mm512_dpbusd_epi32(l[i][1], u1, _mm512_loadu_si512(lo + k + 64));
-    }
-  }
-  for (; k < K; k += 64) {  // x's padding is zero, so the weights past K (read as 0 + 128) add nothing
-    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
-    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k), flip);
-    for (int i = 0; i < MX; ++i) {
-      h[i][0] = _mm512_dpbusd_epi32(h[i][0], u, _mm512_loadu_si512(xs[i]->hi.data() + k));
-      l[i][0] = _mm512_dpbusd_epi32(l[i][0], u, _mm512_loadu_si512(xs[i]->lo.data() + k));
-    }
-  }
-  for (int i = 0; i < MX; ++i) {
-    const int64_t dh = _mm512_reduce_add_epi32(_mm512_add_epi32(h[i][0], h[i][1])) - 128 * xs[i]->hi_sum;
-    const int64_t dl = _mm512_reduce_add_epi32(_mm512_add_epi32(l[i][0], l[i][1])) - 128 * xs[i]->lo_sum;
-    out[i] = 128 * dh + dl;
-  }
-}
-
 // Y [M, N] = X [M, K] Q^T * scale, each row as `gemv_int8` computes it (`dot_rows_i8`'s integers and rounding), the
-// matrix read once for all rows (4 at a time); the rows of Q split over the threads.
-void gemv_rows_i8(const uint16_t* X, int64_t M, const int8_t* Q, const uint16_t* scale, int64_t N, int64_t K,
-                  uint16_t* Y) {
+// matrix read once for all rows (4 at a time); the rows of Q split over the threads. (AVX2's is below.)
+void gemm_i8(const uint16_t* X, int64_t M, const int8_t* Q, const uint16_t* scale, int64_t N, int64_t K, uint16_t* Y) {
   std::vector<Fixed> xs;
   xs.reserve(M);
   for (int64_t i = 0; i < M; ++i) xs.emplace_back(X + i * K, K);
   parallel(0, N, kRows, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int8_t* q = Q + r * K;
+      const int8_t* q[1] = {Q + r * K};
       const double s = bf16_to_float(scale[r]);
-      int64_t d[4];
-      for (int64_t i = 0; i < M;) {
-        const Fixed* x4[4] = {&xs[i], i + 1 < M ? &xs[i + 1] : nullptr, i + 2 < M ? &xs[i + 2] : nullptr,
-                              i + 3 < M ? &xs[i + 3] : nullptr};
+      for (int64_t i = 0; i < M; i += 4) {
         const int64_t n = std::min<int64_t>(4, M - i);
+        const Fixed* x4[4] = {};
+        for (int64_t j = 0; j < n; ++j) x4[j] = &xs[i + j];
+        int64_t d[4];
         switch (n) {
-          case 4: dot_i8_rows<4>(q, x4, K, d); break;
-          case 3: dot_i8_rows<3>(q, x4, K, d); break;
-          case 2: dot_i8_rows<2>(q, x4, K, d); break;
-          default: dot_i8_rows<1>(q, x4, K, d); break;
+          case 4: dot_i8_tile<1, 4>(q, x4, K, d); break;
+          case 3: dot_i8_tile<1, 3>(q, x4, K, d); break;
+          case 2: dot_i8_tile<1, 2>(q, x4, K, d); break;
+          default: dot_i8_tile<1, 1>(q, x4, K, d); break;
         }
         for (int64_t j = 0; j < n; ++j)  // as `dot_rows_i8` puts it, then rounded to bf16 once
           Y[(i + j) * N + r] = float_to_bf16(static_cast<float>(static_cast<double>(d[j]) * xs[i + j].step * s));
-        i += n;
       }
     }
   });
@@ -1084,15 +1063,42 @@ struct GatherIndex {  // byte 4i + c of `lo` selects column c, byte i of the 4 x
   }
 };
 
+// Columns k .. k + 3 of a block's group (`at.columns`) as the 64 rows' nibbles, one byte each: q[v] byte 4i + c is
+// row 16 v + i, column k + c.
+__attribute__((always_inline)) inline void split4_i4(const uint8_t* columns, int64_t k, __m512i* q) {
+  static const GatherIndex index;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i A = _mm512_loadu_si512(columns + k * 32), B = _mm512_loadu_si512(columns + k * 32 + 64);
+  const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
+  q[0] = _mm512_and_si512(r0, nibble);                         // rows 0-15
+  q[1] = _mm512_and_si512(r1, nibble);                         // rows 16-31
+  q[2] = _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble);   // rows 32-47
+  q[3] = _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble);   // rows 48-63
+}
+
+// out[v] += a group's contribution to the block's 64 rows (16 per v), from the integer sums dh, dl of its columns
+// and x's fixed-point step and sum over the group: t (128 dh + dl) scale + (zero - 8 scale) sum(x).
+__attribute__((always_inline)) inline void finish_group_i4(const __m512i* dh, const __m512i* dl, const uint16_t* pairs,
+                                                           float step, float x_sum, __m512* out) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 t = _mm512_set1_ps(step), xs = _mm512_set1_ps(x_sum), eight = _mm512_set1_ps(8.0f);
+  for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
+    const __m512i pair = _mm512_loadu_si512(pairs + 16 * v * 2);
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
+    // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
+    const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(dh[v], 7), dl[v]);
+    const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), t);
+    out[v] = _mm512_fmadd_ps(d, scale, out[v]);
+    out[v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, out[v]);
+  }
+}
+
 // y[64 b .. 64 b + 64) for each block b of bs[0..R) of an int4 matrix P of K columns, the blocks group by group in
 // turn (R sequential streams).
 template <int R>
 void dot_blocks_i4(const uint8_t* P, const Int4Input& in, int64_t K, int64_t group, const int64_t* bs, float* y) {
-  static const GatherIndex index;
   const Fixed& x = in.fixed;
-  const float* x_sum = in.sums.data();
-  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m512 step = _mm512_set1_ps(static_cast<float>(x.step)), eight = _mm512_set1_ps(8.0f);
   const int8_t *hi = x.hi.data(), *lo = x.lo.data();
   __m512 out[R][4];
   for (int i = 0; i < R; ++i)
@@ -1100,15 +1106,11 @@ void dot_blocks_i4(const uint8_t* P, const Int4Input& in, int64_t K, int64_t gro
   for (int64_t g = 0, g0 = 0; g0 < K; ++g, g0 += group) {
     for (int i = 0; i < R; ++i) {
       const Int4Group at(P, K, group, bs[i], g);
-      const uint8_t* p = at.columns;
       __m512i dh[4], dl[4];
       for (int v = 0; v < 4; ++v) dh[v] = dl[v] = _mm512_setzero_si512();
       for (int64_t k = g0; k < g0 + group; k += 4) {
-        const __m512i A = _mm512_loadu_si512(p + k * 32), B = _mm512_loadu_si512(p + k * 32 + 64);
-        const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
-        const __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),  // rows 0-15, 16-31
-                              _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),           // rows 32-47
-                              _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};          // rows 48-63
+        __m512i q[4];
+        split4_i4(at.columns, k, q);
         int32_t h4, l4;
         std::memcpy(&h4, hi + k, 4);
         std::memcpy(&l4, lo + k, 4);
@@ -1118,17 +1120,7 @@ void dot_blocks_i4(const uint8_t* P, const Int4Input& in, int64_t K, int64_t gro
           dl[v] = _mm512_dpbusd_epi32(dl[v], q[v], xl);
         }
       }
-      const __m512 xs = _mm512_set1_ps(x_sum[g]);
-      for (int v = 0; v < 4; ++v) {  // 16 rows' (scale, zero) pairs: as dwords, scale in the low half
-        const __m512i pair = _mm512_loadu_si512(at.pairs + 16 * v * 2);
-        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-        const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
-        // |128 dh + dl| <= 15 * 2^14 * group: exact in int32, and in float32 for groups up to 64
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(dh[v], 7), dl[v]);
-        const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), step);
-        out[i][v] = _mm512_fmadd_ps(d, scale, out[i][v]);
-        out[i][v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, out[i][v]);
-      }
+      finish_group_i4(dh, dl, at.pairs, static_cast<float>(x.step), in.sums[g], out[i]);
     }
   }
   for (int i = 0; i < R; ++i)
@@ -1297,24 +1289,13 @@ struct Int4Matrix {
 // Group `at` (columns [g0, g0 + group)) split as `dot_blocks_i4` splits it: 4 columns of the 64 rows in q[4 (k - g0)
 // / 4 + v], rows 16 v .. 16 v + 15.
 void split_group_i4(const Int4Group& at, int64_t g0, int64_t group, __m512i* q) {
-  static const GatherIndex index;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  for (int64_t k = g0; k < g0 + group; k += 4, q += 4) {
-    const __m512i A = _mm512_loadu_si512(at.columns + k * 32), B = _mm512_loadu_si512(at.columns + k * 32 + 64);
-    const __m512i r0 = _mm512_permutex2var_epi8(A, index.lo, B), r1 = _mm512_permutex2var_epi8(A, index.hi, B);
-    _mm512_storeu_si512(q + 0, _mm512_and_si512(r0, nibble));
-    _mm512_storeu_si512(q + 1, _mm512_and_si512(r1, nibble));
-    _mm512_storeu_si512(q + 2, _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble));
-    _mm512_storeu_si512(q + 3, _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble));
-  }
+  for (int64_t k = g0; k < g0 + group; k += 4, q += 4) split4_i4(at.columns, k, q);
 }
 
 // out[i][0..64) += group g of a block (split in q, (scale, zero) pairs in `pairs`) times x_i, for NR rows.
 template <int NR>
 void tile_group_i4(const __m512i* q, const uint16_t* pairs, int64_t g, int64_t g0, int64_t group,
                    const Int4Input* const* xs, float* const* out) {
-  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m512 eight = _mm512_set1_ps(8.0f);
   __m512i dh[NR][4], dl[NR][4];
   for (int i = 0; i < NR; ++i)
     for (int v = 0; v < 4; ++v) dh[i][v] = dl[i][v] = _mm512_setzero_si512();
@@ -1335,19 +1316,11 @@ void tile_group_i4(const __m512i* q, const uint16_t* pairs, int64_t g, int64_t g
       }
     }
   }
-  for (int i = 0; i < NR; ++i) {
-    const __m512 step = _mm512_set1_ps(static_cast<float>(xs[i]->fixed.step)), x_sum = _mm512_set1_ps(xs[i]->sums[g]);
-    for (int v = 0; v < 4; ++v) {  // as `dot_blocks_i4` finishes a group
-      const __m512i pair = _mm512_loadu_si512(pairs + 16 * v * 2);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
-      const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(dh[i][v], 7), dl[i][v]);
-      const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), step);
-      __m512 acc = _mm512_loadu_ps(out[i] + 16 * v);
-      acc = _mm512_fmadd_ps(d, scale, acc);
-      acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), x_sum, acc);
-      _mm512_storeu_ps(out[i] + 16 * v, acc);
-    }
+  for (int i = 0; i < NR; ++i) {  // as `dot_blocks_i4` finishes a group, the running sums kept in out[i]
+    __m512 acc[4];
+    for (int v = 0; v < 4; ++v) acc[v] = _mm512_loadu_ps(out[i] + 16 * v);
+    finish_group_i4(dh[i], dl[i], pairs, static_cast<float>(xs[i]->fixed.step), xs[i]->sums[g], acc);
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out[i] + 16 * v, acc[v]);
   }
 }
 
@@ -2070,24 +2043,22 @@ torch::Tensor gemm_int4(const torch::Tensor& x, const torch::Tensor& blocks, int
   return out;
 }
 
-// W x for x [K] -> [N], or for x [M, K] -> [M, N]: on AVX-512 int8 and int4 read W once for all rows
-// (`gemv_rows_i8`, `gemm_i4`), each row's result as alone; otherwise one row after another, each reading W again.
+// W x for x [K] -> [N], or for x [M, K] -> [M, N]: int8 and int4 read W once for all rows (`gemm_i8`, `gemm_i4`),
+// each row's result as alone; bf16 one row after another, each reading W again.
 torch::Tensor gemv_rows(const Weights& W, const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, name, ": x must be [K] or [M, K], got ", x.sizes());
   check_weight(x, "x", x.dim());
   TORCH_CHECK(x.size(-1) == W.K, name, ": weights of ", W.K, " columns and x ", x.sizes());
   const int64_t M = x.dim() == 1 ? 1 : x.size(0);
   auto out = x.dim() == 1 ? torch::empty({W.N}, x.options()) : torch::empty({M, W.N}, x.options());
-#if MIXTRAL_AVX512
   if (W.format == Format::kInt8 && M > 1) {  // the matrix read once for all rows, each row as below
-    gemv_rows_i8(bf16_data(x), M, static_cast<const int8_t*>(W.data), W.scale, W.N, W.K, bf16_out(out));
+    gemm_i8(bf16_data(x), M, static_cast<const int8_t*>(W.data), W.scale, W.N, W.K, bf16_out(out));
     return out;
   }
-  if (W.format == Format::kInt4 && M > 1) {  // the matrix read once for all rows, each row as below
+  if (W.format == Format::kInt4 && M > 1) {
     gemm_i4(bf16_data(x), M, Int4Matrix{static_cast<const uint8_t*>(W.data), W.N, W.K, W.group}, bf16_out(out));
     return out;
   }
-#endif
   for (int64_t i = 0; i < M; ++i)
     project({W}, Vector(bf16_data(x) + i * W.K, W.K, W.format, W.group), bf16_out(out) + i * W.N);
   return out;
