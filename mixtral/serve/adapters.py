@@ -146,13 +146,9 @@ class AdapterBank:
         x = args[0]
         x_BTI = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]: the model's projections take [B, T, in]
         A_all, B_all = self.stacks[name]
-        if self._uniform is not None:  # one adapter for all rows: its A and B as they are, no gather
-            A, B = A_all[self._uniform], B_all[self._uniform]
-            delta = (x_BTI.float() @ A.T) @ B.T
-        else:
-            slots = self._row_slots(x_BTI.shape[0])
-            delta = lora_delta(x_BTI, A_all[slots], B_all[slots])
-        return out + delta.to(out.dtype).view(out.shape)
+        # one adapter for all rows: its A and B as they are (a view); else each row's, gathered
+        rows = self._uniform if self._uniform is not None else self._row_slots(x_BTI.shape[0])
+        return out + lora_delta(x_BTI, A_all[rows], B_all[rows]).to(out.dtype).view(out.shape)
 
     def _experts(
         self,
@@ -184,10 +180,10 @@ class _Restore:
         self.moe.dispatch_hook = None
 
 
-def lora_delta(x_BTI: torch.Tensor, A_BRI: torch.Tensor, B_BOR: torch.Tensor) -> torch.Tensor:
-    """Each row's (x A^T) B^T in float32: [B, T, in] -> [B, T, out]."""
-    u_BTR = torch.bmm(x_BTI.float(), A_BRI.transpose(1, 2))
-    return torch.bmm(u_BTR, B_BOR.transpose(1, 2))
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(x A^T) B^T in float32: x [..., in] with one adapter's A [R, in] and B [out, R], or x [B, T, in] with each
+    row's A [B, R, in] and B [B, out, R] (batched matmuls) -> [..., out]."""
+    return (x.float() @ A.transpose(-1, -2)) @ B.transpose(-1, -2)
 
 
 def experts_lora(
@@ -228,7 +224,7 @@ def experts_lora(
         y = y.float()
         for e, slot, start, end in runs:
             if slot != slots - 1:
-                y[start:end] += (h_PI[start:end].float() @ A_all[slot, e].T) @ B_all[slot, e].T
+                y[start:end] += lora_delta(h_PI[start:end], A_all[slot, e], B_all[slot, e])
         return y.to(h_PI.dtype)
 
     g_PF = F.silu(project(x_PD, 0, w1)) * project(x_PD, 2, w3)
