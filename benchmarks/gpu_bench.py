@@ -72,9 +72,11 @@ from mixtral.kernels.fused_moe import (  # noqa: E402
     fused_experts,
     triton_unavailable_reason,
 )
-from mixtral.kernels.ops import Experts, Routing, experts, experts_int8_reference  # noqa: E402
+from mixtral.kernels.ops import Experts, Routing, experts  # noqa: E402
+from mixtral.kernels.weights import QuantizedWeight  # noqa: E402
 from mixtral.model import Transformer  # noqa: E402
-from mixtral.moe import route  # noqa: E402
+from mixtral.moe import experts_reference, route  # noqa: E402
+from mixtral.quantize import active_weight_bytes, is_quantizable, place_quantized  # noqa: E402
 
 DECODE_CANDIDATES = [
     DECODE_CONFIG,
@@ -163,113 +165,93 @@ def measure_bandwidth(device: torch.device) -> float:
 
 # ---- 2. the model ---------------------------------------------------------------------------------------------
 
+FORMATS = ("bf16", "int8", "int4", "fp8")
 
-def choose_weights(config: ModelConfig, device: torch.device, wanted: str) -> str:
+
+def model_bytes(config: ModelConfig, fmt: str, group_size: int = 64) -> tuple[int, int]:
+    """(bytes of the whole model, bytes of its experts) in `fmt`: what `quantize_model` makes (attention and experts
+    in the format, the LM head int8, embedding, router and norms bf16)."""
     total, _ = config.param_counts()
     expert = config.n_layers * config.n_experts * 3 * config.dim * config.hidden_dim
-    bf16_bytes = 2 * total
-    int8_bytes = (
-        2 * (total - expert) + expert + config.n_layers * config.n_experts * 4 * (2 * config.hidden_dim + config.dim)
-    )
-    headroom = 6e9 if device.type == "cuda" else 0  # KV caches, activations, the kernel's buffers
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
-    log(
-        f"model: {total / 1e9:.1f}B parameters; bf16 {bf16_bytes / 1e9:.1f} GB, "
-        f"int8 experts {int8_bytes / 1e9:.1f} GB; free GPU memory {free / 1e9:.1f} GB "
-        f"(keeping {headroom / 1e9:.0f} GB for caches and activations)"
-    )
-    if wanted == "auto":
-        if bf16_bytes + headroom <= free:
-            choice = "bf16"
-        elif int8_bytes + headroom <= free:
-            choice = "int8"
-        else:
-            raise SystemExit(f"the model does not fit: {int8_bytes / 1e9:.1f} GB even with int8 experts")
-    else:
-        choice = wanted
-    log(
-        f"weights: {choice}"
-        + (" (every weight bf16)" if choice == "bf16" else " (experts int8 with per-channel scales, the rest bf16)")
-        + ("" if wanted == "auto" else " (as asked)")
-        + (" because bf16 does not fit" if choice == "int8" and wanted == "auto" else "")
-    )
-    return choice
+    attn = config.n_layers * config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+    head = 0 if config.tie_embeddings else config.vocab_size * config.dim
+    per_weight = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / group_size}[fmt]
+    head_bytes = 2 * head if fmt == "bf16" else head  # (+ scales, small)
+    expert_bytes = int(expert * per_weight)
+    return int(2 * (total - expert - attn - head) + (expert + attn) * per_weight + head_bytes), expert_bytes
+
+
+def fits(config: ModelConfig, fmt: str, device: torch.device) -> str | None:
+    """Why the model in `fmt` does not fit the free GPU memory (keeping room for caches and activations), or None."""
+    if device.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(device)[0]
+    need = model_bytes(config, fmt)[0] + HEADROOM
+    if need > free:
+        return f"needs {need / 1e9:.1f} GB with {HEADROOM / 1e9:.0f} GB of headroom, {free / 1e9:.1f} GB free"
+    return None
+
+
+HEADROOM = 8e9  # KV caches, activations, CUDA graph pools, the kernels' buffers
+
+
+def random_weight(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, gen) -> torch.Tensor:
+    """Random weights scaled like a trained model's: unit-size activations, random routing."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    # uniform of unit variance: as good as normal here, and quicker to draw for 90 GB
+    t = torch.empty(shape, dtype=dtype, device=device).uniform_(-(3**0.5), 3**0.5, generator=gen)
+    return t if name.startswith("embed") else t.mul_(shape[-1] ** -0.5)  # 1/sqrt(fan in)
 
 
 def build_model(
-    config: ModelConfig, device: torch.device, weights: str, dtype: torch.dtype = torch.bfloat16
-) -> tuple[Transformer, list]:
-    """Random weights straight on the device, scaled like a trained model's (unit-size activations, random
-    routing). Returns the model and, with int8 experts, the (s1, s2, s3) scales of each layer.
-
-    For int8 the weights are uniform over [-127, 127] (RMS ~73), the scales 1/(73 sqrt(fan in))."""
+    config: ModelConfig, device: torch.device, fmt: str, dtype: torch.dtype = torch.bfloat16, *, experts_on=None
+) -> Transformer:
+    """The model with random weights straight on `device`, in `fmt` as `quantize_model` would make it, each weight
+    quantized on its own (the whole model is never held in bf16). `experts_on`: another device for the stacked
+    experts (the CPU for the offloaded mode)."""
     model = Transformer.skeleton(config)
     gen = torch.Generator(device=device).manual_seed(0)
-    for mname, module in model.named_modules():
-        for pname, p in list(module.named_parameters(recurse=False)):
-            if pname in ("w1", "w2", "w3") and weights == "int8":
-                t = torch.randint(-127, 128, p.shape, dtype=torch.int8, device=device, generator=gen)
-            elif mname.endswith("norm"):
-                t = torch.ones(p.shape, dtype=dtype, device=device)
-            else:
-                # uniform of unit variance: as good as normal here, and quicker to draw for 90 GB
-                t = torch.empty(p.shape, dtype=dtype, device=device).uniform_(-(3**0.5), 3**0.5, generator=gen)
-                if mname != "embed":
-                    t.mul_(p.shape[-1] ** -0.5)  # 1/sqrt(fan in): activations stay of unit size
-            setattr(module, pname, torch.nn.Parameter(t, requires_grad=False))
-    scales = []
-    if weights == "int8":
-        E, F_, D = config.n_experts, config.hidden_dim, config.dim
-        for _ in range(config.n_layers):
-            s1 = torch.full((E, F_), D**-0.5 / 73.0, device=device)
-            s2 = torch.full((E, D), F_**-0.5 / 73.0, device=device)
-            scales.append((s1, s2, s1.clone()))
-    return model.eval(), scales
+    for name, p in list(model.named_parameters()):
+        where = experts_on if experts_on is not None and ".moe.w" in name else device
+        t = random_weight(name, p.shape, dtype, device, gen)
+        if fmt != "bf16" and is_quantizable(name):
+            mode = "int8" if name == "output.weight" else fmt
+            qw = QuantizedWeight.from_float(t, mode, group_size=64)
+            del t
+            tensors = {n: b.to(where) for n, b in qw.named_buffers()}
+            place_quantized(model, name, mode, tensors, dtype, qw.group_size)
+        else:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            setattr(module, attr, torch.nn.Parameter(t.to(where), requires_grad=False))
+    if fmt != "bf16":
+        model.quantization = {"mode": fmt, "group_size": 64 if fmt == "int4" else None}
+    for buf_owner in model.modules():  # the non-persistent buffers a skeleton leaves on meta (RoPE tables)
+        for bname, b in list(buf_owner.named_buffers(recurse=False)):
+            if b.is_meta:
+                raise RuntimeError(f"buffer {bname} of {type(buf_owner).__name__} left on meta")
+    return model.eval()
 
 
-# ---- the two paths ---------------------------------------------------------------------------------------------
-
-
-def install(model: Transformer, path: str, weights: str, scales: list, graphs: bool) -> None:
-    """Make every MoE block run `path` ('plain': the grouped PyTorch path; 'triton': the fused kernel with its
-    default tiles, as `mixtral generate` runs it on a GPU) on its (bf16 or int8) experts, and allow CUDA graphs
-    for decode or not. int8 experts go through a dispatch hook (their scales live outside the model), which
-    rules CUDA graphs out (`generate.graphable`)."""
+def install(model: Transformer, path: str, graphs: bool) -> None:
+    """Make every MoE block run `path` ('plain': the grouped PyTorch path, host-planned; 'triton': the fused kernel
+    with its default tiles, as `mixtral generate` runs it on a GPU), and allow CUDA graphs for decode or not."""
     model.cuda_graphs = graphs
-    for i, layer in enumerate(model.layers):
-        moe = layer.moe
-        moe.impl = "grouped" if path == "plain" else "triton"
-        moe.dispatch_hook = None
-        if weights == "int8":
-            moe.dispatch_hook = _int8_hook(path, scales[i])
+    for layer in model.layers:
+        layer.moe.impl = "grouped" if path == "plain" else "triton"
 
 
-def _int8_hook(path: str, s: tuple) -> Callable:
-    def hook(x, stack, routing, local):
-        if path == "plain":
-            return experts_int8_reference(x, stack, routing, s)
-        return fused_experts(x, stack.w1, stack.w2, stack.w3, *routing, scales=s)
-
-    return hook
-
-
-def pick_config(configs: dict | None, n_pairs: int, n_experts: int) -> KernelConfig:
-    default = default_config(n_pairs, n_experts)
-    if not configs:
-        return default
-    return configs["decode"] if default is DECODE_CONFIG else configs["prefill"]
-
-
-def moe_call(model: Transformer, layer: int, path: str, weights: str, scales: list, config: KernelConfig | None):
-    """A function (x, weights_TK, idx_TK) -> output running one layer's experts through `path`."""
+def moe_call(model: Transformer, layer: int, path: str, config: KernelConfig | None):
+    """A function (x, weights_TK, idx_TK) -> output running one layer's experts through `path` ('reference': each
+    used expert dequantized, 'plain': the grouped path, 'triton': the kernel)."""
     moe = model.layers[layer].moe
     stack = Experts(moe.w1, moe.w2, moe.w3)
-    s = scales[layer] if weights == "int8" else None
+    if path == "reference":
+        return lambda x, w, i: experts_reference(x, stack, Routing(w, i))
     if path == "plain":
-        if s is None:
-            return lambda x, w, i: experts(x, stack, Routing(w, i))
-        return lambda x, w, i: experts_int8_reference(x, stack, Routing(w, i), s)
-    return lambda x, w, i: fused_experts(x, moe.w1, moe.w2, moe.w3, w, i, scales=s, config=config)
+        return lambda x, w, i: experts(x, stack, Routing(w, i))
+    return lambda x, w, i: fused_experts(x, moe.w1, moe.w2, moe.w3, w, i, config=config)
 
 
 def routed_input(config: ModelConfig, model: Transformer, T: int, device: torch.device, seed: int = 0):
@@ -279,38 +261,43 @@ def routed_input(config: ModelConfig, model: Transformer, T: int, device: torch.
     return x, weights_TK, idx_TK
 
 
-def expert_bytes(config: ModelConfig, weights: str) -> int:
-    per_weight = 1 if weights == "int8" else 2
-    return 3 * config.dim * config.hidden_dim * per_weight
+def expert_bytes(model: Transformer) -> int:
+    """Bytes of one expert (its three matrices, scales included) in the model's format."""
+    moe = model.layers[0].moe
+    stacks = [moe.w1, moe.w2, moe.w3]
+    return (
+        sum(t.numel() * t.element_size() for w in stacks for t in ([w] if isinstance(w, torch.Tensor) else w.buffers()))
+        // moe.w1.shape[0]
+    )
 
 
 # ---- 3-5. one MoE layer -------------------------------------------------------------------------------------------
 
 
-def check_kernel(model, config, device, weights, scales, sizes) -> str | None:
-    """The kernel against the plain path on layer 0; returns None when it agrees, else the reason."""
+def check_kernel(model, config, device, sizes) -> str | None:
+    """The kernel against the reference (each used expert dequantized) on layer 0; None when it agrees, else why."""
     worst = 0.0
     for T in sizes:
         x, w, i = routed_input(config, model, T, device, seed=T)
-        want = moe_call(model, 0, "plain", weights, scales, None)(x, w, i).float()
-        got = moe_call(model, 0, "triton", weights, scales, None)(x, w, i).float()
+        want = moe_call(model, 0, "reference", None)(x, w, i).float()
+        got = moe_call(model, 0, "triton", None)(x, w, i).float()
         err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
         worst = max(worst, err)
-        log(f"  T={T:5d}: max |triton - plain| / max |plain| = {err:.2e}")
+        log(f"  T={T:5d}: max |triton - reference| / max |reference| = {err:.2e}")
     if worst > 3e-2:
-        return f"the kernel disagrees with the plain path (relative error {worst:.2e})"
-    log("  the kernel agrees with the plain path")
+        return f"the kernel disagrees with the reference (relative error {worst:.2e})"
+    log("  the kernel agrees with the reference")
     return None
 
 
-def tune(model, config, device, weights, scales, sizes: dict) -> dict:
+def tune(model, config, device, sizes: dict) -> dict:
     chosen = {}
     for kind, (T, candidates) in sizes.items():
         x, w, i = routed_input(config, model, T, device, seed=1)
         best = None
         for c in candidates:
             try:
-                fn = moe_call(model, 0, "triton", weights, scales, c)
+                fn = moe_call(model, 0, "triton", c)
                 t = timed(functools.partial(fn, x, w, i), device, repeats=20, warmup=2)
                 log(f"  {kind:7s} T={T:5d}: {t * 1e6:9.1f} us  {c}")
                 if best is None or t < best[0]:
@@ -325,17 +312,24 @@ def tune(model, config, device, weights, scales, sizes: dict) -> dict:
     return chosen
 
 
-def bench_moe_layer(model, config, device, weights, scales, configs, paths, bw) -> dict:
+def pick_config(configs: dict | None, n_pairs: int, n_experts: int) -> KernelConfig:
+    default = default_config(n_pairs, n_experts)
+    if not configs:
+        return default
+    return configs["decode"] if default is DECODE_CONFIG else configs["prefill"]
+
+
+def bench_moe_layer(model, config, device, configs, paths, bw, sizes=(1, 32, 2048)) -> dict:
     out = {}
-    for T in (1, 32, 2048):
+    for T in sizes:
         x, w, i = routed_input(config, model, T, device, seed=2)
         unique = i.unique().numel()
-        moved = unique * expert_bytes(config, weights)
+        moved = unique * expert_bytes(model)
         flops = 2 * 3 * config.dim * config.hidden_dim * T * config.top_k
         for path in paths:
             try:
                 cfg = pick_config(configs, i.numel(), config.n_experts) if path == "triton" else None
-                fn = moe_call(model, 0, path, weights, scales, cfg)
+                fn = moe_call(model, 0, path, cfg)
                 t = timed(functools.partial(fn, x, w, i), device, repeats=20)
                 out[(path, T)] = t
                 log(
@@ -350,11 +344,10 @@ def bench_moe_layer(model, config, device, weights, scales, configs, paths, bw) 
 # ---- 6. the whole model ---------------------------------------------------------------------------------------------
 
 
-def fixed_bytes(config: ModelConfig) -> int:
-    """Bytes every decode step reads besides the experts: attention, routers, norms, LM head (bf16)."""
-    attn = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
-    per_layer = attn + config.dim * config.n_experts + 2 * config.dim
-    return 2 * (config.n_layers * per_layer + config.vocab_size * config.dim + config.dim)
+def fixed_bytes(model: Transformer) -> int:
+    """Bytes every decode step reads besides the experts: attention, routers, norms, LM head, one embedding row."""
+    cfg = model.config
+    return active_weight_bytes(model) - cfg.n_layers * cfg.top_k * expert_bytes(model)
 
 
 def bench_prefill(model: Transformer, config: ModelConfig, device: torch.device, P: int) -> float:
@@ -410,8 +403,8 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 
 
-def bench_model(model, config, device, weights, bw, args, label: str, with_prefill: bool) -> dict:
-    """Prefill (when asked) and decode at each of BATCHES for the installed path; peak GPU memory over them."""
+def bench_model(model, config, device, bw, args, label: str, with_prefill: bool, batches=BATCHES) -> dict:
+    """Prefill (when asked) and decode at each of `batches` for the installed path; peak GPU memory over them."""
     res: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -422,10 +415,11 @@ def bench_model(model, config, device, weights, bw, args, label: str, with_prefi
             log(f"  [{label}] prefill {args.prompt_len} tokens: {t * 1e3:8.1f} ms, {res['prefill']:9.1f} tokens/s")
         except Exception:
             res["prefill_error"] = failed(f"[{label}] prefill")
-    for B in BATCHES:
+    fixed, per_expert = fixed_bytes(model), expert_bytes(model)
+    for B in batches:
         try:
             t, unique, kv = bench_decode(model, config, device, B, args.decode_prompt, args.decode_steps)
-            moved = fixed_bytes(config) + config.n_layers * unique * expert_bytes(config, weights) + kv
+            moved = fixed + config.n_layers * unique * per_expert + kv
             res[f"decode{B}"] = B / t
             res[f"bw{B}"] = moved / t / bw
             log(
@@ -439,6 +433,83 @@ def bench_model(model, config, device, weights, bw, args, label: str, with_prefi
     return res
 
 
+def bench_format(config, device, fmt: str, dtype, bw, args, deadline: float) -> dict:
+    """One format: build, check the kernel on layer 0, one MoE layer, then the whole model (the kernel eagerly
+    with prefill, from CUDA graphs; the plain path too for bf16, the baseline)."""
+    results: dict = {}
+    section(f"{fmt}: model")
+    t0 = time.perf_counter()
+    model = build_model(config, device, fmt, dtype)
+    sync(device)
+    used = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    log(f"built {config.n_layers} layers in {fmt} on {device} in {time.perf_counter() - t0:.1f}s ({used:.1f} GB)")
+    section(f"{fmt}: kernel check (layer 0, triton against the reference)")
+    triton_error = triton_unavailable_reason(device)
+    if triton_error is None:
+        try:
+            triton_error = check_kernel(model, config, device, (1, 32))
+        except Exception:
+            triton_error = failed(f"{fmt}: the Triton kernel")
+    paths = ["plain"] + (["triton"] if triton_error is None else [])
+    if triton_error is not None:
+        log(f"the Triton path is left out: {triton_error}")
+    configs = None
+    if triton_error is None and args.tune:
+        section(f"{fmt}: kernel tiles (layer 0)")
+        try:
+            sizes = {"decode": (32, DECODE_CANDIDATES), "prefill": (min(2048, args.prompt_len), PREFILL_CANDIDATES)}
+            configs = tune(model, config, device, sizes)
+        except Exception:
+            failed("tile tuning")
+    section(f"{fmt}: one MoE layer")
+    results["layer"] = bench_moe_layer(model, config, device, configs, paths, bw, sizes=(1, 32))
+    section(f"{fmt}: whole model")
+    runs = [("triton", False), ("triton", True)] if triton_error is None else []
+    if fmt == "bf16" or not runs:
+        runs.insert(0, ("plain", False))
+    for path, graphs in runs:
+        label = f"{fmt} {path}" + (" + graphs" if graphs else "")
+        if time.perf_counter() > deadline:
+            log(f"  [{label}] skipped: the time budget is spent")
+            continue
+        if graphs and device.type != "cuda":
+            log(f"  [{label}] skipped: CUDA graphs need a CUDA device")
+            continue
+        try:
+            install(model, path, graphs)
+            if graphs and not graphable(model):
+                raise RuntimeError("the model cannot be captured in CUDA graphs (generate.graphable)")
+            results[label] = bench_model(model, config, device, bw, args, label, with_prefill=not graphs)
+        except Exception:
+            results[label] = {"error": failed(f"whole model, {label}")}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_offloaded(config, device, fmt: str, dtype, bw, args) -> dict:
+    """The experts in (pinned) CPU memory, `args.offload_gb` GB of GPU memory for the rest and the resident experts
+    (`mixtral.offload`): decode at batch 1 and 8."""
+    from mixtral.offload import offload_experts, resident_for_budget
+
+    label = f"{fmt} offloaded {args.offload_gb:g} GB"
+    section(label)
+    t0 = time.perf_counter()
+    model = build_model(config, device, fmt, dtype, experts_on=torch.device("cpu"))
+    resident = resident_for_budget(model, int(args.offload_gb * 1e9))
+    offload = offload_experts(model, device, resident)
+    sync(device)
+    log(f"built and offloaded in {time.perf_counter() - t0:.1f}s: {resident} resident experts per layer")
+    install(model, "triton" if triton_unavailable_reason(device) is None else "plain", graphs=False)
+    res = bench_model(model, config, device, bw, args, label, with_prefill=False, batches=(1, 8))
+    log(f"  [{label}] {offload.summary()}")
+    del model, offload
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {label: res}
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -447,11 +518,21 @@ def main() -> None:
     parser.add_argument("--preset", default="mixtral-8x7b", help="model shape (default: mixtral-8x7b)")
     parser.add_argument("--layers", type=int, help="use fewer layers than the preset (a quicker run)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--weights", choices=["auto", "bf16", "int8"], default="auto")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=list(FORMATS),
+        help="weight formats, each a fresh model "
+        "(default: all; one that does not fit the free GPU memory is skipped with the reason)",
+    )
+    parser.add_argument("--offload-gb", type=float, default=24.0, help="GPU budget of the offloaded run (0: skip)")
+    parser.add_argument("--offload-format", choices=FORMATS, default="int4")
     parser.add_argument("--prompt-len", type=int, default=2048, help="prefill benchmark prompt (default: 2048)")
     parser.add_argument("--decode-prompt", type=int, default=128, help="context before decoding (default: 128)")
     parser.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (default: 32)")
-    parser.add_argument("--no-tune", action="store_true", help="keep the kernel's default tile sizes")
+    parser.add_argument("--tune", action="store_true", help="time a few tile sizes of the kernel on layer 0")
+    parser.add_argument("--budget", type=float, default=420, help="seconds after which whole-model runs are skipped")
     parser.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],
@@ -461,88 +542,52 @@ def main() -> None:
     )
     args = parser.parse_args()
     t_start = time.perf_counter()
+    deadline = t_start + args.budget
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: this benchmark needs a GPU (or --device cpu for a smoke test)")
     torch.set_grad_enabled(False)
+    dtype = getattr(torch, args.dtype)
 
     section("machine")
     header(device)
     bw = measure_bandwidth(device)
-
-    section("model")
     config = get_preset(args.preset)
     if args.layers:
         config = config.replace(n_layers=args.layers)
-    weights = choose_weights(config, device, args.weights)
-    t0 = time.perf_counter()
-    model, scales = build_model(config, device, weights, getattr(torch, args.dtype))
-    sync(device)
-    used = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-    log(f"built {config.n_layers} layers on {device} in {time.perf_counter() - t0:.1f}s ({used:.1f} GB allocated)")
+    total, _ = config.param_counts()
+    sizes = ", ".join(f"{f} {model_bytes(config, f)[0] / 1e9:.1f} GB" for f in FORMATS)
+    log(f"model {args.preset} ({config.n_layers} layers): {total / 1e9:.1f}B parameters; {sizes}")
 
-    paths = ["plain"]
-    triton_error = triton_unavailable_reason(device)
-    section("kernel check (layer 0, triton against plain)")
-    if triton_error is None:
+    results: dict = {}
+    layers: dict = {}
+    for fmt in args.formats:
+        reason = fits(config, fmt, device)
+        if reason is not None:
+            log(f"\n{fmt}: skipped: {reason}")
+            continue
         try:
-            triton_error = check_kernel(model, config, device, weights, scales, (1, 32, min(2048, args.prompt_len)))
+            r = bench_format(config, device, fmt, dtype, bw, args, deadline)
+            layers[fmt] = r.pop("layer")
+            results |= r
         except Exception:
-            triton_error = failed("the Triton kernel")
-    if triton_error is None:
-        paths.append("triton")
-    else:
-        log(f"the Triton path is left out: {triton_error}")
-
-    configs = None
-    if "triton" in paths and not args.no_tune:
-        section("kernel tiles (layer 0)")
+            results[f"{fmt}"] = {"error": failed(f"{fmt}")}
+    if args.offload_gb > 0 and time.perf_counter() < deadline:
         try:
-            configs = tune(
-                model,
-                config,
-                device,
-                weights,
-                scales,
-                {"decode": (32, DECODE_CANDIDATES), "prefill": (min(2048, args.prompt_len), PREFILL_CANDIDATES)},
-            )
+            results |= bench_offloaded(config, device, args.offload_format, dtype, bw, args)
         except Exception:
-            failed("tile tuning")
-
-    section("one MoE layer")
-    layer_times = bench_moe_layer(model, config, device, weights, scales, configs, paths, bw)
-
-    section("whole model")
-    # (path, CUDA graphs): the plain path reads expert counts on the host each layer, so it runs eagerly; the
-    # kernel eagerly and from CUDA graphs (`generate.decode_step`), bf16 only (int8 runs through a hook).
-    runs = [("plain", False)]
-    if "triton" in paths:
-        runs.append(("triton", False))
-        if device.type == "cuda" and weights == "bf16":
-            runs.append(("triton", True))
-        else:
-            log("CUDA graphs: not measured (they need a CUDA device and bf16 experts; int8 runs through a hook)")
-    results = {}
-    for path, graphs in runs:
-        label = path + (" + graphs" if graphs else "")
-        try:
-            install(model, path, weights, scales, graphs)
-            if graphs and not graphable(model):
-                raise RuntimeError("the model cannot be captured in CUDA graphs (generate.graphable)")
-            results[label] = bench_model(model, config, device, weights, bw, args, label, with_prefill=not graphs)
-        except Exception:
-            results[label] = {"error": failed(f"whole model, {label}")}
+            results[f"{args.offload_format} offloaded"] = {"error": failed("the offloaded run")}
 
     section("summary")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     log(
-        f"{gpu}, Mixtral shape {args.preset} ({config.n_layers} layers), {weights} weights, "
-        f"measured bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}; decode after a "
-        f"{args.decode_prompt}-token prompt, {args.decode_steps} timed steps; (bw): share of the HBM roofline"
+        f"{gpu}, Mixtral shape {args.preset} ({config.n_layers} layers), measured bandwidth {bw / 1e12:.2f} TB/s, "
+        f"torch {torch.__version__}; decode after a {args.decode_prompt}-token prompt, {args.decode_steps} timed "
+        "steps; (bw): share of the HBM roofline (weights, scales and KV cache a step reads / time / bandwidth)"
     )
     titles = ["prefill tok/s"] + [t for B in BATCHES for t in (f"decode b={B} tok/s", "(bw)")] + ["peak GB"]
     widths = [14] + [w for _ in BATCHES for w in (18, 7)] + [8]
-    log(f"{'path':16s} " + " ".join(t.rjust(w) for t, w in zip(titles, widths, strict=True)))
+    log(f"{'run':28s} " + " ".join(t.rjust(w) for t, w in zip(titles, widths, strict=True)))
 
     def cell(r: dict, key: str, width: int, fmt: str = "{:.1f}") -> str:
         return (fmt.format(r[key]) if key in r else "failed" if f"{key}_error" in r else "-").rjust(width)
@@ -551,23 +596,44 @@ def main() -> None:
         cells = [cell(r, "prefill", 14)]
         for B in BATCHES:
             cells += [cell(r, f"decode{B}", 18), cell(r, f"bw{B}", 7, "{:.1%}")]
-        log(f"{label:16s} " + " ".join(cells) + " " + cell(r, "peak", 8))
-    plain = results.get("plain", {})
-    for label in [k for k in results if k != "plain"]:
-        r = results[label]
-        keys = ["prefill", *(f"decode{B}" for B in BATCHES)]
-        ratios = [f"{k} x{r[k] / plain[k]:.2f}" for k in keys if k in r and k in plain]
-        log(f"{label} / plain: " + (", ".join(ratios) if ratios else "n/a"))
-    if "triton" in paths:
-        layer = [
-            f"T={T} x{layer_times[('plain', T)] / layer_times[('triton', T)]:.2f}"
-            for T in (1, 32, 2048)
-            if ("plain", T) in layer_times and ("triton", T) in layer_times
-        ]
-        log("one MoE layer, plain time / triton time: " + (", ".join(layer) if layer else "n/a"))
-    else:
-        log(f"triton: not run ({triton_error})")
+        log(f"{label:28s} " + " ".join(cells) + " " + cell(r, "peak", 8) + ("  " + r["error"] if "error" in r else ""))
+    for fmt, times in layers.items():
+        ratios = [f"T={T} x{times[('plain', T)] / times[('triton', T)]:.2f}" for T in (1, 32) if ("triton", T) in times]
+        log(f"{fmt}: one MoE layer, plain time / triton time: " + (", ".join(ratios) or "n/a"))
+    targets(results)
     log(f"total time {time.perf_counter() - t_start:.0f}s")
+
+
+def targets(results: dict) -> None:
+    """The issue's targets, each as measured (or why not)."""
+
+    def get(label: str, key: str) -> float | None:
+        return results.get(label, {}).get(key)
+
+    best = {
+        f: max(
+            (r for k, r in results.items() if k.startswith(f + " triton")),
+            key=lambda r: r.get("decode1", 0),
+            default={},
+        )
+        for f in FORMATS
+    }
+    lines = []
+    bw1 = best["bf16"].get("bw1")
+    lines.append(f"bf16 batch-1 decode at {bw1:.1%} of the HBM roofline (target >= 70%)" if bw1 else "bf16: not run")
+    if best["bf16"].get("decode1") and best["int8"].get("decode1"):
+        lines.append(f"int8 / bf16 batch-1 decode x{best['int8']['decode1'] / best['bf16']['decode1']:.2f} (>= 1.7)")
+    for f in FORMATS:
+        r = best[f]
+        if r.get("decode1") and r.get("decode32"):
+            lines.append(
+                f"{f}: batch-32 / batch-1 tokens/s x{r['decode32'] / r['decode1']:.1f} (>= 15), peak "
+                f"{r.get('peak', float('nan')):.1f} GB" + (" (fits 80 GB)" if r.get("peak", 99) < 80 else "")
+            )
+    for label, r in results.items():
+        if "offloaded" in label and get(label, "decode1"):
+            lines.append(f"{label}: batch-1 decode {r['decode1']:.2f} tokens/s (>= 3)")
+    log("targets: " + "; ".join(lines))
 
 
 if __name__ == "__main__":

@@ -349,11 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "quantize",
-        help="write a weight-only quantized copy of a checkpoint (int8 or int4)",
+        help="write a weight-only quantized copy of a checkpoint (int8, int4 or fp8)",
         description="Quantize once and save, so later runs load the quantized weights directly (--checkpoint OUT).",
     )
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint to quantize; default: the built-in model")
-    p.add_argument("--mode", choices=list(QUANT_MODES), required=True, help="int8 (per channel) or int4 (per group)")
+    p.add_argument(
+        "--mode",
+        choices=list(QUANT_MODES),
+        required=True,
+        help="int8 (per channel), int4 (per group) or fp8 (e4m3 per channel)",
+    )
     p.add_argument("--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size")
     p.add_argument("--dtype", choices=["auto", *cli_args.DTYPES], default="auto", help="activation and scale dtype")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write (see --force)")

@@ -150,8 +150,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
         choices=list(QUANT_MODES),
-        help="weight-only quantization while loading (CPU): experts and attention projections (int8 per output "
-        "channel, int4 per group), LM head int8; router, norms and embedding stay as loaded",
+        help="weight-only quantization while loading: experts and attention projections (int8 per output "
+        "channel, int4 per group, fp8 e4m3 per output channel: for GPUs, dequantized per call on a CPU), LM head "
+        "int8; router, norms and embedding stay as loaded",
     )
     p.add_argument(
         "--group-size", type=int, choices=list(GROUP_SIZES), default=64, help="int4 group size (default: 64)"
@@ -199,6 +200,8 @@ def device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise CLIError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "meta":
+        raise CLIError(f"--device {name}: the meta device holds no numbers to run a model on (try cpu, cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine")
     return dev
@@ -216,8 +219,6 @@ def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
         model = parallel.load_model_parallel(path, ep=args.ep, tp=args.tp, dtype=dtype(args.dtype), device=dev)
     else:
         dev = device(args.device)
-        if args.quantize and dev.type != "cpu":
-            raise CLIError("--quantize uses CPU kernels; use --device cpu")
         # quantized while it is read: the memory holds the quantized model, never the whole one in bf16
         quantize = {"quantize": args.quantize, "group_size": args.group_size}
         model = load_model(path, dtype=dtype(args.dtype), device=dev, **quantize)

@@ -105,7 +105,8 @@ class MoE(nn.Module):
         if self.impl == "triton":
             from .kernels.fused_moe import triton_unavailable_reason
 
-            return triton_unavailable_reason(self.w1.device) is None
+            device = self.w1.device if isinstance(self.w1, torch.Tensor) else next(self.w1.buffers()).device
+            return triton_unavailable_reason(device) is None
         return self.impl == "dense"
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:

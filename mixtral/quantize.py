@@ -4,7 +4,7 @@ scale per output channel, int4 with a (scale, zero) pair per group) where the pl
 that read them are chosen by `kernels/ops.py`.
 
 What is quantized: the attention projections (wq, wk, wv, wo), the stacked experts (w1, w2, w3) and the
-LM head (int8 in both modes: int4 there costs quality for little speed). The router, norms and embedding stay
+LM head (int8 in every mode: int4 there costs quality for little speed). The router, norms and embedding stay
 in the model's dtype: the router decides which experts run (a flipped top-k is a large error), the norms are
 tiny, and one embedding row is read per token.
 """

@@ -398,7 +398,7 @@ def _mapped_from(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 def test_a_quantized_checkpoint_is_used_in_place_from_its_file(q_hf, tmp_path, mode):
     """Every weight is a view of the file's mapping, 64-byte aligned (as the allocator's memory is), and the model
     computes what the model that was saved does; `in_place=False` reads the same numbers into memory."""
@@ -515,7 +515,7 @@ def write_layout(layout: str, q_hf, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["hf", "hf-stacked", "consolidated-safetensors", "consolidated-pth"])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("part_bytes", [16 << 20, 1])  # each weight in one part; parts of the fewest rows
 def test_quantizing_while_loading_gives_the_numbers_of_quantizing_after(

@@ -144,7 +144,7 @@ def test_generate_with_quantize_flag_is_the_library_on_the_quantized_model(ckpt)
     events = generate_stream(model, [tok.encode("Hello")], SamplingParams(max_new_tokens=8), tokenizer=tok)
     assert out.stdout == "".join(ev.text for ev in events) + "\n"
     out = run("generate", "--checkpoint", str(ckpt), "--quantize", "int8", "--prompt", "x", "--device", "meta")
-    assert out.returncode == 2 and "--quantize uses CPU kernels" in out.stderr
+    assert out.returncode == 2 and "the meta device holds no numbers" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,13 @@ import mixtral
 from mixtral.checkpoint import CheckpointError, save_quantized
 from mixtral.config import ModelConfig
 from mixtral.kernels import cpu as cpu_kernels
-from mixtral.kernels.ops import _aten_int4pack_is_ours, linear
+from mixtral.kernels.ops import (
+    _aten_int4pack_is_ours,
+    fp8_matmul,
+    fp8_matmul_reference,
+    fp8_matmul_unavailable_reason,
+    linear,
+)
 from mixtral.kernels.weights import (
     QuantizedWeight,
     aten_scales_zeros,
@@ -23,6 +29,7 @@ from mixtral.kernels.weights import (
     int4_blocks,
     int4_parts,
     pack_int4,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     rows_groups,
@@ -104,6 +111,32 @@ def test_int8_error_is_at_most_half_a_step():
     assert (q.abs().amax(-1) == 127).all()  # the range is used in full
 
 
+def test_fp8_error_is_at_most_half_a_step_of_its_exponent():
+    w = torch.randn(64, 96) * torch.rand(64, 1) * 3
+    q, scale = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    assert (q.float().abs().amax(-1) == 448).all()  # the range is used in full
+    # e4m3 has 3 mantissa bits: a value in [2^e, 2^(e+1)) is off by at most 2^(e-4), subnormals by 2^-10
+    v = w / scale[:, None]
+    step = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2.0**-6))) - 3)
+    assert ((q.float() - v).abs() <= step / 2 + 1e-6).all()
+
+
+def test_fp8_matmul_quantizes_the_activations_per_row():
+    """fp8 x fp8 products (`fp8_matmul`, torch._scaled_mm; on a GPU from FP8_MATMUL_ROWS rows) against the same
+    function in float32, and close to the weight-only product."""
+    torch.manual_seed(2)
+    qw = QuantizedWeight.from_float(torch.randn(48, 64, dtype=torch.bfloat16), "fp8")
+    x = (torch.randn(7, 64) * torch.rand(7, 1) * 10).bfloat16()  # rows of different ranges
+    assert fp8_matmul_unavailable_reason(x, qw.view_all()) is None
+    got = fp8_matmul(x, qw.view_all())
+    ref = fp8_matmul_reference(x, qw.view_all())
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    weight_only = linear(x, qw).float()
+    assert (got.float() - weight_only).norm() / weight_only.norm() < 0.05
+    assert "multiples of 16" in fp8_matmul_unavailable_reason(x[:, :40], qw.view_all())
+
+
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_int4_error_is_at_most_half_a_step(group_size):
     w = torch.randn(64, 128) + torch.linspace(-2, 2, 128)
@@ -118,7 +151,7 @@ def test_int4_error_is_at_most_half_a_step(group_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_quantized_matmul_equals_dequantized_reference(mode, dtype, rows):
     torch.manual_seed(0)
@@ -135,7 +168,7 @@ def test_quantized_matmul_equals_dequantized_reference(mode, dtype, rows):
     # the whole-stack dequantization is the per-matrix one, stacked; and it is close to the original
     assert torch.equal(qw.dequantize(), torch.stack([qw[e].dequantize() for e in range(3)]))
     rel = (qw.dequantize().float() - w.float()).norm() / w.float().norm()
-    assert rel < (0.01 if mode == "int8" else 0.12)
+    assert rel < {"int8": 0.01, "fp8": 0.04, "int4": 0.12}[mode]
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -151,7 +184,7 @@ def test_int8_matmul_with_columns_not_a_multiple_of_16(rows):
         assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max()), kernels
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 def test_quantized_model_fast_path_equals_dequantized_reference_path(mode):
     m = model()
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 12))
@@ -159,7 +192,7 @@ def test_quantized_model_fast_path_equals_dequantized_reference_path(mode):
         before = m(tokens).float()
         quantize_model(m, mode, group_size=32)
         assert m.layers[0].moe.w1.mode == mode and m.layers[0].attn.wq.mode == mode
-        assert m.output.mode == "int8"  # the LM head: int8 in both modes
+        assert m.output.mode == "int8"  # the LM head: int8 in every mode
         assert isinstance(m.layers[0].moe.gate, torch.nn.Linear)  # the router stays in bf16
         fast = m(tokens).float()
         m.set_moe_impl("reference")
@@ -171,10 +204,10 @@ def test_quantized_model_fast_path_equals_dequantized_reference_path(mode):
     assert torch.allclose(one[0, 0], fast[0, 0], atol=3e-2 * ref.abs().max())
     # close to the unquantized model: most next-token choices are the same
     agree = (fast.argmax(-1) == before.argmax(-1)).float().mean()
-    assert agree > (0.9 if mode == "int8" else 0.6)
+    assert agree > {"int8": 0.9, "fp8": 0.8, "int4": 0.6}[mode]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_quantized_weights_are_shaped_as_quantized_ones(mode, dtype):
     """The skeleton a checkpoint fills (`QuantizedWeight.empty`) has the buffers `from_float` makes."""
@@ -216,7 +249,7 @@ def test_bad_arguments():
         quantize_model(tiny, "int4")
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 def test_quantized_checkpoint_round_trips(tmp_path, mode):
     m = quantize_model(model(), mode, group_size=32)
     save_quantized(m, tmp_path / "q")

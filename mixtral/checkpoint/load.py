@@ -300,7 +300,8 @@ def quantize_into(
             n_read += w.numel() * w.element_size()
             if t.rope_heads is not None:
                 w = interleaved_to_half(w, (r1 - r0) // (N // t.rope_heads))
-            part = QuantizedWeight.from_float(w.to(dtype), qw.mode, qw.group_size)
+            # on the destination's device: a GPU quantizes at its own speed, and the CPU holds one part at a time
+            part = QuantizedWeight.from_float(w.to(device=device, dtype=dtype), qw.mode, qw.group_size)
             del w  # the mapped pages can go
             for name, b in part.named_buffers():
                 dest = dests[f"{qname}.{name}"]

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import cpu
 from .weights import (
+    FP8_MAX,
     QuantizedView,
     QuantizedWeight,
     aten_scales_zeros,
@@ -65,6 +66,10 @@ FUSED_ROWS = (
 # dequantizes blocks for bf16 tiles (even with it at ~32 rows on an Intel Xeon, behind from 64). The int4 kernels of
 # several rows (and AVX2's int8 ones) do not dequantize: they compute the GEMV's integer sums too, from 2 rows.
 FUSED_MIN_ROWS = {"int8": 24, "int4": 2} if cpu.isa() == "avx512" else {"int8": 2, "int4": 2}
+
+# From this many rows on (a prefill, compute-bound) an fp8 matmul on a GPU with fp8 tensor cores quantizes the
+# activations too and multiplies in fp8 (`fp8_matmul`); below, the weight-only kernel (memory-bound decode).
+FP8_MATMUL_ROWS = 64
 
 # From this many rows on (a prefill, compute-bound) an int8 matmul outside our kernels dequantizes the weight (one
 # cheap pass) and runs the bf16 GEMM: ATen's int8 kernel multiplies at about a third of its speed.
@@ -121,6 +126,10 @@ def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != w.dtype:
         x2 = x2.to(w.dtype)
+    if x2.device.type != "cpu":
+        return _linear_quantized_gpu(x2, w).reshape(*x.shape[:-1], -1).to(x.dtype)
+    if w.mode == "fp8":  # no CPU kernel reads fp8: the weight dequantized for this call
+        return F.linear(x2, w.dequantize()).reshape(*x.shape[:-1], -1).to(x.dtype)
     rows, int8 = x2.shape[0], w.mode == "int8"
     if 0 < rows <= FUSED_ROWS[w.mode] and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
         ops = cpu.ops() if not (torch.is_grad_enabled() and x2.requires_grad) else None
@@ -141,6 +150,59 @@ def _linear_quantized(x: torch.Tensor, w: QuantizedView) -> torch.Tensor:
         packed, sz = _aten_int4(w)
         y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, w.group_size, sz)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def _linear_quantized_gpu(x2: torch.Tensor, w: QuantizedView) -> torch.Tensor:
+    """x2 [M, K] @ w.T on a GPU: fp8 from FP8_MATMUL_ROWS rows on a GPU that multiplies fp8 (`fp8_matmul`: the
+    activations quantized per row too, tensor cores at twice the bf16 rate); otherwise the Triton kernel that
+    dequantizes in registers (`triton_linear`: a decode step reads one byte, int4 half a byte, per weight). Where
+    neither can run, the weight dequantized for the call, said once."""
+    from . import triton_linear  # triton is imported only when its kernel launches: it is optional
+
+    if w.mode == "fp8" and x2.shape[0] >= FP8_MATMUL_ROWS and fp8_matmul_unavailable_reason(x2, w) is None:
+        return fp8_matmul(x2, w)
+    reason = triton_linear.unavailable_reason(x2, w)
+    if reason is None:
+        return triton_linear.linear(x2, w)
+    _warn_once(f"{w.mode} matmul on {x2.device}: the Triton kernel cannot run ({reason}); dequantizing per call")
+    return F.linear(x2, w.dequantize(x2.dtype))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def fp8_matmul_unavailable_reason(x2: torch.Tensor, w: QuantizedView) -> str | None:
+    """Why `fp8_matmul` cannot run on these tensors, or None: it needs torch._scaled_mm's fp8 support (a CUDA GPU of
+    compute capability 8.9 or later, or the CPU), no gradients, and dims that are multiples of 16."""
+    if x2.device.type == "cuda" and torch.cuda.get_device_capability(x2.device) < (8, 9):
+        return f"{torch.cuda.get_device_name(x2.device)} has no fp8 tensor cores (compute capability < 8.9)"
+    if x2.shape[1] % 16 or w.shape[0] % 16:
+        return f"fp8 matmuls need dims that are multiples of 16, got K={x2.shape[1]}, N={w.shape[0]}"
+    if torch.is_grad_enabled() and x2.requires_grad:
+        return "gradients are needed"
+    return None
+
+
+def fp8_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] as float8 e4m3 with one float32 scale per row ([M, 1]): x ~= q * scale."""
+    scale = (x2.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_matmul(x2: torch.Tensor, w: QuantizedView) -> torch.Tensor:
+    """x2 [M, K] @ w.T for an fp8 weight with x2 quantized to fp8 per row (`fp8_activations`): torch._scaled_mm with
+    row-wise scales, float32 accumulation, the result in x2's dtype. Not the weight-only product: the activations'
+    rounding adds an error of about the weights' own (`fp8_matmul_reference` is the same function in float32)."""
+    xq, sx = fp8_activations(x2)
+    q, sw = w.tensors
+    return torch._scaled_mm(xq, q.t(), scale_a=sx, scale_b=sw.float()[None, :], out_dtype=x2.dtype)
+
+
+def fp8_matmul_reference(x2: torch.Tensor, w: QuantizedView) -> torch.Tensor:
+    xq, sx = fp8_activations(x2)
+    return F.linear(xq.float() * sx, w.dequantize(torch.float32)).to(x2.dtype)
 
 
 def int4_product_reference(x: torch.Tensor, w: QuantizedView | QuantizedWeight) -> torch.Tensor:
@@ -247,7 +309,7 @@ def kernel_tensors(w: nn.Module | torch.Tensor | QuantizedView) -> list[torch.Te
     if isinstance(w, QuantizedWeight):
         w = w.view_all()
     if isinstance(w, QuantizedView):
-        if w.dtype != torch.bfloat16:
+        if w.dtype != torch.bfloat16 or w.mode == "fp8":  # (no CPU kernel reads fp8)
             return None
         tensors = list(w.tensors)
     elif type(w) is nn.Linear and not (w._forward_hooks or w._forward_pre_hooks):
@@ -421,7 +483,7 @@ def _fused_swiglu(x: torch.Tensor, *weights: Weight) -> str | None:
     views = [w for w in weights if isinstance(w, QuantizedView) and all(t.is_contiguous() for t in w.tensors)]
     if len(views) != 3 or len({(w.mode, w.group_size, w.dtype) for w in views}) != 1:
         return None
-    if views[0].dtype != x.dtype:
+    if views[0].dtype != x.dtype or views[0].mode not in FUSED_ROWS:
         return None
     if not FUSED_MIN_ROWS[views[0].mode] <= x.shape[0] <= FUSED_ROWS[views[0].mode]:
         return None

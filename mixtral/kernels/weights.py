@@ -3,6 +3,8 @@
 - int8: symmetric, one scale per output channel: w ~= q * scale, q in [-127, 127].
 - int4: asymmetric, one (scale, zero) pair per group of `group_size` input channels of each output
   channel: w ~= (q - 8) * scale + zero, q in [0, 15] (the convention of PyTorch's int4 CPU kernel).
+- fp8: float8 e4m3 (`torch.float8_e4m3fn`), one scale per output channel: w ~= q * scale, |q| <= 448. The format
+  GPUs from Hopper/Ada on multiply natively; on the CPU it is dequantized per call (no kernel reads it there).
 
 int4 weights sit in memory and on disk as one uint8 tensor `blocks` [..., N/64, G, group_size * 32 + 256]:
 for each block of 64 output rows and each group of input channels, the group's columns in PyTorch's
@@ -22,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANT_MODES = ("int8", "int4")
+QUANT_MODES = ("int8", "int4", "fp8")
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 GROUP_SIZES = (32, 64, 128, 256)
 INT4_BLOCK = 64  # output rows per block of the int4 layout
 
@@ -39,6 +42,17 @@ def quantize_int8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple
     scale = (torch.maximum(hi, -lo) / 127.0).clamp(min=1e-10).to(dtype)
     # in place on the float32 copy: the same numbers as out of place, without a temporary per step
     q = wf.div_(scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_fp8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [..., N, K], scale [..., N]) with w ~= q * scale, max |w| of a row mapped to FP8_MAX; as for
+    int8 the scale is rounded to `dtype` (default w's) first and q computed against the stored scale."""
+    dtype = dtype or w_NK.dtype
+    wf = w_NK.to(torch.float32, copy=True)
+    lo, hi = torch.aminmax(wf, dim=-1)
+    scale = (torch.maximum(hi, -lo) / FP8_MAX).clamp(min=1e-10).to(dtype)
+    q = wf.div_(scale.float()[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -97,6 +111,10 @@ def int4_parts(blocks: torch.Tensor, group_size: int, dtype: torch.dtype) -> tup
     return packed, sz
 
 
+# The modes stored as (q, scale per output channel), and the function that makes them.
+PER_CHANNEL = {"int8": quantize_int8, "fp8": quantize_fp8}
+
+
 # ---- quantized weights ------------------------------------------------------------------------------------
 
 
@@ -106,7 +124,8 @@ class QuantizedWeight(nn.Module):
     Buffers (what the state dict and a quantized checkpoint hold):
     - int8: `q` int8 [..., N, K], `scale` [..., N];
     - int4: `blocks` uint8 [..., N/64, G, group_size * 32 + 256] (int4pack columns and (scale, zero) pairs by
-      block of 64 rows and group: see the module's docstring; `int4_parts` splits them), the scales in `dtype`.
+      block of 64 rows and group: see the module's docstring; `int4_parts` splits them), the scales in `dtype`;
+    - fp8: `q` float8_e4m3fn [..., N, K], `scale` [..., N] (as int8).
     `w[e]` is expert e's view; `kernels.ops.linear(x, w)` multiplies by it (`quantize.QuantizedLinear` is the module
     that stands in a projection's place and can be called).
     """
@@ -126,9 +145,9 @@ class QuantizedWeight(nn.Module):
     @classmethod
     def from_float(cls, w_NK: torch.Tensor, mode: str, group_size: int = 64) -> QuantizedWeight:
         dtype = w_NK.dtype
-        if mode == "int8":
-            q, scale = quantize_int8(w_NK, dtype)
-            return cls("int8", {"q": q, "scale": scale})
+        if mode in PER_CHANNEL:
+            q, scale = PER_CHANNEL[mode](w_NK, dtype)
+            return cls(mode, {"q": q, "scale": scale})
         q, scale, zero = quantize_int4(w_NK, group_size, dtype)
         scales_zeros = block_major(torch.stack((scale, zero), dim=-1))  # [..., N, G, 2] -> [..., N/64, G, 64, 2]
         return cls("int4", {"blocks": int4_blocks(pack_int4(q), scales_zeros, group_size)}, group_size, dtype)
@@ -140,9 +159,9 @@ class QuantizedWeight(nn.Module):
         """Uninitialised buffers for a weight of `shape` [..., N, K] in `dtype` (on the meta device: the skeleton a
         checkpoint fills), shaped as `from_float` makes them, without quantizing anything."""
         *lead, N, K = shape
-        if mode == "int8":
-            q = torch.empty(shape, dtype=torch.int8, device=device)
-            return cls("int8", {"q": q, "scale": torch.empty((*lead, N), dtype=dtype, device=device)})
+        if mode in PER_CHANNEL:
+            q = torch.empty(shape, dtype=torch.int8 if mode == "int8" else torch.float8_e4m3fn, device=device)
+            return cls(mode, {"q": q, "scale": torch.empty((*lead, N), dtype=dtype, device=device)})
         width = group_size * INT4_BLOCK // 2 + INT4_BLOCK * 2 * dtype.itemsize  # int4pack columns, then the pairs
         blocks = torch.empty((*lead, N // INT4_BLOCK, K // group_size, width), dtype=torch.uint8, device=device)
         return cls("int4", {"blocks": blocks}, group_size, dtype)
@@ -150,7 +169,7 @@ class QuantizedWeight(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the activations this weight works with (its scales')."""
-        return self.scale.dtype if self.mode == "int8" else self.scale_dtype
+        return self.scale.dtype if self.mode in PER_CHANNEL else self.scale_dtype
 
     @property
     def shape(self) -> torch.Size:
@@ -158,13 +177,13 @@ class QuantizedWeight(nn.Module):
         return self.view_all().shape
 
     def __getitem__(self, i: int) -> QuantizedView:
-        if self.mode == "int8":
-            return QuantizedView("int8", (self.q[i], self.scale[i]), 0, self.dtype)
+        if self.mode in PER_CHANNEL:
+            return QuantizedView(self.mode, (self.q[i], self.scale[i]), 0, self.dtype)
         return QuantizedView("int4", (self.blocks[i],), self.group_size, self.dtype, (self, i))
 
     def view_all(self) -> QuantizedView:
-        if self.mode == "int8":
-            return QuantizedView("int8", (self.q, self.scale), 0, self.dtype)
+        if self.mode in PER_CHANNEL:
+            return QuantizedView(self.mode, (self.q, self.scale), 0, self.dtype)
         return QuantizedView("int4", (self.blocks,), self.group_size, self.dtype, (self, None))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -189,14 +208,14 @@ class QuantizedView:
         dtype: torch.dtype,
         source: tuple[QuantizedWeight, int | None] | None = None,
     ) -> None:
-        """tensors: (q, scale) for int8, (blocks,) for int4; dtype: the scales'; source: the weight this is a view of
-        and the index of the view in it (None: all of it), for what is derived once per weight."""
+        """tensors: (q, scale) for int8 and fp8, (blocks,) for int4; dtype: the scales'; source: the weight this is a
+        view of and the index of the view in it (None: all of it), for what is derived once per weight."""
         self.mode, self.tensors, self.group_size, self.dtype, self.source = mode, tensors, group_size, dtype, source
 
     @property
     def shape(self) -> torch.Size:
         """The logical shape [..., N, K] of the weight this stands for."""
-        if self.mode == "int8":
+        if self.mode in PER_CHANNEL:
             return self.tensors[0].shape
         *lead, NB, G, _ = self.tensors[0].shape
         return torch.Size((*lead, NB * INT4_BLOCK, G * self.group_size))
@@ -207,6 +226,9 @@ class QuantizedView:
             q, s = self.tensors
             # |q| <= 127 is exact in bf16 and the product is rounded once: the same as in float32
             return q.to(s.dtype) * s[..., None] if dtype in (None, s.dtype) else q.to(dtype) * s[..., None].to(dtype)
+        if self.mode == "fp8":  # the product in float32, rounded once
+            q, s = self.tensors
+            return (q.float() * s.float()[..., None]).to(dtype or s.dtype)
         packed, sz = int4_parts(self.tensors[0], self.group_size, self.dtype)
         q = unpack_int4(packed).float()  # [..., N, K]
         sz = rows_groups(sz.float())  # [..., N, G, 2]
