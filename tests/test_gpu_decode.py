@@ -19,6 +19,7 @@ from mixtral.kernels.fused_moe import align_by_expert
 from mixtral.kernels.ops import Experts, experts_dense
 from mixtral.model import Transformer
 from mixtral.moe import experts_reference, route
+from mixtral.quantize import quantize_model
 
 generate_module = importlib.import_module("mixtral.generate")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -87,10 +88,12 @@ def test_dense_experts_equal_reference(T):
     torch.testing.assert_close(experts_dense(x, stack, routing), experts_reference(x, stack, routing))
 
 
-def test_decode_step_compiles_whole_without_host_reads(monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "int8", "fp8"])
+def test_decode_step_compiles_whole_without_host_reads(monkeypatch, quantize):
     """torch.compile(fullgraph=True) of a whole decode step, scalar reads not captured: an `.item()`, `.tolist()` or
     a data-dependent shape anywhere would break the graph and fail. The grouped MoE path, which reads the expert
-    counts on the host, fails it; the dense one passes, with the eager step's logits and cache."""
+    counts on the host, fails it; the dense one passes, with the eager step's logits and cache; plain or with
+    quantized weights (as `--quantize` makes them on a GPU)."""
     import torch._dynamo
 
     from mixtral.cache import KVCache
@@ -100,6 +103,8 @@ def test_decode_step_compiles_whole_without_host_reads(monkeypatch):
         fn = getattr(cls, name)
         monkeypatch.setattr(cls, name, getattr(fn, "_mixtral_original", fn))
     model = tiny_model()
+    if quantize:
+        quantize_model(model, quantize)
     model.set_moe_impl("dense")
     eager, compiled = prefilled(model), prefilled(model)
     pos, tok = torch.tensor([[11], [3]]), torch.tensor([[7], [8]])
@@ -191,11 +196,15 @@ def test_graphable_needs_a_dispatch_on_the_device_and_no_hooks(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("impl", ["dense", "triton"])
-def test_cuda_decode_step_never_synchronises(impl):
+@pytest.mark.parametrize(
+    ("impl", "quantize"), [("dense", None), ("triton", None), ("triton", "int8"), ("triton", "fp8")]
+)
+def test_cuda_decode_step_never_synchronises(impl, quantize):
     if impl == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     model = tiny_model(device="cuda", dtype=torch.bfloat16)
+    if quantize:
+        quantize_model(model, quantize)
     model.set_moe_impl(impl)
     cache = prefilled(model)
     tok, pos = torch.tensor([[7], [8]], device="cuda"), torch.tensor([[11], [3]], device="cuda")
@@ -207,6 +216,20 @@ def test_cuda_decode_step_never_synchronises(impl):
             decode_fixed(model, cache, tok, pos + 1, 40)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("quantize", ["int8", "fp8"])
+def test_cuda_graphs_with_quantized_weights_generate_what_the_eager_step_does(quantize):
+    """The quantized Triton kernels (experts, projections) inside a captured step: the same tokens as eagerly."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    model = quantize_model(tiny_model(device="cuda", dtype=torch.bfloat16), quantize)
+    prepare_for_device(model)
+    assert graphable(model)
+    graphed = generate(model, PROMPTS, max_new_tokens=20)
+    model.cuda_graphs = False
+    assert generate(model, PROMPTS, max_new_tokens=20) == graphed
 
 
 @needs_cuda
