@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, load_model, resolve_checkpoint
 from .config import ConfigError
 from .generate import prepare_for_device, prepare_kernels
 from .model import Transformer
+from .offload import expert_bytes, non_expert_bytes, offload_experts, resident_for_budget
 from .quantize import GROUP_SIZES, QUANT_MODES
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
@@ -170,6 +171,22 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         default=True,
         help="on a GPU, replay decode steps from CUDA graphs (default: on; --no-cuda-graphs runs them eagerly)",
     )
+    offload = p.add_mutually_exclusive_group()
+    offload.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="offload experts, for GPUs smaller than the model: every weight but the experts goes to --device, with "
+        "as many experts per layer as fit in GB of its memory beside them and a reserve for the KV cache and "
+        "activations; the other experts stay in CPU memory and are copied in as the routing asks (the next layer's "
+        "guessed ones ahead). Works on any device (a CPU one stands in for tests); not with --ep/--tp",
+    )
+    offload.add_argument(
+        "--resident-experts",
+        type=positive_int,
+        metavar="N",
+        help="offload experts as --gpu-memory does, with N experts per layer on --device (top_k <= N <= n_experts)",
+    )
     p.add_argument(
         "--tokenizer",
         metavar="PATH",
@@ -212,6 +229,11 @@ def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     path = checkpoint(args)
     if args.quantize and (args.ep > 1 or args.tp > 1):
         raise CLIError("--quantize does not combine with --ep/--tp")
+    offloading = args.gpu_memory is not None or args.resident_experts is not None
+    if offloading and (args.ep > 1 or args.tp > 1):
+        raise CLIError("--gpu-memory/--resident-experts (offloading experts) do not combine with --ep/--tp")
+    if offloading and getattr(args, "lora", None):  # (adapted experts would be recomputed whole on the CPU each step)
+        raise CLIError("--lora does not combine with --gpu-memory/--resident-experts: merge it first (merge-lora)")
     if args.ep > 1 or args.tp > 1:
         dev = parallel.init_distributed(device(args.device).type)  # cuda:LOCAL_RANK with NCCL, or gloo
         parallel.quiet_other_ranks()  # one copy of the streamed text: rank 0's
@@ -221,7 +243,10 @@ def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
         dev = device(args.device)
         # quantized while it is read: the memory holds the quantized model, never the whole one in bf16
         quantize = {"quantize": args.quantize, "group_size": args.group_size}
-        model = load_model(path, dtype=dtype(args.dtype), device=dev, **quantize)
+        # offloading: loaded in CPU memory, then everything but the experts moved to the device (offload.py)
+        model = load_model(path, dtype=dtype(args.dtype), device="cpu" if offloading else dev, **quantize)
+        if offloading:
+            offload(model, dev, args)
         # the Triton MoE kernel on a GPU, compiled when asked (on any device), CUDA graphs unless turned off
         prepare_for_device(model, compile=args.compile, cuda_graphs=args.cuda_graphs)
     tokenizer = load_tokenizer(args.tokenizer or path)
@@ -232,6 +257,27 @@ def load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
         )
     prepare_kernels(model)  # before anything is timed
     return model, tokenizer
+
+
+def offload(model: Transformer, dev: torch.device, args: argparse.Namespace) -> None:
+    """Offload the experts of `model` (in CPU memory) to `dev` as --gpu-memory or --resident-experts say, and say
+    how on stderr."""
+    if args.gpu_memory is not None:
+        if not args.gpu_memory > 0:
+            raise CLIError(f"--gpu-memory {args.gpu_memory:g} is invalid: give the GB of device memory to use, > 0")
+        try:
+            resident = resident_for_budget(model, int(args.gpu_memory * 1e9))
+        except ValueError as e:
+            raise CLIError(f"--gpu-memory {args.gpu_memory:g}: {e}") from None
+    else:
+        resident = args.resident_experts
+    offload_experts(model, dev, resident)
+    on_device = non_expert_bytes(model) + resident * expert_bytes(model) * len(model.layers)
+    print(
+        f"mixtral: experts offloaded: {resident} of {model.config.n_experts} per layer on {dev} "
+        f"({on_device / 1e9:.2f} GB of weights there), the rest in CPU memory",
+        file=sys.stderr,
+    )
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ LAYERS = [
     {"kernels"},
     {"cache", "moe"},
     {"model"},
-    {"checkpoint", "quantize", "parallel", "train.lora"},
+    {"checkpoint", "quantize", "parallel", "train.lora", "offload"},
     {"sampling", "constrained", "generate"},
     {"measure"},
     {"serve", "train", "eval", "routing", "bench", "full_scale", "cli_args", "commands"},
