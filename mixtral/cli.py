@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _, n, prefill_s, decode_s = _stream(model, tokenizer, ids, params, args)
     sys.stdout.write("\n")
     if parallel.is_main_process():
-        print(_timings(len(ids), n, prefill_s, decode_s), file=sys.stderr)
+        print(_timings(len(ids), n, prefill_s, decode_s) + _offload_line(model), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -156,7 +156,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": answer})
         if args.verbose and n:
-            print(_timings(len(ids), n, prefill_s, decode_s), file=sys.stderr)
+            print(_timings(len(ids), n, prefill_s, decode_s) + _offload_line(model), file=sys.stderr)
+
+
+def _offload_line(model: Transformer) -> str:
+    """The offloaded experts' cache counters so far as a line to add to the timings ("" without offloading)."""
+    from .offload import offload_of
+
+    offload = offload_of(model)
+    if offload is None:
+        return ""
+    t = offload.total()
+    return (
+        f"\nmixtral: expert cache: {t.hit_rate:.1%} hits ({t.hits} of {t.hits + t.misses}), {t.loads} experts "
+        f"copied in, {t.prefetch_used} of {t.prefetches} prefetched used"
+    )
 
 
 def _count(n: int) -> str:

@@ -283,6 +283,7 @@ def test_cli_offloaded_generation_is_the_same_text(ckpt, capsys):
     assert mixtral.cli.main([*args, "--resident-experts", "2"]) == 0
     out = capsys.readouterr()
     assert out.out == plain and "experts offloaded: 2 of 8 per layer on cpu" in out.err
+    assert "mixtral: expert cache: " in out.err and "experts copied in" in out.err  # the counters after the timings
     assert mixtral.cli.main([*args, "--gpu-memory", "2"]) == 0  # a 1 GiB reserve, then every expert fits
     out = capsys.readouterr()
     assert out.out == plain and "8 of 8 per layer" in out.err
