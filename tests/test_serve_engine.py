@@ -108,6 +108,32 @@ def test_a_running_stream_keeps_decoding_while_a_long_prompt_is_prefilled(tiny):
         assert steps[a + 1 : b] == [("decode", 1)]
 
 
+@pytest.mark.parametrize(("budget", "per_turn"), [(24, 1), (48, 2)])
+def test_while_streams_decode_a_turn_prefills_within_the_budget(tiny, budget, per_turn):
+    """Prompts waiting while a stream decodes: each turn prefills what fits `prefill_budget` (at least one chunk),
+    where nothing decoding lets a turn take `prefill_chunk` tokens; the outputs are the solo ones either way."""
+    g = torch.Generator().manual_seed(2)
+    stream = ([1, 42, 7], SamplingParams(max_new_tokens=30, temperature=1.0, seed=5))
+    prompts = [
+        ([1, *torch.randint(3, 32000, (19,), generator=g).tolist()], SamplingParams(max_new_tokens=2)) for _ in range(6)
+    ]
+    jobs = [stream, *prompts]
+    out, log = serve(tiny, jobs, max_batch=8, prefill_chunk=64, prefill_budget=budget)
+    assert out == [solo(tiny, *job) for job in jobs]
+    turns, turn = [], []  # the prefills between decode steps
+    for e in log:
+        if e[0] == "decode":
+            turns.append(turn)
+            turn = []
+        elif e[0] == "prefill":
+            turn.append(e[2])
+    # (the first turn may run before every job is submitted; from the second on, the stream decodes)
+    later = [t for t in turns[1:] if t]
+    assert sum(map(len, turns)) == len(jobs)
+    assert all(len(t) == 1 or sum(t) <= budget for t in later)
+    assert max(map(len, later)) == per_turn
+
+
 def test_a_one_row_view_takes_the_fused_step_and_equals_a_cache_of_its_own():
     from mixtral.cache import KVCache
     from mixtral.generate import _fused_step, decode_step, prefill

@@ -100,7 +100,15 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         type=int,
         default=512,
         metavar="N",
-        help="prompt tokens per forward pass, and per scheduler turn (default: 512)",
+        help="prompt tokens per forward pass, and per scheduler turn while nothing decodes (default: 512)",
+    )
+    p.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=128,
+        metavar="N",
+        help="prompt tokens per scheduler turn while other streams decode (they wait for it: this bounds their "
+        "time between tokens; the oldest prompt's next chunk runs every turn whatever its size; default: 128)",
     )
     p.add_argument(
         "--api-key",
@@ -192,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
         ("--prefill-chunk", args.prefill_chunk, 1),
+        ("--prefill-budget", args.prefill_budget, 1),
         ("--max-seq-len", args.max_seq_len if args.max_seq_len is not None else 1, 1),
         ("--kv-cache-tokens", args.kv_cache_tokens if args.kv_cache_tokens is not None else 1, 1),
     ]:
@@ -239,6 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_seq_len=args.max_seq_len,
         prefill_chunk=args.prefill_chunk,
+        prefill_budget=args.prefill_budget,
         steps=LockstepSteps if lockstep else Steps,
         paged=args.paged_kv,
         kv_cache_tokens=args.kv_cache_tokens,

@@ -4,8 +4,10 @@ Each sequence (one choice of one request) holds a row of a KV cache made once fo
 Every turn of the loop:
 
 1. admits waiting sequences into free rows and drops cancelled ones (their rows are freed);
-2. prefills: runs one prompt chunk of the sequences still reading their prompt (a token budget per
-   turn, so a long prompt does not stall everyone else's decoding);
+2. prefills: runs one prompt chunk of the sequences still reading their prompt, within a token budget per
+   turn: `prefill_chunk` tokens while nothing decodes, `prefill_budget` while some sequences do (a turn's
+   prefill holds every running stream for its length: this bounds their inter-token time). The oldest
+   waiting prompt's chunk runs in every turn, whatever its size, so a prompt never starves;
 3. samples the next token of every sequence whose logits are fresh, in one batch (`sample_batch`: each
    under its own `SamplingParams` and its own seeded generator, the tokens `sample` gives one by one), and
    hands the text to its request (one `SequenceState.step`, as in `generate_stream`: the same
@@ -237,6 +239,7 @@ class Engine:
         max_queue: int = 64,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        prefill_budget: int = 128,
         steps: StepsFactory = Steps,
         paged: bool = True,
         kv_cache_tokens: int | None = None,
@@ -249,6 +252,8 @@ class Engine:
             raise ValueError(f"max_queue={max_queue} is invalid: must be >= 0")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} is invalid: must be >= 1")
+        if prefill_budget < 1:
+            raise ValueError(f"prefill_budget={prefill_budget} is invalid: must be >= 1")
         self._load = load
         self._make_steps = steps
         # LoRA adapters {name: folder}, read once the model is loaded; requests pick one by name (`Request.adapter`)
@@ -258,7 +263,7 @@ class Engine:
         self.closed = False  # the scheduler ended normally (and told the other ranks, under torchrun)
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.paged, self.kv_cache_tokens, self.prefix_caching = paged, kv_cache_tokens, prefix_caching
         self._max_seq_len = max_seq_len
         self.state = "loading"  # -> ready -> draining -> stopped; or loading -> failed
@@ -544,12 +549,15 @@ class Engine:
         finished: list[tuple[_Seq, Event, str]] = []
         failed: list[tuple[_Seq, Exception]] = []
 
-        # Prefill: one chunk each, oldest first, within a token budget (at least one chunk per turn). A sequence
-        # first takes what the prefix cache holds of its prompt, or waits while another computes the next block.
-        # Chunks end at multiples of prefill_chunk whatever was cached: the same bounds as a cold run from there.
-        budget = self.prefill_chunk
+        # Prefill: one chunk each, oldest first, those that fit the turn's token budget (the first one whatever its
+        # size): `prefill_budget` tokens while other sequences decode, which wait for this, else `prefill_chunk`.
+        # A sequence first takes what the prefix cache holds of its prompt, or waits while another computes the
+        # next block. Chunks end at multiples of prefill_chunk whatever was cached: the same bounds as a cold run.
+        decoding = any(s.prefilled == len(s.prompt) for s in running)
+        budget = min(self.prefill_budget, self.prefill_chunk) if decoding else self.prefill_chunk
+        ran = 0
         for s in running:
-            if s.prefilled == len(s.prompt) or budget <= 0:
+            if s.prefilled == len(s.prompt):
                 continue
             if not s.matched:
                 cached, wait = self._steps.prefix(s.row)
@@ -558,6 +566,8 @@ class Engine:
                 s.matched, s.cached, s.prefilled = True, max(cached, s.cached), max(cached, s.prefilled)
             start = s.prefilled
             end = min((start // self.prefill_chunk + 1) * self.prefill_chunk, len(s.prompt))
+            if ran and end - start > budget:
+                continue  # (a later, shorter prompt may still fit)
             top = s.request.prompt_logprobs
             try:
                 self._use_adapters([s])
@@ -574,6 +584,7 @@ class Engine:
             self.stats.prefill_chunks += 1
             s.prefilled = end
             budget -= end - start
+            ran += 1
             if end == len(s.prompt) and s.request.prompt_only:  # done: nothing to generate
                 s.logits = None
                 finished.append((s, Event(s.index, None, "", "length", prompt_logprobs=s.prompt_lps), "completed"))
