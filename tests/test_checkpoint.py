@@ -542,6 +542,21 @@ def test_quantizing_while_loading_gives_the_numbers_of_quantizing_after(
     assert not while_loading.training
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+def test_quantizing_while_loading_onto_a_gpu_gives_the_numbers_of_the_cpu(q_hf, mode):
+    """Quantized on the GPU as each part arrives (what lets 8x7B int8 load onto one 80 GB GPU): the same numbers as
+    on the CPU, and the GPU never holds more than the quantized model and a part."""
+    path = q_hf[0]
+    on_cpu = mixtral.load_model(path, dtype=torch.bfloat16, quantize=mode, group_size=32)
+    torch.cuda.reset_peak_memory_stats()
+    on_gpu = mixtral.load_model(path, dtype=torch.bfloat16, device="cuda", quantize=mode, group_size=32)
+    size = sum(t.numel() * t.element_size() for t in [*on_gpu.parameters(), *on_gpu.buffers()])
+    assert torch.cuda.max_memory_allocated() < size + (64 << 20)
+    a, b = on_cpu.state_dict(), on_gpu.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
+
+
 def test_quantizing_while_loading_reads_a_few_rows_at_a_time(q_hf, monkeypatch):
     """Never a whole quantized weight in memory at once: each read of one is at most a part's bytes."""
     import mixtral.checkpoint.load as load_mod
