@@ -614,38 +614,16 @@ def experts_dense(x_TD: torch.Tensor, stack: Experts, routing: Routing) -> torch
 
 
 def experts_triton(
-    x_TD: torch.Tensor,
-    stack: Experts,
-    routing: Routing,
-    *,
-    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    config: Any = None,
-    fallback: bool = True,
+    x_TD: torch.Tensor, stack: Experts, routing: Routing, *, config: Any = None, fallback: bool = True
 ) -> torch.Tensor:
-    """The fused Triton kernel (`fused_moe.py`): one grouped-GEMM launch per projection for all experts; int8
-    experts with float32 per-channel `scales`. Where it cannot run (no triton, CPU tensors outside
-    TRITON_INTERPRET=1, autograd) the plain path runs instead with a warning (`experts`, or
-    `experts_int8_reference`); with `fallback=False` that is an error."""
+    """The fused Triton kernel (`fused_moe.py`): one grouped-GEMM launch per projection for all experts, plain or
+    quantized (int8, int4, fp8: dequantized in registers). Where it cannot run (no triton, CPU tensors outside
+    TRITON_INTERPRET=1, autograd, fp8 on a GPU without fp8) the plain path runs instead (`experts`) with a warning;
+    with `fallback=False` that is an error."""
     from . import fused_moe  # triton itself is imported only when the kernel launches: it is optional
 
     reason = fused_moe.unavailable_reason(x_TD, stack.w1, stack.w2, stack.w3, routing.weights_TK)
     if reason is None or not fallback:
-        return fused_moe.fused_experts(x_TD, stack.w1, stack.w2, stack.w3, *routing, scales=scales, config=config)
+        return fused_moe.fused_experts(x_TD, stack.w1, stack.w2, stack.w3, *routing, config=config)
     warnings.warn(f"fused MoE kernel unavailable, using the plain PyTorch path: {reason}", stacklevel=2)
-    if scales is not None:
-        return experts_int8_reference(x_TD, stack, routing, scales)
     return experts(x_TD, stack, routing)
-
-
-def experts_int8_reference(
-    x_TD: torch.Tensor, stack: Experts, routing: Routing, scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """The plain path for the Triton kernel's int8 experts (int8 tensors, float32 per-output-channel `scales`): each
-    used expert dequantized to x's dtype, then grouped as `experts`. The reference for that kernel and its fallback."""
-
-    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
-        weights = (stack.w1, stack.w2, stack.w3)
-        w1, w2, w3 = (w[e].to(x_TD.dtype) * s[e, :, None].to(x_TD.dtype) for w, s in zip(weights, scales, strict=True))
-        return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
-
-    return grouped_by_expert(x_TD, routing, stack.n, expert)
