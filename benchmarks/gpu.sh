@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The fused MoE Triton kernel against the plain PyTorch path on one GPU, on a full-size Mixtral-8x7B-shaped
-# model with random weights (bf16 where it fits in free memory, else int8 experts): decode tokens/s at batch
-# 1, 8 and 32 with and without CUDA graphs, prefill tokens/s, the fraction of the measured memory bandwidth
-# (the HBM roofline) and peak GPU memory. First, where pytest is installed, the tests that need a GPU (the
-# decode step never synchronising, CUDA graphs against the eager step). Under 10 minutes on an H100/H200
-# (the benchmark is stopped at BENCH_TIMEOUT seconds, default 480, the tests at 90).
+# Mixtral 8x7B-shaped models with random weights on one GPU, each weight format a fresh model (bf16 where it fits
+# in free memory, int8, int4, fp8; quantized on the GPU weight by weight): the Triton kernels against the reference,
+# one MoE layer, the quantized projections against bf16 F.linear, prefill and decode tokens/s at batch 1, 8 and 32
+# eagerly and from CUDA graphs, each as a share of the measured HBM roofline, peak GPU memory; then int4 with the
+# experts offloaded to CPU memory at a 24 GB budget; and the issue's targets as measured. First, where pytest is
+# installed, the tests that need a GPU (decode steps never synchronising, CUDA graphs against the eager step, plain
+# and quantized). Under 10 minutes on an H100/H200 (the tests are stopped at 90 s, the benchmark at BENCH_TIMEOUT
+# seconds, default 480; within it whole-model runs are skipped after --budget seconds, default 420).
 #
-#   bash benchmarks/gpu.sh [gpu_bench.py flags, e.g. --weights int8 --prompt-len 4096]
+#   bash benchmarks/gpu.sh [gpu_bench.py flags, e.g. --formats int8 int4 --offload-gb 16 --prompt-len 4096]
 #
 # Expects a Python with torch (CUDA build) and triton, as GPU machines have them; it installs nothing else
-# (the benchmark needs only torch, and triton for the kernel) and says so if triton cannot be had. The
+# (the benchmark needs only torch, and triton for the kernels) and says so if triton cannot be had. The
 # output also goes to $OUT/gpu_bench.log when $OUT is set, else to /tmp/gpu_bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

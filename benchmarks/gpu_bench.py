@@ -1,29 +1,26 @@
-"""The fused MoE Triton kernel against the plain PyTorch path, on one GPU, on a full-size Mixtral-8x7B-shaped
-model with random weights: decode tokens/s at batch 1, 8 and 32 with and without CUDA graphs, prefill
-tokens/s, the fraction of the GPU's memory bandwidth (measured here) that decoding reaches, peak GPU memory.
-Run by benchmarks/gpu.sh.
+"""Mixtral 8x7B-shaped models with random weights on one GPU, in each weight format (bf16, int8, int4, fp8): the
+Triton kernels against the reference, prefill and decode tokens/s at batch 1, 8 and 32 with and without CUDA
+graphs, the fraction of the GPU's memory bandwidth (measured here) that decoding reaches, peak GPU memory; and a
+model whose experts are offloaded to CPU memory within a GPU budget. Run by benchmarks/gpu.sh.
 
-Weights are bf16 where the whole model fits in free GPU memory (93 GB: an H200 or larger), else the
-experts are int8 with per-channel scales (48 GB: an H100). Both paths use the same weights; with int8 the
-plain path dequantizes each used expert before its matmuls, the kernel dequantizes in registers.
-
-Order of work, each part on its own so that a failure is reported and the rest still runs:
+Each format is a fresh model built on the GPU weight by weight (each quantized as `quantize_model` would, the bf16
+model never held whole); a format that does not fit the free memory with room for caches is skipped with the
+reason (bf16 needs 93 GB: an H200). Order of work, each part on its own so that a failure is reported and the rest
+still runs:
   1. memory bandwidth (device copy and read-only reduction);
-  2. build the model on the GPU;
-  3. the kernel against the plain path on one layer at decode and prefill sizes (correctness);
-  4. the kernel's tile sizes, a few candidates at each size, the fastest kept;
-  5. one MoE layer alone: time per call and bandwidth fraction, both paths;
-  6. the whole model: prefill, decode at batch 1, 8 and 32, the plain path, the kernel, and the kernel with
-     decode steps replayed from CUDA graphs (as `mixtral generate` runs on a GPU); peak GPU memory of each;
-  7. a summary table with the ratios.
+  2. per format: build; the MoE kernel against the reference (each used expert dequantized) on layer 0; with
+     --tune a few tile sizes; one MoE layer alone (plain path and kernel); the quantized projections (wq, wk, LM
+     head) against bf16 F.linear of the same shapes; the whole model: prefill and decode at batch 1, 8 and 32 with
+     the kernel eagerly and from CUDA graphs (as `mixtral generate` runs on a GPU), bf16 also on the plain path;
+  3. before int4: int4 with its experts in pinned CPU memory and --offload-gb of GPU memory (`mixtral.offload`);
+  4. a summary table, the ratios, and the issue's targets as measured.
+Whole-model runs are skipped once --budget seconds have passed, so that the script ends within its time.
 
-The whole-model runs use the kernel's default tiles (what generation uses); section 4's tuned tiles are
-reported and used for the one-layer timings only.
-
-    python benchmarks/gpu_bench.py [--weights auto|bf16|int8] [--prompt-len 2048] [--decode-steps 32]
-    # a smoke test of the script itself, the kernel interpreted:
+    python benchmarks/gpu_bench.py [--formats bf16 int8 int4 fp8] [--offload-gb 24] [--prompt-len 2048]
+    # a smoke test of the script itself, the kernels interpreted (~1 minute):
     TRITON_INTERPRET=1 python benchmarks/gpu_bench.py --preset tiny --device cpu --dtype float32 \
-        --prompt-len 64 --decode-prompt 16 --decode-steps 4
+        --prompt-len 64 --decode-prompt 16 --decode-steps 2 --formats bf16 int8 fp8 --offload-gb 1.2 \
+        --offload-format int8
 """
 
 from __future__ import annotations
@@ -67,6 +64,7 @@ from mixtral.generate import decode_step, graphable, prefill  # noqa: E402
 from mixtral.kernels.fused_moe import (  # noqa: E402
     DECODE_CONFIG,
     PREFILL_CONFIG,
+    PREFILL_CONFIG_QUANTIZED,
     KernelConfig,
     default_config,
     fused_experts,
@@ -86,6 +84,7 @@ DECODE_CANDIDATES = [
 ]
 PREFILL_CANDIDATES = [
     PREFILL_CONFIG,
+    PREFILL_CONFIG_QUANTIZED,
     KernelConfig(block_m=128, up_n=128, up_k=64, down_n=128, down_k=64, num_warps=8, num_stages=3),
     KernelConfig(block_m=64, up_n=64, up_k=64, down_n=64, down_k=64, num_warps=4, num_stages=4),
 ]
@@ -117,7 +116,10 @@ def sync(device: torch.device) -> None:
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Seconds per call of fn: `repeats` calls back to back after `warmup` ones, one synchronisation at the
-    end (so a path that never waits for the GPU is timed by the GPU's work, one that waits by both)."""
+    end (so a path that never waits for the GPU is timed by the GPU's work, one that waits by both). Off a GPU (the
+    smoke test, kernels interpreted) once after one warm-up: the timings mean nothing there."""
+    if device.type != "cuda":
+        repeats, warmup = 1, min(warmup, 1)
     for _ in range(warmup):
         fn()
     sync(device)
@@ -312,8 +314,8 @@ def tune(model, config, device, sizes: dict) -> dict:
     return chosen
 
 
-def pick_config(configs: dict | None, n_pairs: int, n_experts: int) -> KernelConfig:
-    default = default_config(n_pairs, n_experts)
+def pick_config(configs: dict | None, n_pairs: int, n_experts: int, quantized: bool) -> KernelConfig:
+    default = default_config(n_pairs, n_experts, quantized)
     if not configs:
         return default
     return configs["decode"] if default is DECODE_CONFIG else configs["prefill"]
@@ -328,7 +330,8 @@ def bench_moe_layer(model, config, device, configs, paths, bw, sizes=(1, 32, 204
         flops = 2 * 3 * config.dim * config.hidden_dim * T * config.top_k
         for path in paths:
             try:
-                cfg = pick_config(configs, i.numel(), config.n_experts) if path == "triton" else None
+                quantized = not isinstance(model.layers[0].moe.w1, torch.Tensor)
+                cfg = pick_config(configs, i.numel(), config.n_experts, quantized) if path == "triton" else None
                 fn = moe_call(model, 0, path, cfg)
                 t = timed(functools.partial(fn, x, w, i), device, repeats=20)
                 out[(path, T)] = t
@@ -338,6 +341,40 @@ def bench_moe_layer(model, config, device, configs, paths, bw, sizes=(1, 32, 204
                 )
             except Exception:
                 failed(f"MoE layer, {path}, T={T}")
+    return out
+
+
+def bench_projections(model: Transformer, device: torch.device, bw: float) -> dict:
+    """The quantized matmul (`triton_linear`) on layer 0's wq and wk and the LM head against F.linear on bf16
+    weights of the same shape, at 1, 8, 32 and 2048 rows: time, and the share of the bandwidth reading the weight."""
+    from mixtral.kernels import triton_linear
+
+    out = {}
+    dtype = model.embed.weight.dtype
+    weights = {"wq": model.layers[0].attn.wq, "wk": model.layers[0].attn.wk, "head": model.output}
+    sizes = (1, 8, 32, 2048)
+    if device.type != "cuda":  # the smoke test: interpreted, the head's 32000 rows take minutes
+        weights.pop("head")
+        sizes = (1, 8)
+    for name, w in weights.items():
+        reason = triton_linear.unavailable_reason(torch.empty(1, w.shape[1], device=device, dtype=dtype), w)
+        if reason is not None:
+            log(f"  {name}: skipped ({reason})")
+            continue
+        dense = torch.randn(tuple(w.shape), device=device, dtype=dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in w.buffers())
+        for M in sizes:
+            x = torch.randn(M, w.shape[1], device=device, dtype=dtype)
+            try:
+                tq = timed(functools.partial(triton_linear.linear, x, w), device, repeats=20)
+                tb = timed(functools.partial(torch.nn.functional.linear, x, dense), device, repeats=20)
+                out[(name, M)] = (tq, tb)
+                log(
+                    f"  {name} {tuple(w.shape)} {w.mode} M={M:5d}: {tq * 1e6:8.1f} us ({nbytes / tq / bw:6.1%} of "
+                    f"bandwidth), bf16 F.linear {tb * 1e6:8.1f} us: x{tb / tq:.2f}"
+                )
+            except Exception:
+                failed(f"projection {name}, M={M}")
     return out
 
 
@@ -463,6 +500,9 @@ def bench_format(config, device, fmt: str, dtype, bw, args, deadline: float) -> 
             failed("tile tuning")
     section(f"{fmt}: one MoE layer")
     results["layer"] = bench_moe_layer(model, config, device, configs, paths, bw, sizes=(1, 32))
+    if fmt != "bf16":
+        section(f"{fmt}: projections (weight-only Triton matmul against bf16 F.linear of the same shape)")
+        results["projections"] = bench_projections(model, device, bw)
     section(f"{fmt}: whole model")
     runs = [("triton", False), ("triton", True)] if triton_error is None else []
     if fmt == "bf16" or not runs:
@@ -508,6 +548,13 @@ def bench_offloaded(config, device, fmt: str, dtype, bw, args) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {label: res}
+
+
+def offloaded(config, device, dtype, bw, args) -> dict:
+    try:
+        return bench_offloaded(config, device, args.offload_format, dtype, bw, args)
+    except Exception:
+        return {f"{args.offload_format} offloaded": {"error": failed("the offloaded run")}}
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -561,7 +608,11 @@ def main() -> None:
 
     results: dict = {}
     layers: dict = {}
+    offload_pending = args.offload_gb > 0
     for fmt in args.formats:
+        if offload_pending and fmt in ("int4", "fp8"):  # before them: the issue's targets first, in the time budget
+            results |= offloaded(config, device, dtype, bw, args)
+            offload_pending = False
         reason = fits(config, fmt, device)
         if reason is not None:
             log(f"\n{fmt}: skipped: {reason}")
@@ -569,14 +620,12 @@ def main() -> None:
         try:
             r = bench_format(config, device, fmt, dtype, bw, args, deadline)
             layers[fmt] = r.pop("layer")
+            r.pop("projections", None)
             results |= r
         except Exception:
             results[f"{fmt}"] = {"error": failed(f"{fmt}")}
-    if args.offload_gb > 0 and time.perf_counter() < deadline:
-        try:
-            results |= bench_offloaded(config, device, args.offload_format, dtype, bw, args)
-        except Exception:
-            results[f"{args.offload_format} offloaded"] = {"error": failed("the offloaded run")}
+    if offload_pending and time.perf_counter() < deadline:
+        results |= offloaded(config, device, dtype, bw, args)
 
     section("summary")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
