@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -275,6 +276,9 @@ def main() -> None:
     parser.add_argument(
         "--no-prefix-caching", action="store_true", help="serve ours with --no-prefix-caching (for the comparison)"
     )
+    parser.add_argument(
+        "--serve-args", default="", metavar="FLAGS", help="more flags for our server, e.g. '--prefill-budget 512'"
+    )
     args = parser.parse_args()
     if args.url and not args.checkpoint:
         parser.error("--url needs the --checkpoint it serves (for the peer)")
@@ -313,6 +317,7 @@ def main() -> None:
             f"{' then '.join(args.formats)}; workload {args.workload} (prompts of {lengths[0]}-{lengths[-1]} tokens); "
             f"{args.max_tokens} tokens per request, temperature {args.temperature}; {args.threads} thread(s); "
             f"prefix caching {'off' if args.no_prefix_caching else 'on'}"
+            + (f"; our server with {args.serve_args}" if args.serve_args else "")
         )
         tables = []
         for fmt in args.formats:
@@ -342,6 +347,7 @@ def run_format(
             servers.append(Server("mixtral serve", args.url, args.model))
         else:
             extra = ["--no-prefix-caching"] if args.no_prefix_caching else []
+            extra += shlex.split(args.serve_args)
             servers.append(start_server(path, max(args.concurrency), args.threads, quantize, tmp / "s.log", extra))
         peers = None
         if args.peer_llama_server:
