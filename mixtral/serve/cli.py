@@ -105,10 +105,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument(
         "--prefill-budget",
         type=int,
-        default=128,
+        default=256,
         metavar="N",
         help="prompt tokens per scheduler turn while other streams decode (they wait for it: this bounds their "
-        "time between tokens; the oldest prompt's next chunk runs every turn whatever its size; default: 128)",
+        "time between tokens; the oldest prompt's next chunk runs every turn whatever its size; default: 256)",
     )
     p.add_argument(
         "--api-key",

@@ -239,7 +239,7 @@ class Engine:
         max_queue: int = 64,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
-        prefill_budget: int = 128,
+        prefill_budget: int = 256,
         steps: StepsFactory = Steps,
         paged: bool = True,
         kv_cache_tokens: int | None = None,
