@@ -190,6 +190,11 @@ def test_graphable_needs_a_dispatch_on_the_device_and_no_hooks(monkeypatch):
     assert not graphable(model)
     monkeypatch.setattr(fused_moe, "triton_unavailable_reason", lambda device: None)
     assert graphable(model)
+    # quantized experts (buffers, no `.device` of their own) on the kernel: the same answer, asked of their device
+    asked = []
+    monkeypatch.setattr(fused_moe, "triton_unavailable_reason", lambda device: asked.append(device))
+    quantize_model(model, "int8")
+    assert graphable(model) and asked == [torch.device("cpu")] * len(model.layers)
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------------
