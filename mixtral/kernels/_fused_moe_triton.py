@@ -14,7 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._linear_triton import Operand, channel_scales, emulated_bf16, k_tiles, precision, rounded, tile_rows, weight_tile
+from ._linear_triton import (
+    Operand,
+    channel_scales,
+    dot,
+    emulated_bf16,
+    k_tiles,
+    precision,
+    rounded,
+    tile_rows,
+    weight_tile,
+)
 
 
 @triton.jit
@@ -83,12 +93,8 @@ def _gate_up_kernel(
                 w3, s3, w_cols, s_cols, w_ok, scale3, kt, offs_k, k_ok, D, stride_wg, stride_sg, a.dtype, MODE,
                 GROUP, EMULATE_BF16, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            if EMULATE_BF16:
-                a = a.to(tl.float32)
-                b1 = b1.to(tl.float32)
-                b3 = b3.to(tl.float32)
-            acc1 = tl.dot(a, b1, acc1, input_precision=PRECISION)
-            acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
+            acc1 = dot(a, b1, acc1, EMULATE_BF16, PRECISION)
+            acc3 = dot(a, b3, acc3, EMULATE_BF16, PRECISION)
     # SwiGLU in float32, rounded once below. (Only builtins and our @jit functions in these kernels: tl.zeros,
     # tl.sigmoid and the like are library @jit functions, which the interpreter cannot call when triton was
     # imported before TRITON_INTERPRET=1 was set, e.g. by torch.compile in another test.)
@@ -150,10 +156,7 @@ def _down_kernel(
                 w2, s2, w_cols, s_cols, w_ok, scale2, kt, offs_k, k_ok, F, stride_wg, stride_sg, a.dtype, MODE,
                 GROUP, EMULATE_BF16, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            if EMULATE_BF16:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = dot(a, b, acc, EMULATE_BF16, PRECISION)
     # The router weight of each row's (token, expert) pair, applied here rather than in a separate pass.
     acc = acc * tl.load(rw_ptr + pair, mask=valid, other=0.0)[:, None]
     y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + cols[None, :]

@@ -118,6 +118,15 @@ def rounded(v, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def dot(a, b, acc, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b (float32 sums); with EMULATE_BF16 (see `emulated_bf16`) the tiles go in as float32."""
+    if EMULATE_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def tile_rows(pid_n, N, stride_n, s_stride_n, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The output rows of tile `pid_n` (BLOCK_N of them) in the order of the weight tile's columns, and per column of
     loaded weights (per byte column for int4: BLOCK_N / 2 of them) the offset of its weights at k = 0 and of its
@@ -258,10 +267,7 @@ def _linear_kernel(
                     w_ptr, s_ptr, w_cols, s_cols, w_ok, scale, kt, offs_k, k_ok, K, stride_wg, stride_sg, a.dtype,
                     MODE, GROUP, EMULATE_BF16, BLOCK_K, BLOCK_N,
                 )  # fmt: skip
-                if EMULATE_BF16:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = dot(a, b, acc, EMULATE_BF16, PRECISION)
         y_ptrs = y_ptr + rows_m[:, None].to(tl.int64) * stride_ym + rows_n[None, :]
         y = rounded(acc, y_ptr.dtype.element_ty, EMULATE_BF16)
         tl.store(y_ptrs, y, mask=m_ok[:, None] & (rows_n < N)[None, :])
