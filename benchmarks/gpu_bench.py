@@ -74,6 +74,7 @@ from mixtral.kernels.ops import Experts, Routing, experts  # noqa: E402
 from mixtral.kernels.weights import QuantizedWeight  # noqa: E402
 from mixtral.model import Transformer  # noqa: E402
 from mixtral.moe import experts_reference, route  # noqa: E402
+from mixtral.offload import expert_bytes  # noqa: E402
 from mixtral.quantize import active_weight_bytes, is_quantizable, place_quantized  # noqa: E402
 
 DECODE_CANDIDATES = [
@@ -261,16 +262,6 @@ def routed_input(config: ModelConfig, model: Transformer, T: int, device: torch.
     x = torch.randn(T, config.dim, device=device, generator=g).to(model.embed.weight.dtype)
     weights_TK, idx_TK = route(model.layers[0].moe.gate(x), config.top_k)
     return x, weights_TK, idx_TK
-
-
-def expert_bytes(model: Transformer) -> int:
-    """Bytes of one expert (its three matrices, scales included) in the model's format."""
-    moe = model.layers[0].moe
-    stacks = [moe.w1, moe.w2, moe.w3]
-    return (
-        sum(t.numel() * t.element_size() for w in stacks for t in ([w] if isinstance(w, torch.Tensor) else w.buffers()))
-        // moe.w1.shape[0]
-    )
 
 
 # ---- 3-5. one MoE layer -------------------------------------------------------------------------------------------

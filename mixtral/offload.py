@@ -38,6 +38,7 @@ from .kernels import ops
 from .kernels.ops import Experts, Routing
 from .kernels.weights import QuantizedWeight
 from .model import Transformer
+from .quantize import weight_bytes
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
@@ -423,8 +424,7 @@ def expert_bytes(model: Transformer) -> int:
 
 def non_expert_bytes(model: Transformer) -> int:
     """Bytes of every weight but the stacked experts: what offloading puts on the device whatever the slots."""
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return total - expert_bytes(model) * model.config.n_experts * len(model.layers)
+    return weight_bytes(model) - expert_bytes(model) * model.config.n_experts * len(model.layers)
 
 
 def reserve_bytes(model: Transformer, tokens: int = RESERVE_TOKENS) -> int:

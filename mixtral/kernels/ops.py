@@ -176,8 +176,10 @@ def _warn_once(message: str) -> None:
 def fp8_matmul_unavailable_reason(x2: torch.Tensor, w: QuantizedView) -> str | None:
     """Why `fp8_matmul` cannot run on these tensors, or None: it needs torch._scaled_mm's fp8 support (a CUDA GPU of
     compute capability 8.9 or later, or the CPU), no gradients, and dims that are multiples of 16."""
-    if x2.device.type == "cuda" and torch.cuda.get_device_capability(x2.device) < (8, 9):
-        return f"{torch.cuda.get_device_name(x2.device)} has no fp8 tensor cores (compute capability < 8.9)"
+    from .fused_moe import fp8_unavailable_reason  # (torch only: triton is imported when a kernel launches)
+
+    if (reason := fp8_unavailable_reason(x2.device)) is not None:
+        return reason
     if x2.shape[1] % 16 or w.shape[0] % 16:
         return f"fp8 matmuls need dims that are multiples of 16, got K={x2.shape[1]}, N={w.shape[0]}"
     if torch.is_grad_enabled() and x2.requires_grad:
