@@ -33,27 +33,28 @@ INT4_BLOCK = 64  # output rows per block of the int4 layout
 # ---- the numbers ----------------------------------------------------------------------------------------
 
 
-def quantize_int8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [..., N, K], scale [..., N]) with w ~= q * scale; the scale is stored in `dtype` (default
-    w's) and q is computed against that rounded scale, so dequantizing uses exactly the stored numbers."""
-    dtype = dtype or w_NK.dtype
+def _channel_scale(w_NK: torch.Tensor, qmax: float, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / scale as a float32 copy, scale [..., N] in `dtype`, default w's) with each row's max |w| mapped to qmax:
+    the scale is rounded to `dtype` first, so that dequantizing uses exactly the stored numbers."""
     wf = w_NK.to(torch.float32, copy=True)  # a copy even of float32: it is changed in place below
     lo, hi = torch.aminmax(wf, dim=-1)  # max |w| = max(hi, -lo): one pass, no |w| temporary
-    scale = (torch.maximum(hi, -lo) / 127.0).clamp(min=1e-10).to(dtype)
+    scale = (torch.maximum(hi, -lo) / qmax).clamp(min=1e-10).to(dtype or w_NK.dtype)
     # in place on the float32 copy: the same numbers as out of place, without a temporary per step
-    q = wf.div_(scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return wf.div_(scale.float()[..., None]), scale
+
+
+def quantize_int8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [..., N, K], scale [..., N]) with w ~= q * scale; the scale is stored in `dtype` (default w's) and q is
+    computed against that rounded scale."""
+    v, scale = _channel_scale(w_NK, 127.0, dtype)
+    return v.round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def quantize_fp8(w_NK: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn [..., N, K], scale [..., N]) with w ~= q * scale, max |w| of a row mapped to FP8_MAX; as for
     int8 the scale is rounded to `dtype` (default w's) first and q computed against the stored scale."""
-    dtype = dtype or w_NK.dtype
-    wf = w_NK.to(torch.float32, copy=True)
-    lo, hi = torch.aminmax(wf, dim=-1)
-    scale = (torch.maximum(hi, -lo) / FP8_MAX).clamp(min=1e-10).to(dtype)
-    q = wf.div_(scale.float()[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    v, scale = _channel_scale(w_NK, FP8_MAX, dtype)
+    return v.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def quantize_int4(
