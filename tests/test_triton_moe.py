@@ -244,32 +244,21 @@ def test_kernel_never_reads_past_the_end_of_the_rows():
 
 
 @needs_triton
-def test_whole_model_with_the_kernel_equals_grouped():
+@pytest.mark.parametrize(
+    ("quantize", "changes"),
+    [(None, {"n_layers": 1}), ("int4", {"n_layers": 2, "head_dim": 32})],  # int4: wk/wv need 64 output rows
+)
+def test_whole_model_with_the_kernel_equals_grouped(quantize, changes):
+    """A tiny model, plain or quantized int4 (attention and experts; the head int8), its experts through the kernel
+    against the grouped path (for int4 ATen's kernel: other sums of the same weights): logits of size ~1, 1e-5."""
     torch.manual_seed(0)
-    model = Transformer(get_preset("tiny").replace(vocab_size=200, n_layers=1)).eval()
+    model = Transformer(get_preset("tiny").replace(vocab_size=200, **changes)).eval()
     with torch.no_grad():
         for layer in model.layers:
             layer.moe.gate.weight.mul_(50)  # decisive routing
-    tokens = torch.randint(0, 200, (2, 7))
-    with torch.no_grad():
-        want = model(tokens)
-        model.set_moe_impl("triton")
-        got = model(tokens)
-    assert (got - want).abs().max().item() <= 1e-5
-
-
-@needs_triton
-def test_whole_int4_model_with_the_kernel_equals_grouped():
-    """A tiny model quantized int4 (attention and experts; the head int8), its experts through the kernel against the
-    grouped path (ATen's int4 kernel: other sums of the same weights): logits of size ~1, 1e-5. (head_dim 32: the
-    key/value projections need 64 output rows for int4.)"""
-    torch.manual_seed(0)
-    model = Transformer(get_preset("tiny").replace(vocab_size=200, n_layers=2, head_dim=32)).eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.moe.gate.weight.mul_(50)  # decisive routing
-    quantize_model(model, "int4", group_size=32)
-    assert isinstance(model.layers[0].moe.w1, QuantizedWeight) and model.layers[0].moe.w1.mode == "int4"
+    if quantize:
+        quantize_model(model, quantize, group_size=32)
+        assert isinstance(model.layers[0].moe.w1, QuantizedWeight) and model.layers[0].moe.w1.mode == quantize
     tokens = torch.randint(0, 200, (2, 7))
     with torch.no_grad():
         want = model(tokens)
